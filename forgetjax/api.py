@@ -1,0 +1,93 @@
+"""Public entry points: `load` a model from any supported source and `export_hf` it back to HF format."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from forgetjax import assets
+from forgetjax.convert.checkpoint import is_model_checkpoint, load_model_checkpoint, save_model
+from forgetjax.convert.gguf import load_gguf, load_gguf_tokenizer
+from forgetjax.convert.hf import build_model, export_hf
+from forgetjax.convert.safetensors_io import SafetensorsCheckpoint, WeightsError
+from forgetjax.models.config import load_config
+from forgetjax.models.decoder import CausalLM
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+__all__ = ["load", "export_hf", "save_model", "resolve_source"]
+
+
+def resolve_source(source: str | Path) -> tuple[str, Path]:
+    """(kind, path) for a source: kind in {"forgetjax", "hf", "gguf"}; embedded names and hub ids are fetched."""
+    text = str(source)
+    name = assets.embedded_name(text)
+    if name is not None:
+        return "forgetjax", assets.embedded_checkpoint(name)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise WeightsError(f"{path}: a model file must be .gguf; for safetensors pass the model directory")
+    if path.is_dir():
+        if is_model_checkpoint(path):
+            return "forgetjax", path
+        if (path / "config.json").is_file():
+            return "hf", path
+        if (path / "params").is_dir():
+            raise WeightsError(f"{path}: incomplete forgetjax checkpoint (params/ present, forgetjax.json missing: "
+                               f"the save was interrupted)")
+        raise WeightsError(f"{path}: neither an HF model directory (no config.json) nor a forgetjax checkpoint "
+                           f"(no forgetjax.json)")
+    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        return "hf", _download_from_hub(text)
+    raise WeightsError(f"model source {text!r} is not a file, a directory, an embedded model "
+                       f"({', '.join(assets.EMBEDDED_MODELS)}) or a hub id (org/name)")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as err:  # offline, unknown repo, gated repo: all end here with the reason
+        raise WeightsError(f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}). Offline? Pass a local directory "
+                           f"with config.json and safetensors weights instead.") from err
+
+
+def _hf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
+
+
+def load(source: str | Path, dtype=jnp.float32, mesh: Mesh | None = None, *, param_dtype=None,
+         remat: str = "none", progress: bool = False) -> tuple[CausalLM, Any]:
+    """Load `(model, tokenizer)` from a local HF directory, a hub id, a `.gguf` file, a forgetjax checkpoint, or an
+    embedded model name (e.g. "smollm2-135m-instruct").
+
+    `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: `dtype`). With a `mesh` the
+    parameters are created directly in their sharded layout."""
+    param_dtype = param_dtype or dtype
+    kind, path = resolve_source(source)
+    if kind == "forgetjax":
+        model, _ = load_model_checkpoint(path, mesh=mesh, param_dtype=param_dtype, dtype=dtype, remat=remat)
+        tokenizer_dir = path / "tokenizer"
+        tokenizer = _hf_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
+        return model, tokenizer
+    if kind == "gguf":
+        config, tensors = load_gguf(path, progress=progress)
+        tokenizer = load_gguf_tokenizer(path)
+    else:
+        config = load_config(path)
+        tensors = SafetensorsCheckpoint(path)
+        tokenizer = _hf_tokenizer(path)
+    model = build_model(config, tensors, mesh=mesh, param_dtype=param_dtype, dtype=dtype, remat=remat,
+                        progress=progress)
+    return model, tokenizer

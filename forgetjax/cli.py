@@ -1,0 +1,203 @@
+"""`forgetjax <command>`: convert, export, chat, generate and the quickstart main job."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _add_model_args(p: argparse.ArgumentParser, dtype_default: str = "float32") -> None:
+    p.add_argument("--dtype", choices=DTYPES, default=dtype_default,
+                   help="compute dtype of the forward pass (default %(default)s)")
+    p.add_argument("--param-dtype", choices=DTYPES, default=None,
+                   help="dtype the parameters are stored in (default: same as --dtype)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per sample")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling_params(args):
+    from forgetjax.sampling.sampler import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, n=args.n, seed=args.seed, stop_strings=tuple(args.stop))
+
+
+def _load(source: str, args, progress: bool = True):
+    import forgetjax
+
+    print(f"loading {source} ...", file=sys.stderr)
+    start = time.time()
+    model, tokenizer = forgetjax.load(source, dtype=args.dtype, param_dtype=args.param_dtype, progress=progress)
+    print(f"loaded {model.config.model_type} model, {model.config.num_params() / 1e6:.1f}M parameters "
+          f"in {time.time() - start:.1f}s", file=sys.stderr)
+    return model, tokenizer
+
+
+def cmd_convert(args) -> int:
+    from forgetjax.convert.checkpoint import save_model
+    from forgetjax.convert.hf import export_hf
+
+    model, tokenizer = _load(args.src, args)
+    if args.format == "hf":
+        out = export_hf(model, tokenizer, args.out)
+    else:
+        out = save_model(model, tokenizer, args.out, extra={"source": str(args.src)})
+    print(f"wrote {args.format} checkpoint to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from forgetjax.convert.hf import export_hf
+
+    model, tokenizer = _load(args.ckpt, args)
+    out = export_hf(model, tokenizer, args.out, dtype=args.export_dtype,
+                    max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote HF model directory to {out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from forgetjax.sampling.sampler import Sampler
+
+    model, tokenizer = _load(args.model, args)
+    sampler = Sampler(model, tokenizer)
+    out = sampler.chat([[{"role": "user", "content": args.prompt}]], _sampling_params(args))
+    for text in out.texts:
+        print(text)
+    return 0
+
+
+def _read_prompts(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"{path}:{line_no}: not valid JSON ({err.msg})")
+            if not isinstance(row, dict) or not ({"prompt", "messages"} & set(row)):
+                raise SystemExit(f"{path}:{line_no}: each line needs a 'prompt' (text) or 'messages' (chat) field")
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f"{path}: no prompts")
+    return rows
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from forgetjax.sampling.sampler import Sampler
+    from forgetjax.io import write_jsonl_atomic
+
+    rows = _read_prompts(Path(args.prompts))
+    model, tokenizer = _load(args.model, args)
+    sampler = Sampler(model, tokenizer)
+    params = _sampling_params(args)
+    results = []
+    for start in tqdm(range(0, len(rows), args.batch_size), desc="generating", unit="batch"):
+        chunk = rows[start:start + args.batch_size]
+        prompts = []
+        for row in chunk:
+            if "messages" in row:
+                prompts.append(sampler.encode_chat(row["messages"]))
+            elif args.chat:
+                prompts.append(sampler.encode_chat([{"role": "user", "content": row["prompt"]}]))
+            else:
+                prompts.append(sampler.encode_text(row["prompt"]))
+        out = sampler.generate_tokens(prompts, params)
+        for i, row in enumerate(chunk):
+            for j in range(params.n):
+                r = i * params.n + j
+                results.append({**row, "sample": j, "output": out.texts[r], "output_tokens": int(out.lengths[r]),
+                                "finished": bool(out.finished[r]),
+                                "logprob_sum": float(out.logprobs[r, :out.lengths[r]].sum())})
+    write_jsonl_atomic(args.out, results)
+    print(f"wrote {len(results)} generations to {args.out}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from forgetjax.quickstart import run_quickstart
+
+    return run_quickstart(model=args.model, out_dir=Path(args.out), prompt=args.prompt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forgetjax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert weights (HF dir, hub id, .gguf, embedded name) to a checkpoint",
+                       description="Convert model weights into a forgetjax checkpoint (default) or an HF directory.")
+    p.add_argument("src", help="HF model directory, hub id (org/name), .gguf file, forgetjax checkpoint, or an "
+                               "embedded model name such as smollm2-135m-instruct")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--format", choices=("forgetjax", "hf"), default="forgetjax",
+                   help="forgetjax: orbax checkpoint with config + tokenizer (default); hf: HF safetensors directory")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a checkpoint to an HF directory (transformers / lm-eval ready)",
+                       description="Write config.json, safetensors shards, generation_config.json and tokenizer "
+                                   "files that transformers.AutoModelForCausalLM and lm-eval load without edits.")
+    p.add_argument("ckpt", help="forgetjax checkpoint directory (or any source `convert` accepts)")
+    p.add_argument("out", help="output HF model directory")
+    p.add_argument("--export-dtype", choices=DTYPES, default=None,
+                   help="dtype of the written tensors (default: the parameters' dtype)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0,
+                   help="split the weights into shards of at most this many GiB (default %(default)s)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("chat", help="answer one chat prompt", description="Answer one user message with the "
+                                                                         "model's chat template.")
+    p.add_argument("model", help="model source (see `convert`)")
+    p.add_argument("prompt", help="the user message")
+    _add_model_args(p)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="generate completions for a JSONL file of prompts",
+                       description="Each input line holds 'prompt' (text) or 'messages' (chat). Output lines repeat "
+                                   "the input fields and add sample, output, output_tokens, finished, logprob_sum.")
+    p.add_argument("model", help="model source (see `convert`)")
+    p.add_argument("--prompts", required=True, help="input JSONL file")
+    p.add_argument("--out", required=True, help="output JSONL file (written atomically)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per compiled batch")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap plain 'prompt' text in the chat template (default on; --no-chat for base models)")
+    _add_model_args(p)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quickstart", help="the main job on the embedded default model",
+                       description="Fetch the embedded model, convert it, answer a chat prompt, export to HF format "
+                                   "and reload the export (forgetjax, and transformers when torch is installed), "
+                                   "checking that the logits agree.")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model source (default %(default)s)")
+    p.add_argument("--out", default="runs/quickstart", help="output directory (default %(default)s)")
+    p.add_argument("--prompt", default="What is the capital of Australia?", help="chat prompt to answer")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

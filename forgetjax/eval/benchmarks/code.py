@@ -1,0 +1,223 @@
+"""Code generation: HumanEval (164) and MBPP (test split, task ids 11-510).
+
+Model code is only ever run through `forgetjax.verifiers.code.batch_check` (sandboxed subprocesses in a
+SandboxPool), never in-process.
+- HumanEval, "fewshot" (base models): the function prompt is completed directly, cut at lm-eval's stop strings.
+  "chat": the model is asked for the whole function in a code block; if the extracted code defines the entry
+  point it is appended after the original prompt (whose body is then just the docstring), so the prompt's imports
+  and helper functions stay available and the new definition wins.
+- MBPP follows the original convention: the task text plus its three test asserts, "[BEGIN]" ... "[DONE]", with
+  the three lm-eval shots (task ids 2, 3, 4 from the 1-10 prompt split) in "fewshot".
+With n > 1 samples per item: correct = the first sample passed, score = c / n (unbiased pass@1), and
+pass@k (Chen et al. 2021) for each requested k <= n goes to extra.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from forgetjax.eval.benchmarks.base import (
+    Benchmark,
+    GenerationSettings,
+    Item,
+    ScoringContext,
+    check_format,
+    output_texts,
+    read_jsonl,
+    require_file,
+    require_keys,
+    user_message,
+)
+from forgetjax.eval.benchmarks.registry import register
+from forgetjax.eval.engine import Prompt
+
+CODE_VERIFIER = "forgetjax.verifiers.code"
+HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+MBPP_TEST_IDS = range(11, 511)
+MBPP_SHOT_IDS = (2, 3, 4)
+
+
+def pass_metrics(passed: Sequence[bool], ks: Sequence[int]) -> dict[str, Any]:
+    """correct (first sample), score (c / n) and pass@k for the k values not above n."""
+    from forgetjax.verifiers.code import pass_at_k
+
+    n, c = len(passed), int(sum(bool(p) for p in passed))
+    extra: dict[str, Any] = {"n_samples": n, "n_correct": c}
+    for k in sorted(set(ks)):
+        if 1 <= k <= n:
+            extra[f"pass@{k}"] = float(pass_at_k(n, c, k))
+    return {"correct": int(bool(passed[0])), "score": c / n, "extra": extra}
+
+
+def code_result_info(result: Any) -> dict[str, Any]:
+    """The JSON-friendly parts of a CodeResult for `extra`."""
+    info = {"passed": bool(result.passed)}
+    for name in ("status", "n_passed", "n_total"):
+        if getattr(result, name, None) is not None:
+            info[name] = getattr(result, name)
+    return info
+
+
+class CodeBenchmark(Benchmark):
+    """Shared parallel sandbox checking; subclasses describe each check with `check_job(item, text, timeout_s)`."""
+
+    category = "code"
+    kind = "generate"
+    requires = (CODE_VERIFIER,)
+
+    def check_job(self, item: Item, text: str, timeout_s: float) -> dict[str, Any]:
+        """A `forgetjax.verifiers.code.batch_check` item for one completion."""
+        raise NotImplementedError
+
+    def score(self, item: Item, output: Any, ctx: ScoringContext | None = None) -> dict[str, Any]:
+        return self.score_many([item], [output], ctx)[0]
+
+    def score_many(
+        self, items: Sequence[Item], outputs: Sequence[Any], ctx: ScoringContext | None = None
+    ) -> list[dict[str, Any]]:
+        from forgetjax.verifiers.code import batch_check, extract_code
+
+        if len(items) != len(outputs):
+            raise ValueError(f"{self.name}: {len(items)} items but {len(outputs)} outputs")
+        ctx = ctx or ScoringContext()
+        texts = [output_texts(o) for o in outputs]
+        jobs = [self.check_job(item, t, ctx.code_timeout_s) for item, ts in zip(items, texts) for t in ts]
+        checked = batch_check(jobs, max_workers=max(1, ctx.code_workers))
+        results, position = [], 0
+        for ts in texts:
+            item_results = checked[position : position + len(ts)]
+            position += len(ts)
+            outcome = pass_metrics([r.passed for r in item_results], ctx.pass_k)
+            outcome["extracted_answer"] = extract_code(ts[0])
+            outcome["extra"]["checks"] = [code_result_info(r) for r in item_results]
+            results.append(outcome)
+        return results
+
+    def summary_metrics(self, extras: Sequence[dict[str, Any]]) -> dict[str, float]:
+        keys = sorted({k for e in extras for k in e if k.startswith("pass@")})
+        metrics = {}
+        for key in keys:
+            values = [e[key] for e in extras if key in e]
+            metrics[key] = sum(values) / len(values)
+        return metrics
+
+
+def defines_function(code: str, name: str) -> bool:
+    """Whether the code has a top-level or nested `def name(`."""
+    return re.search(rf"^\s*(async\s+)?def\s+{re.escape(name)}\s*\(", code, flags=re.MULTILINE) is not None
+
+
+class HumanEval(CodeBenchmark):
+    name = "humaneval"
+    description = "HumanEval (164 function completions), pass@1 / pass@k in the sandbox"
+
+    def load(self, data_dir: str | Path) -> list[Item]:
+        path = require_file(Path(data_dir) / "humaneval" / "HumanEval.jsonl.gz")
+        items = []
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            for index, line in enumerate(handle):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                require_keys(row, ("task_id", "prompt", "entry_point", "test"), f"{path} row {index}")
+                data = {k: row[k] for k in ("prompt", "entry_point", "test")}
+                items.append(Item(id=row["task_id"], category="humaneval", data=data))
+        return items
+
+    def build_prompt(self, item: Item, fmt: str, n_shots: int | None = None) -> Prompt:
+        check_format(fmt)
+        if fmt == "fewshot":
+            return item.data["prompt"]
+        return user_message(
+            "Complete the following Python function. Reply with the complete function in a ```python code block."
+            f"\n\n```python\n{item.data['prompt']}```"
+        )
+
+    def generation_settings(self, fmt: str) -> GenerationSettings:
+        check_format(fmt)
+        return GenerationSettings(max_new_tokens=512, stop=HUMANEVAL_STOPS if fmt == "fewshot" else ())
+
+    def check_job(self, item: Item, text: str, timeout_s: float) -> dict[str, Any]:
+        from forgetjax.verifiers.code import extract_code
+
+        code = extract_code(text) if "```" in text else text
+        completion = "\n" + code if defines_function(code, item.data["entry_point"]) else code
+        return {
+            "kind": "humaneval",
+            "prompt": item.data["prompt"],
+            "completion": completion,
+            "test": item.data["test"],
+            "entry_point": item.data["entry_point"],
+            "timeout_s": timeout_s,
+        }
+
+
+def mbpp_task_text(row: dict[str, Any]) -> str:
+    """The MBPP task statement with its three test asserts (the original prompt convention)."""
+    tests = "\n".join(row["test_list"])
+    return (
+        f"You are an expert Python programmer, and here is your task: {row['text']} "
+        f"Your code should pass these tests:\n\n{tests}"
+    )
+
+
+class MBPP(CodeBenchmark):
+    name = "mbpp"
+    default_shots = 3
+    description = "MBPP test split (task ids 11-510), prompts with the test asserts"
+
+    def load(self, data_dir: str | Path) -> list[Item]:
+        path = require_file(Path(data_dir) / "mbpp" / "mbpp.jsonl")
+        rows = read_jsonl(path)
+        for index, row in enumerate(rows):
+            require_keys(row, ("task_id", "text", "code", "test_list", "test_setup_code"), f"{path} row {index}")
+        by_id = {int(row["task_id"]): row for row in rows}
+        missing = [i for i in (*MBPP_SHOT_IDS, *MBPP_TEST_IDS) if i not in by_id]
+        if missing:
+            raise ValueError(f"{path}: task ids missing: {missing[:10]}")
+        shots = tuple(
+            {"text": mbpp_task_text(by_id[i]), "code": by_id[i]["code"].replace("\r\n", "\n").strip()}
+            for i in MBPP_SHOT_IDS
+        )
+        items = []
+        for task_id in MBPP_TEST_IDS:
+            row = by_id[task_id]
+            data = {
+                "task": mbpp_task_text(row),
+                "test_list": list(row["test_list"]),
+                "test_setup_code": row["test_setup_code"],
+                "shots": shots,
+            }
+            items.append(Item(id=str(task_id), category="mbpp", data=data))
+        return items
+
+    def build_prompt(self, item: Item, fmt: str, n_shots: int | None = None) -> Prompt:
+        check_format(fmt)
+        if fmt == "chat":
+            return user_message(f"{item.data['task']}\n\nWrite the solution in a ```python code block.")
+        shots = [s for s in item.data["shots"] if s["text"] != item.data["task"]][: self.n_shots(n_shots)]
+        blocks = [f"{s['text']}\n[BEGIN]\n{s['code']}\n[DONE]" for s in shots]
+        blocks.append(f"{item.data['task']}\n[BEGIN]\n")
+        return "\n\n".join(blocks)
+
+    def generation_settings(self, fmt: str) -> GenerationSettings:
+        check_format(fmt)
+        return GenerationSettings(max_new_tokens=512, stop=("[DONE]",) if fmt == "fewshot" else ())
+
+    def check_job(self, item: Item, text: str, timeout_s: float) -> dict[str, Any]:
+        from forgetjax.verifiers.code import extract_code
+
+        return {
+            "kind": "assert",
+            "program": extract_code(text),
+            "tests": list(item.data["test_list"]),
+            "setup_code": item.data["test_setup_code"],
+            "timeout_s": timeout_s,
+        }
+
+
+register(HumanEval())
+register(MBPP())

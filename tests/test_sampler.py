@@ -1,0 +1,132 @@
+"""The on-device sampler against HF `generate` (greedy, float32), teacher-forced logprobs and a NumPy filter."""
+import jax
+import numpy as np
+import pytest
+
+import forgetjax
+from forgetjax.sampling import sampler as sampler_module
+from forgetjax.sampling.sampler import Sampler, SamplingParams, filter_logits
+from tiny_models import QWEN2_SHAPES, make_hf_model
+
+
+def _hf_greedy(hf, prompts, max_new_tokens, pad_id, eos_id):
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new_tokens,
+                          do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id)
+    rows = []
+    for row in out[:, width:].numpy():
+        row = list(row)
+        rows.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+    return rows
+
+
+def _teacher_forced_logprobs(model, prompt, completion):
+    ids = np.asarray([list(prompt) + list(completion)], np.int32)
+    logp = np.asarray(jax.nn.log_softmax(model(ids)[0], axis=-1))
+    return np.array([logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(completion)])
+
+
+@pytest.mark.parametrize("shape", ["gqa2_untied", "gqa1_tied"])
+def test_greedy_matches_hf_generate_on_left_padded_batch(tmp_path, shape):
+    hf = make_hf_model(tmp_path, "qwen2", **QWEN2_SHAPES[shape])
+    model, _ = forgetjax.load(tmp_path)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(3, 151, size=n)) for n in (7, 2, 12, 5)]
+    sampler = Sampler(model, None)
+    out = sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=10, stop_token_ids=(2,)))
+    expected = _hf_greedy(hf, prompts, 10, pad_id=0, eos_id=2)
+    for i, ref in enumerate(expected):
+        assert list(out.tokens[i, :out.lengths[i]]) == ref
+    for i, prompt in enumerate(prompts):
+        completion = out.tokens[i, :out.lengths[i]]
+        np.testing.assert_allclose(out.logprobs[i, :out.lengths[i]],
+                                   _teacher_forced_logprobs(model, prompt, completion), atol=1e-4)
+
+
+def test_sampled_logprobs_equal_teacher_forced_and_seed_reproducible(tmp_path):
+    make_hf_model(tmp_path, "qwen2")
+    model, _ = forgetjax.load(tmp_path)
+    sampler = Sampler(model, None)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=50, n=3, seed=7,
+                            stop_token_ids=(2,))
+    out = sampler.generate_tokens(prompts, params)
+    assert out.tokens.shape[0] == 6
+    for row in range(6):
+        prompt = prompts[row // 3]
+        completion = out.tokens[row, :out.lengths[row]]
+        np.testing.assert_allclose(out.logprobs[row, :out.lengths[row]],
+                                   _teacher_forced_logprobs(model, prompt, completion), atol=1e-4)
+    again = sampler.generate_tokens(prompts, params)
+    assert np.array_equal(again.tokens, out.tokens)
+    other = sampler.generate_tokens(prompts, SamplingParams(**{**params.__dict__, "seed": 8}))
+    assert not np.array_equal(other.tokens, out.tokens)
+
+
+def test_no_recompilation_within_a_bucket(tmp_path):
+    make_hf_model(tmp_path, "qwen2")
+    model, _ = forgetjax.load(tmp_path)
+    sampler = Sampler(model, None)
+    params = SamplingParams(max_new_tokens=4, stop_token_ids=(2,))
+    sampler.generate_tokens([[3, 4, 5], [6, 7]], params)
+    before = sampler_module._generate._cache_size()
+    sampler.generate_tokens([[8, 9, 10, 11, 12], [13]], params)
+    sampler.generate_tokens([[14, 15, 16, 17, 18, 19, 20], [21]], SamplingParams(max_new_tokens=4, temperature=0.5,
+                                                                                top_p=0.8, stop_token_ids=(2,)))
+    assert sampler_module._generate._cache_size() == before
+    sampler.generate_tokens([[3]] * 3, params)
+    assert sampler_module._generate._cache_size() == before + 1
+
+
+def _numpy_filter(logits, temperature, top_k, top_p):
+    out = []
+    for row in logits / temperature:
+        keep = np.ones_like(row, bool)
+        if top_k:
+            keep &= row >= np.sort(row)[::-1][top_k - 1]
+        row = np.where(keep, row, -np.inf)  # top-k first, then nucleus on the renormalised rest (as HF)
+        order = np.argsort(-row)
+        probs = np.exp(row[order] - row[order].max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        nucleus = np.zeros_like(keep)
+        nucleus[order[before < top_p]] = True
+        if top_p >= 1.0:
+            nucleus[:] = True
+        out.append(np.where(keep & nucleus, row, -np.inf))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 1.0), (0, 0.6), (7, 0.8)])
+def test_filter_logits_matches_numpy(top_k, top_p):
+    logits = np.random.default_rng(1).normal(size=(3, 40)).astype(np.float32) * 3
+    actual = np.asarray(filter_logits(logits, np.float32(0.7), top_k, np.float32(top_p)))
+    expected = _numpy_filter(logits.astype(np.float64), 0.7, top_k, top_p)
+    assert np.array_equal(np.isinf(actual), np.isinf(expected))
+    np.testing.assert_allclose(actual[~np.isinf(actual)], expected[~np.isinf(expected)], rtol=1e-6)
+
+
+@pytest.mark.real_model
+def test_smollm2_greedy_matches_hf_generate(smollm2, smollm2_gguf):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = smollm2
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                              dtype=torch.float32).eval()
+    sampler = Sampler(model, tokenizer)
+    questions = ["What is the capital of Australia?", "Name three primary colors.", "Hi"]
+    prompts = [sampler.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    out = sampler.generate_tokens(prompts, SamplingParams(max_new_tokens=24))
+    expected = _hf_greedy(hf, prompts, 24, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    for i, ref in enumerate(expected):
+        assert list(out.tokens[i, :out.lengths[i]]) == ref
+    assert "Canberra" in out.texts[0]
