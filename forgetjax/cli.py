@@ -136,6 +136,100 @@ def cmd_quickstart(args) -> int:
     return run_quickstart(model=args.model, out_dir=Path(args.out), prompt=args.prompt)
 
 
+def cmd_train(args) -> int:
+    from forgetjax.training.run import load_run_config, run_training
+
+    cfg = load_run_config(args.config, args.overrides)
+    result = run_training(cfg, source=str(args.config))
+    print(json.dumps({"status": result.status, "steps": result.steps, "usage": result.usage,
+                      "out_dir": result.out_dir, "final_checkpoint": str(Path(result.out_dir) / "final")}, indent=2))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from forgetjax.report import build_report
+
+    index = build_report(args.results_dir, args.out, n_resamples=args.resamples, seed=args.seed)
+    print(f"wrote report to {index}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from forgetjax.study.matrix import expand
+    from forgetjax.study.schema import load_study_config
+
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    cfg = load_study_config(args.config, args.overrides)
+    executor = args.executor or cfg.executor
+    results = Path(cfg.results_dir)
+    cells = expand(cfg)
+    if args.list or args.dry_run and executor in ("local", "gpu"):
+        for i, cell in enumerate(cells):
+            print(f"{i:4d}  {cell.cell_id}")
+        return 0
+    if executor == "slurm":
+        from forgetjax.study.executors import slurm_array_script, submit_slurm
+
+        script = slurm_array_script(str(args.config), len(cells), results, overrides=tuple(args.overrides))
+        submitted = None if args.dry_run else submit_slurm(script)
+        print(f"wrote {script} ({len(cells)} array tasks); "
+              + (f"submitted: {submitted}" if submitted else "dry run (no sbatch here): submit it with sbatch"))
+        return 0
+    if executor == "tpu_pod":
+        from forgetjax.study.executors import tpu_pod_script
+
+        script = tpu_pod_script(str(args.config), results, overrides=tuple(args.overrides))
+        print(f"wrote {script}: run it with TPU_NAME=... ZONE=... bash {script}")
+        return 0
+    from forgetjax.study.runner import StudyRunner
+
+    summary = StudyRunner(cfg, source=str(args.config)).run(only_index=args.cell_index)
+    print(json.dumps(summary, indent=2))
+    if args.report and args.cell_index is None:
+        from forgetjax.report import build_report
+
+        print(f"report: {build_report(results, results / 'report')}")
+    return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_plan(args) -> int:
+    from forgetjax.models.config import config_from_hf, load_config
+    from forgetjax.study.plan import choose_mesh, format_bytes, parse_topology
+    from forgetjax.study.schema import load_study_config
+
+    cfg = load_study_config(args.config, args.overrides)
+    topology = parse_topology(args.topology)
+    batch = int(cfg.train.get("batch_size", 8))
+    seq = int(cfg.train.get("max_length", 512))
+    param_bytes = 2 if cfg.train.get("param_dtype", cfg.train.get("dtype")) == "bfloat16" else 4
+    lora = cfg.train.get("lora") or {}
+    print(f"topology {topology.name}: {topology.devices} devices x {topology.hbm_bytes / 2**30:.0f} GiB; "
+          f"global batch {batch} x {seq} tokens, remat {cfg.train.get('remat', 'full')}")
+    header = (f"{'scale':>8} {'params':>8} {'mesh (data,fsdp,tensor)':>24} {'params':>12} {'grads':>12} "
+              f"{'optimizer':>12} {'activations':>12} {'kv cache':>12} {'total':>12}")
+    print(header)
+    from forgetjax.study.schema import all_models
+
+    for entry in all_models(cfg):
+        if entry.scale not in cfg.scales:
+            continue
+        if entry.hf_config:
+            model_cfg = config_from_hf(entry.hf_config, where=f"models[{entry.scale}].hf_config")
+        else:
+            model_cfg = load_config(entry.base or entry.safe)
+        est = choose_mesh(model_cfg, topology, global_batch=batch, seq_len=seq, param_bytes=param_bytes,
+                          remat=cfg.train.get("remat", "full"), lora_rank=lora.get("rank"),
+                          rollout_batch=args.rollout_batch, rollout_len=args.rollout_len)
+        fits = "" if est.total <= 0.85 * topology.hbm_bytes else "  DOES NOT FIT"
+        print(f"{entry.scale:>8} {model_cfg.num_params() / 1e9:7.2f}B {str((est.data, est.fsdp, est.tensor)):>24} "
+              + " ".join(format_bytes(v) for v in (est.params, est.gradients, est.optimizer, est.activations,
+                                                   est.kv_cache, est.total)) + fits)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forgetjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +276,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="post-train a model with one of the seven methods",
+                       description="Run the shared training loop: CONFIG.yaml holds `train`, `method`, `method_args` "
+                                   "and `domain` sections (see configs/methods/); key=value overrides use dotted "
+                                   "paths, e.g. train.optimizer.lr=3e-5 train.budget.value=200. Resumes from the "
+                                   "newest checkpoint in train.out_dir; the final model is saved to OUT_DIR/final.")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="write the study report (HTML, Markdown, CSV) from a results directory",
+                       description="Analyse the per-item records of a study (forgetting, policy, safety, "
+                                   "representation) and write a self-contained index.html plus report.md and tables.")
+    p.add_argument("results_dir", help="study results directory (holds cells/<cell_id>/...)")
+    p.add_argument("--out", default="report", help="output directory (default %(default)s)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("study", help="run a study: cells of start point x scale x method x domain x seed",
+                       description="Expand the study config into cells and run each (prepare data -> train -> "
+                                   "evaluate -> representation analysis -> record). Finished cells are skipped, "
+                                   "interrupted ones resume; failures are recorded and the study goes on.")
+    p.add_argument("config", help="study config YAML (configs/studies/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. seeds=[0,1]")
+    p.add_argument("--executor", choices=("local", "gpu", "slurm", "tpu_pod"), default=None,
+                   help="where to run (default: the config's executor)")
+    p.add_argument("--cell-index", type=int, default=None, help="run only this cell (array jobs)")
+    p.add_argument("--dry-run", action="store_true", help="list cells / write launch scripts without running")
+    p.add_argument("--list", action="store_true", help="list the cells and exit")
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (TPU pods)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write RESULTS_DIR/report when the study finishes (default on)")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("plan", help="per-device memory estimate and mesh for each model scale of a study",
+                       description="Estimate parameters, gradients, optimizer state, activations and KV cache per "
+                                   "device for each scale on a topology, and the mesh that fits.")
+    p.add_argument("config", help="study config YAML")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--topology", required=True, help="v5p-64, v5e-16, v4-32, gpu:8, gpu:8:a100-40, cpu:8")
+    p.add_argument("--rollout-batch", type=int, default=256, help="rows sampled at once by online methods")
+    p.add_argument("--rollout-len", type=int, default=1024, help="prompt + generation length of rollouts")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("quickstart", help="the main job on the embedded default model",
                        description="Fetch the embedded model, convert it, answer a chat prompt, export to HF format "

@@ -25,6 +25,9 @@ def test_qwen2_logits_match_hf_with_left_padding(tmp_path, shape):
     dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     dict(attention_bias=False, num_key_value_heads=1, head_dim=24, hidden_size=64, num_attention_heads=4),
     dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}),
+    dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 16, "rope_theta": 500000.0}, head_dim=32,
+         num_attention_heads=2, num_key_value_heads=1),
 ])
 def test_llama_logits_match_hf(tmp_path, overrides):
     hf = make_hf_model(tmp_path, "llama", **overrides)

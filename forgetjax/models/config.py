@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
-SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class UnsupportedConfigError(ValueError):
@@ -28,7 +28,8 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling_factor: float = 1.0
+    rope_type: str = "default"
+    rope_params: tuple[tuple[str, float], ...] = ()
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -43,6 +44,23 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+
+    def inv_frequencies(self):
+        """RoPE inverse frequencies [head_dim / 2] (float64, host), with linear or Llama-3 scaling applied."""
+        import numpy as np
+
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim))
+        params = dict(self.rope_params)
+        if self.rope_type == "linear":
+            return inv / params["factor"]
+        if self.rope_type == "llama3":
+            factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+            context = params["original_max_position_embeddings"]
+            wavelen = 2 * np.pi / inv
+            smooth = np.clip((context / wavelen - low) / (high - low), 0.0, 1.0)
+            scaled = (1 - smooth) * inv / factor + smooth * inv
+            return np.where(wavelen < context / high, inv, np.where(wavelen > context / low, inv / factor, scaled))
+        return inv
 
     @property
     def q_size(self) -> int:
@@ -88,10 +106,10 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu",
         })
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling_factor != 1.0:
-            rope = {"rope_type": "linear", "rope_theta": self.rope_theta, "factor": self.rope_scaling_factor}
-        out["rope_parameters"] = rope
+        out["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **dict(self.rope_params)}
+        if "original_max_position_embeddings" in out["rope_parameters"]:
+            value = out["rope_parameters"]["original_max_position_embeddings"]
+            out["rope_parameters"]["original_max_position_embeddings"] = int(value)
         out.pop("rope_scaling", None)
         out.pop("rope_theta", None)
         if self.model_type == "llama":
@@ -105,17 +123,24 @@ class ModelConfig:
         return out
 
 
-def _rope_settings(hf: dict[str, Any], where: str) -> tuple[float, float]:
-    """(theta, linear factor) from either transformers-5 `rope_parameters` or legacy `rope_theta`/`rope_scaling`."""
-    params = hf.get("rope_parameters") or {}
-    legacy = hf.get("rope_scaling") or {}
+def _rope_settings(hf: dict[str, Any], where: str) -> tuple[float, str, dict[str, float]]:
+    """(theta, rope type, scaling params) from transformers-5 `rope_parameters` or legacy `rope_theta`/`rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = dict(hf.get("rope_scaling") or {})
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedConfigError(
             f"{where}: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-    factor = float(params.get("factor", legacy.get("factor", 1.0))) if rope_type == "linear" else 1.0
-    return float(theta), factor
+    merged = {**legacy, **params}
+    keys = {"linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    scaling = {}
+    for key in keys.get(rope_type, ()):
+        if key not in merged:
+            raise UnsupportedConfigError(f"{where}: rope type {rope_type!r} needs rope parameter {key!r}")
+        scaling[key] = float(merged[key])
+    return float(theta), rope_type, scaling
 
 
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
@@ -138,7 +163,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         raise UnsupportedConfigError(f"{where}: layer_types {sorted(set(layer_types))} include non-full attention")
     if hf.get("pretraining_tp", 1) not in (1, None):
         raise UnsupportedConfigError(f"{where}: pretraining_tp={hf['pretraining_tp']} is not supported")
-    theta, factor = _rope_settings(hf, where)
+    theta, rope_type, scaling = _rope_settings(hf, where)
     heads = int(hf["num_attention_heads"])
     head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
     if model_type == "qwen2":
@@ -159,7 +184,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         head_dim=head_dim,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
-        rope_scaling_factor=factor,
+        rope_type=rope_type,
+        rope_params=tuple(sorted(scaling.items())),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,

@@ -131,21 +131,20 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def linear(weights: dict[str, Any], x: jax.Array) -> jax.Array:
-    """x @ kernel (+ bias) (+ LoRA update when the weight dict carries `lora_a`/`lora_b`)."""
+def linear(weights: dict[str, Any], x: jax.Array, lora_scale: float = 1.0) -> jax.Array:
+    """x @ kernel (+ bias) (+ lora_scale * x @ A @ B when the weight dict carries LoRA factors)."""
     y = jnp.einsum("...i,io->...o", x, weights["kernel"].astype(x.dtype))
     if weights.get("bias") is not None:
         y = y + weights["bias"].astype(x.dtype)
     if weights.get("lora_a") is not None:
         delta = jnp.einsum("...i,ir->...r", x, weights["lora_a"].astype(x.dtype))
-        y = y + jnp.einsum("...r,ro->...o", delta, weights["lora_b"].astype(x.dtype)) * weights["lora_scale"]
+        y = y + jnp.einsum("...r,ro->...o", delta, weights["lora_b"].astype(x.dtype)) * lora_scale
     return y
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, scaling_factor: float = 1.0):
+def rope_tables(positions: jax.Array, inv_freq) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables [B, T, head_dim] for the rotate-half RoPE convention used by HF Llama/Qwen2."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = (positions.astype(jnp.float32) / scaling_factor)[..., None] * inv_freq
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -173,15 +172,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 
 def _layer_forward(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, cos, sin, mask,
-                   layer_cache: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None):
+                   layer_cache: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
+                   lora_scale: float = 1.0):
     """One decoder layer. With `layer_cache` = (k, v) of shape [B, S, Hkv, D], the new keys/values are written at
     slot `index` and attention runs over the whole cache; the updated (k, v) is returned beside the output."""
     b, t, _ = x.shape
     h = rms_norm(x, w["input_layernorm"]["scale"], cfg.rms_norm_eps)
     attn_w = w["self_attn"]
-    q = linear(attn_w["q_proj"], h).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = linear(attn_w["k_proj"], h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(attn_w["v_proj"], h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q = linear(attn_w["q_proj"], h, lora_scale).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = linear(attn_w["k_proj"], h, lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(attn_w["v_proj"], h, lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if layer_cache is not None:
         k_cache, v_cache = layer_cache
@@ -190,12 +190,12 @@ def _layer_forward(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, cos, sin, 
         layer_cache = (k_cache, v_cache)
         k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
     attn = attend(q, k, v, mask)
-    x = x + linear(attn_w["o_proj"], attn)
+    x = x + linear(attn_w["o_proj"], attn, lora_scale)
     x = constrain(x, ("batch", "length", "act_embed"))
     h = rms_norm(x, w["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
     mlp_w = w["mlp"]
-    gated = jax.nn.silu(linear(mlp_w["gate_proj"], h)) * linear(mlp_w["up_proj"], h)
-    x = x + linear(mlp_w["down_proj"], gated)
+    gated = jax.nn.silu(linear(mlp_w["gate_proj"], h, lora_scale)) * linear(mlp_w["up_proj"], h, lora_scale)
+    x = x + linear(mlp_w["down_proj"], gated, lora_scale)
     return constrain(x, ("batch", "length", "act_embed")), layer_cache
 
 
@@ -223,6 +223,7 @@ class CausalLM(nnx.Module):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.remat = remat
+        self.lora_scale = 1.0
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, param_dtype, rngs)
         self.layers = DecoderLayers(config, param_dtype, rngs)
         self.norm = RMSNormScale(config.hidden_size, param_dtype)
@@ -282,14 +283,15 @@ class CausalLM(nnx.Module):
             q_slots = index + jnp.arange(t)
             k_slots = jnp.arange(cache.max_len)
             mask = (k_slots[None, None, :] <= q_slots[None, :, None]) & kv_mask[:, None, :]
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)
+        cos, sin = rope_tables(positions, cfg.inv_frequencies())
         x = self.embed(input_ids)
         weights = self.layer_weights()
+        lora_scale = self.lora_scale
         policy = REMAT_POLICIES[self.remat]
 
         if cache is None:
             def body(x, w):
-                x, _ = _layer_forward(cfg, w, x, cos, sin, mask)
+                x, _ = _layer_forward(cfg, w, x, cos, sin, mask, lora_scale=lora_scale)
                 return x, (x if return_hidden else None)
 
             if self.remat != "none":
@@ -300,7 +302,8 @@ class CausalLM(nnx.Module):
         def cached_body(carry, xs):
             x, k_all, v_all = carry
             w, layer = xs
-            x, (k_layer, v_layer) = _layer_forward(cfg, w, x, cos, sin, mask, (k_all[layer], v_all[layer]), index)
+            x, (k_layer, v_layer) = _layer_forward(cfg, w, x, cos, sin, mask, (k_all[layer], v_all[layer]), index,
+                                                   lora_scale)
             k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_layer, layer, 0)
             v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_layer, layer, 0)
             return (x, k_all, v_all), (x if return_hidden else None)

@@ -1,0 +1,90 @@
+"""Decode throughput (new tokens/s) of forgetjax's sampler vs HF `generate` (torch) on SmolLM2-135M, float32.
+
+Greedy decoding of exactly `--new-tokens` tokens (stop tokens disabled on both sides) from the same chat prompt
+repeated `batch` times, for each batch size. Runs alternate between the two peers and the best of N is kept (the
+compile is done once before timing); the measured f32 matmul peak of each framework is printed beside the numbers.
+Throughput counts generated tokens only: batch x new_tokens / wall time (prefill included in the wall time).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import numpy as np  # noqa: E402
+
+from common import alternate, export_embedded_for_torch, jax_matmul_peak, torch_matmul_peak  # noqa: E402
+
+PROMPT = "Write a short story about a robot who learns to paint, in the style of a fairy tale."
+NEVER_STOP = (-1,)  # a token id no model emits: decoding runs for the whole budget
+
+
+def forgetjax_runner(sampler, prompt_ids: list[int], batch: int, new_tokens: int):
+    """A callable that decodes `new_tokens` greedy tokens for `batch` copies of the prompt with forgetjax."""
+    from forgetjax.sampling.sampler import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, stop_token_ids=NEVER_STOP)
+    prompts = [prompt_ids] * batch
+
+    def run():
+        out = sampler.generate_tokens(prompts, params)
+        if not np.all(out.lengths == new_tokens):
+            raise RuntimeError(f"forgetjax generated {out.lengths.tolist()} tokens, expected {new_tokens}")
+
+    return run
+
+
+def torch_runner(torch_model, prompt_ids: list[int], batch: int, new_tokens: int, pad_id: int):
+    """A callable that decodes `new_tokens` greedy tokens for `batch` copies of the prompt with HF generate."""
+    import torch
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([prompt_ids] * batch, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+
+    def run():
+        with torch.no_grad():
+            out = torch_model.generate(ids, attention_mask=mask, generation_config=config)
+        if out.shape[1] - ids.shape[1] != new_tokens:
+            raise RuntimeError(f"HF generated {out.shape[1] - ids.shape[1]} tokens, expected {new_tokens}")
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per batch size (best of N)")
+    args = parser.parse_args()
+
+    import jax
+
+    from forgetjax.sampling.sampler import Sampler
+
+    model, tokenizer, torch_model = export_embedded_for_torch()
+    sampler = Sampler(model, tokenizer)
+    prompt_ids = sampler.encode_chat([{"role": "user", "content": PROMPT}])
+    jax_peak, torch_peak = jax_matmul_peak(), torch_matmul_peak()
+    print(f"SmolLM2-135M greedy decode, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, float32, "
+          f"{jax.device_count()} JAX device(s); best of {args.rounds} alternating rounds")
+    print(f"matmul peak GFLOP/s: forgetjax {jax_peak / 1e9:.1f}, hf_torch {torch_peak / 1e9:.1f}")
+    print(f"{'batch':>5} {'forgetjax tok/s':>16} {'hf_torch tok/s':>15} {'ratio':>6}")
+    for batch in args.batch_sizes:
+        peers = {
+            "forgetjax": forgetjax_runner(sampler, prompt_ids, batch, args.new_tokens),
+            "hf_torch": torch_runner(torch_model, prompt_ids, batch, args.new_tokens, tokenizer.pad_token_id),
+        }
+        for run in peers.values():
+            run()  # compile / warm up outside the timing
+        best = alternate(peers, rounds=args.rounds)
+        tokens = batch * args.new_tokens
+        ours, theirs = tokens / best["forgetjax"], tokens / best["hf_torch"]
+        print(f"{batch:>5} {ours:>16.1f} {theirs:>15.1f} {ours / theirs:>5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

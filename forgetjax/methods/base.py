@@ -1,0 +1,64 @@
+"""What a post-training method is: a pure loss plus a source of batches. The training loop knows nothing else.
+
+Offline methods draw batches from a prepared dataset (SFT targets, preference pairs with cached reference
+log-probs); online methods produce them by sampling with the current parameters and scoring with a verifier.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, Protocol
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass
+class Batch:
+    """One global batch: host arrays, and what it costs against the budget."""
+
+    arrays: dict[str, np.ndarray]
+    tokens: int
+    examples: int
+    extra_flops: float = 0.0
+    info: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class BatchSource(Protocol):
+    def next_batch(self, context: "StepContext") -> Batch | None:
+        """The next batch, or None when the data is exhausted."""
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position, saved with every checkpoint."""
+
+    def set_state(self, state: dict) -> None:
+        """Resume from a saved position."""
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a batch source may use: the current model (online methods sample from it), the step, a PRNG key."""
+
+    current_model: Callable[[], Any]
+    step: int
+    rng: jax.Array
+    mesh: Any = None
+
+
+class Method(abc.ABC):
+    """A post-training method. `trim` says how the last batch is cut to fit a token/example budget."""
+
+    name: str = "method"
+    trim: str = "tokens"  # "tokens" (SFT-style rows), "pairs" (whole rows of a paired batch) or "none"
+
+    @abc.abstractmethod
+    def loss(self, model, batch: dict, rng: jax.Array):
+        """(loss_sum, loss_count, metrics {name: (sum, count)}) — pure and jit-traceable."""
+
+    @abc.abstractmethod
+    def batch_source(self, trainer) -> BatchSource:
+        """Build the source of batches (may prepare data with the trainer's model and tokenizer first)."""
+
+    def flops_per_token(self, trainer) -> float:
+        """Training FLOPs per real token of the step's forward/backward passes (forward + backward = 3x)."""
+        return 3.0 * trainer.model_config.flops_per_token(trainer.cfg.max_length)

@@ -1,0 +1,63 @@
+"""Method registry: a name -> (typed argument dataclass, factory). Configs name a method and pass its arguments;
+unknown names or arguments are errors naming the key."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+from forgetjax.methods.base import Method
+
+# Method name -> module that registers it (imported lazily so light commands stay fast).
+METHOD_MODULES = {
+    "gt_sft": "forgetjax.methods.sft",
+    "sf_sft": "forgetjax.methods.distill",
+    "cf_sft": "forgetjax.methods.distill",
+    "self_spin": "forgetjax.methods.spin",
+    "self_sdft": "forgetjax.methods.sdft",
+    "off_rl_dpo": "forgetjax.methods.dpo",
+    "on_rl_grpo": "forgetjax.methods.grpo",
+    "on_rl_drgrpo": "forgetjax.methods.grpo",
+    "on_rl_frpo": "forgetjax.methods.grpo",
+    "pi_distill": "forgetjax.methods.pi_distill",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    args_class: type
+    factory: Callable[[Any, "DomainConfig"], Method]  # noqa: F821
+    description: str
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, args_class: type, description: str):
+    """Decorator for a factory `(args, domain) -> Method`."""
+
+    def wrap(factory):
+        _REGISTRY[name] = MethodSpec(name, args_class, factory, description)
+        return factory
+
+    return wrap
+
+
+def get_method_spec(name: str) -> MethodSpec:
+    if name not in METHOD_MODULES:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(METHOD_MODULES))}")
+    if name not in _REGISTRY:
+        importlib.import_module(METHOD_MODULES[name])
+    if name not in _REGISTRY:
+        raise KeyError(f"method {name!r} is declared but {METHOD_MODULES[name]} did not register it")
+    return _REGISTRY[name]
+
+
+def build_method(name: str, args: dict[str, Any], domain, *, source: str = "<config>") -> Method:
+    """Validate `args` against the method's argument dataclass (unknown keys are errors) and build it."""
+    from forgetjax.config import from_dict
+
+    spec = get_method_spec(name)
+    typed = from_dict(spec.args_class, args or {}, source=f"{source}: method_args")
+    return spec.factory(typed, domain)

@@ -1,0 +1,433 @@
+"""The report's figures, drawn with matplotlib's object-oriented API on the Agg canvas (no pyplot, no display).
+
+Every builder returns `ReportFigure`s: PNG bytes with a title, caption and alt text, or, when the data needed is
+absent, no image and a "not enough data: ..." sentence in `missing` (the report prints it instead of a figure).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from forgetjax.analysis.queries import (
+    BASELINE_METHOD,
+    NON_CAPABILITY_FAMILIES,
+    StudyAnalysis,
+    group_estimate,
+    method_label,
+)
+
+DPI = 100
+NO_DOMAIN = "no domain"
+
+
+@dataclass(frozen=True)
+class ReportFigure:
+    """One figure (png) or the reason it could not be drawn (missing)."""
+
+    key: str
+    title: str
+    caption: str
+    alt: str
+    png: bytes | None = None
+    missing: str | None = None
+
+
+def render_png(figure: Figure) -> bytes:
+    """The figure as PNG bytes through the Agg canvas."""
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def percent(value: float | None, digits: int = 1) -> str:
+    """0.123 -> "12.3%"; None/NaN -> "n/a"."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{100 * value:.{digits}f}%"
+
+
+def _domain(value: str | None) -> str:
+    return value if value else NO_DOMAIN
+
+
+def _scope_label(start_point: str, scale: str) -> str:
+    return f"start point {start_point.upper()}, scale {scale}"
+
+
+def _slug(*parts: Any) -> str:
+    return "_".join(str(p).replace(" ", "-").replace("/", "-") for p in parts)
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, Any]:
+    """A stable colour per method id (tab10 over the sorted ids; the baseline is black)."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
+    ordered = sorted(m for m in set(methods) if m != BASELINE_METHOD)
+    colors = {method: palette(index % 10) for index, method in enumerate(ordered)}
+    colors[BASELINE_METHOD] = (0.0, 0.0, 0.0, 1.0)
+    return colors
+
+
+def _no_cells_figure(key: str, title: str) -> ReportFigure:
+    return ReportFigure(key, title, "", "", missing="not enough data: no post-trained cells")
+
+
+def _config_order(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """The distinct (method, domain) pairs of the rows, ordered by method label then domain."""
+    return sorted({(r["method"], _domain(r["domain"])) for r in rows}, key=lambda c: (method_label(c[0]), c[1]))
+
+
+def _scopes(analysis: StudyAnalysis) -> list[tuple[str, str]]:
+    """The (start_point, scale) pairs that have post-trained cells."""
+    return sorted({(c.start_point, c.scale) for c in analysis.study.post_cells})
+
+
+def _all_methods(analysis: StudyAnalysis) -> list[str]:
+    return sorted({c.method for c in analysis.study.cells})
+
+
+def _family_order(families: Sequence[str]) -> list[str]:
+    """Capability families first (alphabetical), then the safety-related ones."""
+    unique = sorted(set(families))
+    return [f for f in unique if f not in NON_CAPABILITY_FAMILIES] + [f for f in unique if f in NON_CAPABILITY_FAMILIES]
+
+
+def heatmap_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """Forgetting F per method x family, one heatmap per (start point, scale, domain), mean over seeds."""
+    rows = [r for r in analysis["forgetting_seeds"] if r["level"] == "family"]
+    if not rows:
+        return [ReportFigure("heatmap", "Forgetting heatmap", "", "", missing=(
+            "not enough data: no post-trained cell has items paired with its baseline, so there is nothing to map"))]
+    figures = []
+    groups = sorted({(r["start_point"], r["scale"], _domain(r["domain"])) for r in rows})
+    for start_point, scale, domain in groups:
+        members = [r for r in rows
+                   if (r["start_point"], r["scale"], _domain(r["domain"])) == (start_point, scale, domain)]
+        methods = sorted({r["method"] for r in members}, key=method_label)
+        families = _family_order([r["family"] for r in members])
+        values = np.full((len(methods), len(families)), np.nan)
+        seeds = np.zeros((len(methods), len(families)), dtype=int)
+        for r in members:
+            i, j = methods.index(r["method"]), families.index(r["family"])
+            if r["forgetting_mean"] is not None:
+                values[i, j] = 100 * r["forgetting_mean"]
+                seeds[i, j] = r["n_seeds"]
+        figure = Figure(figsize=(1.3 * len(families) + 2.5, 0.6 * len(methods) + 1.8), layout="constrained")
+        axes = figure.add_subplot()
+        shown = np.ma.masked_invalid(values)
+        top = max(float(np.nanmax(values)) if np.isfinite(values).any() else 1.0, 1.0)
+        image = axes.imshow(shown, cmap="Reds", vmin=0, vmax=top, aspect="auto")
+        axes.set_xticks(range(len(families)), families, rotation=30, ha="right")
+        axes.set_yticks(range(len(methods)), [method_label(m) for m in methods])
+        for i in range(len(methods)):
+            for j in range(len(families)):
+                text = "n/a" if not np.isfinite(values[i, j]) else f"{values[i, j]:.1f}"
+                color = "white" if np.isfinite(values[i, j]) and values[i, j] > 0.6 * top else "black"
+                axes.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+        figure.colorbar(image, ax=axes, label="forgetting F (%)")
+        axes.set_title(f"Forgetting F, {_scope_label(start_point, scale)}, domain {domain}", fontsize=10)
+        finite = np.argwhere(np.isfinite(values))
+        if finite.size:
+            i, j = max(finite, key=lambda ij: values[ij[0], ij[1]])
+            worst = f"The highest value is {values[i, j]:.1f}% for {method_label(methods[i])} on {families[j]}."
+        else:
+            worst = "No family has binary items, so every cell is n/a."
+        figures.append(ReportFigure(
+            key=_slug("heatmap", start_point, scale, domain),
+            title=f"Forgetting heatmap: {_scope_label(start_point, scale)}, domain {domain}",
+            caption=(f"Forgetting F (% of items correct at the baseline and wrong after post-training) per method "
+                     f"(rows) and benchmark family (columns), mean over seeds (max {int(seeds.max())} seed(s)); "
+                     f"{_scope_label(start_point, scale)}, training domain {domain}. For the safety families "
+                     f"(safety_refusal, over_refusal) F is the share of prompts handled safely at the baseline and "
+                     f"unsafely after. n/a: no binary items."),
+            alt=(f"Heatmap of forgetting percentages for {len(methods)} method(s) by {len(families)} famil"
+                 f"{'y' if len(families) == 1 else 'ies'}. {worst}"),
+            png=render_png(figure),
+        ))
+    return figures
+
+
+def radar_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """Per (start point, scale): one radar per method of the accuracy change per capability family, by domain."""
+    rows = [r for r in analysis["forgetting_seeds"]
+            if r["level"] == "family" and r["family"] not in NON_CAPABILITY_FAMILIES and r["delta_mean"] is not None]
+    figures = []
+    for start_point, scale in _scopes(analysis):
+        members = [r for r in rows if (r["start_point"], r["scale"]) == (start_point, scale)]
+        families = _family_order([r["family"] for r in members])
+        key = _slug("radar", start_point, scale)
+        title = f"Category deltas per method: {_scope_label(start_point, scale)}"
+        if len(families) < 3:
+            figures.append(ReportFigure(key, title, "", "", missing=(
+                f"not enough data: a radar plot needs at least 3 capability families with paired items, "
+                f"{_scope_label(start_point, scale)} has {len(families)} ({', '.join(families) or 'none'})")))
+            continue
+        methods = sorted({r["method"] for r in members}, key=method_label)
+        domains = sorted({_domain(r["domain"]) for r in members})
+        angles = np.linspace(0, 2 * np.pi, len(families), endpoint=False)
+        values_all = [100 * r["delta_mean"] for r in members]
+        low, high = min(min(values_all), -1.0), max(max(values_all), 1.0)
+        columns = min(3, len(methods))
+        n_rows = int(np.ceil(len(methods) / columns))
+        figure = Figure(figsize=(3.6 * columns, 3.6 * n_rows + 0.4), layout="constrained")
+        for index, method in enumerate(methods):
+            axes = figure.add_subplot(n_rows, columns, index + 1, projection="polar")
+            for domain in domains:
+                lookup = {r["family"]: 100 * r["delta_mean"] for r in members
+                          if r["method"] == method and _domain(r["domain"]) == domain}
+                if not lookup:
+                    continue
+                radius = np.array([lookup.get(f, np.nan) for f in families])
+                closed_angles = np.append(angles, angles[0])
+                axes.plot(closed_angles, np.append(radius, radius[0]), marker="o", label=domain)
+            axes.plot(np.linspace(0, 2 * np.pi, 100), np.zeros(100), color="grey", linewidth=0.8, linestyle="--")
+            axes.set_ylim(low - 1, high + 1)
+            axes.set_xticks(angles, families, fontsize=7)
+            axes.yaxis.set_major_locator(MaxNLocator(4))
+            axes.tick_params(axis="y", labelsize=6)
+            axes.set_title(method_label(method), fontsize=9)
+            axes.legend(fontsize=6, loc="lower right", bbox_to_anchor=(1.25, -0.1))
+        figure.suptitle(f"Accuracy change (pp) per capability family, {_scope_label(start_point, scale)}", fontsize=10)
+        worst = min(members, key=lambda r: r["delta_mean"])
+        figures.append(ReportFigure(
+            key, title,
+            caption=(f"Change in accuracy (post - baseline, percentage points, mean over seeds) per capability family; "
+                     f"one radar per method, one line per training domain; the dashed circle is zero change. "
+                     f"{_scope_label(start_point, scale)}."),
+            alt=(f"{len(methods)} radar chart(s) over the families {', '.join(families)}. The largest drop is "
+                 f"{100 * worst['delta_mean']:.1f} pp for {method_label(worst['method'])} on {worst['family']} "
+                 f"(domain {_domain(worst['domain'])})."),
+            png=render_png(figure),
+        ))
+    return figures or [_no_cells_figure("radar", "Category deltas per method")]
+
+
+def _configs(analysis: StudyAnalysis, start_point: str, scale: str) -> dict[tuple[str, str], list[str]]:
+    """(method, domain) -> cell ids of the post-trained cells of one scope."""
+    configs: dict[tuple[str, str], list[str]] = {}
+    for cell in analysis.study.post_cells:
+        if (cell.start_point, cell.scale) == (start_point, scale):
+            configs.setdefault((cell.method, _domain(cell.domain)), []).append(cell.cell_id)
+    return dict(sorted(configs.items(), key=lambda kv: (method_label(kv[0][0]), kv[0][1])))
+
+
+def transition_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """Per scope: forgetting (1->0) and backward-transfer (0->1) shares of capability items with bootstrap CIs."""
+    figures = []
+    for start_point, scale in _scopes(analysis):
+        configs = _configs(analysis, start_point, scale)
+        estimates = []
+        for (method, domain), cell_ids in configs.items():
+            forgetting = group_estimate(analysis.study, cell_ids, "forgetting", analysis.settings)
+            transfer = group_estimate(analysis.study, cell_ids, "backward_transfer", analysis.settings)
+            if forgetting["estimate"] is not None:
+                estimates.append((method, domain, len(cell_ids), forgetting, transfer))
+        key = _slug("transitions", start_point, scale)
+        title = f"Transitions: {_scope_label(start_point, scale)}"
+        if not estimates:
+            figures.append(ReportFigure(key, title, "", "", missing=(
+                f"not enough data: no binary capability items paired for {_scope_label(start_point, scale)}")))
+            continue
+        figure = Figure(figsize=(max(5.0, 1.1 * len(estimates) + 2), 3.8), layout="constrained")
+        axes = figure.add_subplot()
+        positions = np.arange(len(estimates))
+        width = 0.38
+        for offset, name, index, color in ((-width / 2, "1→0 (forgetting)", 3, "#c0392b"),
+                                           (width / 2, "0→1 (backward transfer)", 4, "#2e86c1")):
+            heights = np.array([100 * e[index]["estimate"] for e in estimates])
+            lows = np.array([100 * e[index]["low"] for e in estimates])
+            highs = np.array([100 * e[index]["high"] for e in estimates])
+            error = np.vstack([np.maximum(heights - lows, 0), np.maximum(highs - heights, 0)])
+            axes.bar(positions + offset, heights, width, yerr=error, capsize=3, label=name, color=color)
+        labels = [f"{method_label(m)}\n{d}\n({n} seed{'s' if n > 1 else ''})" for m, d, n, _, _ in estimates]
+        axes.set_xticks(positions, labels, fontsize=7)
+        axes.set_ylabel("share of capability items (%)")
+        axes.legend(fontsize=8)
+        axes.set_title(f"Item transitions vs baseline, {_scope_label(start_point, scale)}", fontsize=10)
+        worst = max(estimates, key=lambda e: e[3]["estimate"])
+        level = int(round(100 * analysis.settings.confidence))
+        figures.append(ReportFigure(
+            key, title,
+            caption=(f"Share of capability items that flip from correct to wrong (1→0, forgetting) and from wrong to "
+                     f"correct (0→1, backward transfer) after post-training, per method and training domain; "
+                     f"per-item shares are averaged over seeds, error bars are {level}% "
+                     f"paired item-bootstrap intervals. {_scope_label(start_point, scale)}."),
+            alt=(f"Grouped bar chart of 1→0 and 0→1 shares for {len(estimates)} method/domain configuration(s); "
+                 f"the largest forgetting is {percent(worst[3]['estimate'])} for {method_label(worst[0])} "
+                 f"({worst[1]})."),
+            png=render_png(figure),
+        ))
+    return figures or [_no_cells_figure("transitions", "Transitions")]
+
+
+def _front_line(points: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+    """The front's points sorted by x, as a staircase line."""
+    front = sorted((p for p in points if p["on_front"]), key=lambda p: p["target_accuracy"])
+    return [100 * p["target_accuracy"] for p in front], [100 * p["harmful_refusal_rate"] for p in front]
+
+
+def pareto_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """Per scope: harmful-prompt refusal rate vs the domain's target-task accuracy, the Pareto front drawn."""
+    rows = analysis["pareto"]
+    colors = method_colors(_all_methods(analysis))
+    figures = []
+    for start_point, scale in _scopes(analysis):
+        members = [r for r in rows if (r["start_point"], r["scale"]) == (start_point, scale)]
+        key = _slug("pareto", start_point, scale)
+        title = f"Safety vs target task: {_scope_label(start_point, scale)}"
+        domains = sorted({r["group_domain"] for r in members})
+        if not domains:
+            figures.append(ReportFigure(key, title, "", "", missing=(
+                f"not enough data: {_scope_label(start_point, scale)} has no cell with both harmful-prompt "
+                f"refusal records and records of its domain's target benchmark")))
+            continue
+        figure = Figure(figsize=(4.2 * len(domains), 3.8), layout="constrained")
+        for index, domain in enumerate(domains):
+            axes = figure.add_subplot(1, len(domains), index + 1)
+            points = [r for r in members if r["group_domain"] == domain]
+            for point in points:
+                marker = "*" if point["is_baseline"] else ("o" if point["on_front"] else "x")
+                axes.scatter(100 * point["target_accuracy"], 100 * point["harmful_refusal_rate"], marker=marker,
+                             s=120 if point["is_baseline"] else 50, color=colors.get(point["method"], "grey"))
+                axes.annotate(f"{method_label(point['method'])} s{point['seed']}",
+                              (100 * point["target_accuracy"], 100 * point["harmful_refusal_rate"]),
+                              fontsize=7, xytext=(3, 3), textcoords="offset points")
+            xs, ys = _front_line(points)
+            axes.plot(xs, ys, linestyle="--", color="grey", linewidth=1, label="Pareto front")
+            axes.set_xlabel(f"target accuracy, {points[0]['target_benchmarks']} (%)")
+            axes.set_ylabel("refusal rate on harmful prompts (%)")
+            axes.set_title(f"domain {domain}", fontsize=9)
+            axes.legend(fontsize=7)
+        figure.suptitle(f"Safety vs target task, {_scope_label(start_point, scale)}", fontsize=10)
+        on_front = [r for r in members if r["on_front"]]
+        figures.append(ReportFigure(
+            key, title,
+            caption=(f"Each point is one cell (star: the baseline; circle: on the Pareto front; cross: dominated): "
+                     f"x = accuracy on the training domain's held-out target benchmark, y = refusal rate on harmful "
+                     f"prompts of all safety benchmarks (pooled). The dashed line joins the non-dominated cells. "
+                     f"{_scope_label(start_point, scale)}."),
+            alt=(f"Scatter plot per domain ({', '.join(domains)}) of target accuracy against harmful-prompt refusal; "
+                 f"{len(on_front)} of {len(members)} point(s) are on the Pareto front: "
+                 + ", ".join(f"{method_label(r['method'])} seed {r['seed']} ({r['group_domain']})" for r in on_front)
+                 + "."),
+            png=render_png(figure),
+        ))
+    return figures or [_no_cells_figure("pareto", "Safety vs target task")]
+
+
+def cka_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """Per scope: linear CKA between baseline and post-trained activations by layer, one line per configuration."""
+    rows = [r for r in analysis["representation"] if r["cka"] is not None and np.isfinite(r["cka"])]
+    colors = method_colors(_all_methods(analysis))
+    figures = []
+    for start_point, scale in _scopes(analysis):
+        members = [r for r in rows
+                   if (r["start_point"], r["scale"]) == (start_point, scale) and r["method"] != BASELINE_METHOD]
+        key = _slug("cka", start_point, scale)
+        title = f"CKA by layer: {_scope_label(start_point, scale)}"
+        if not members:
+            figures.append(ReportFigure(key, title, "", "", missing=(
+                f"not enough data: no representation.json with CKA values for {_scope_label(start_point, scale)}")))
+            continue
+        figure = Figure(figsize=(5.5, 3.6), layout="constrained")
+        axes = figure.add_subplot()
+        configs = _config_order(members)
+        lowest = (None, 2.0)
+        for method, domain in configs:
+            chosen = [r for r in members if r["method"] == method and _domain(r["domain"]) == domain]
+            layers = sorted({r["layer"] for r in chosen})
+            means = [float(np.mean([r["cka"] for r in chosen if r["layer"] == layer])) for layer in layers]
+            styles = ["-", "--", ":", "-."]
+            axes.plot(layers, means, marker="o", color=colors.get(method, "grey"),
+                      linestyle=styles[sorted({c[1] for c in configs}).index(domain) % 4],
+                      label=f"{method_label(method)} ({domain})")
+            if min(means) < lowest[1]:
+                lowest = (f"{method_label(method)} ({domain}) at layer {layers[int(np.argmin(means))]}", min(means))
+        axes.set_xlabel("layer")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel("linear CKA vs start model")
+        axes.legend(fontsize=7)
+        axes.set_title(f"Representation similarity by layer, {_scope_label(start_point, scale)}", fontsize=10)
+        figures.append(ReportFigure(
+            key, title,
+            caption=(f"Linear CKA between the start model's and the post-trained model's activations on a fixed probe "
+                     f"set, per layer (1 = unchanged), mean over seeds; line style marks the training domain. "
+                     f"{_scope_label(start_point, scale)}."),
+            alt=(f"Line chart of CKA against layer for {len(configs)} configuration(s); the lowest similarity is "
+                 f"{lowest[1]:.3f} for {lowest[0]}."),
+            png=render_png(figure),
+        ))
+    return figures or [_no_cells_figure("cka", "CKA by layer")]
+
+
+def attenuation_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """Per scope: refusal-direction attenuation (1 - mean projection-gap ratio) per configuration, std over seeds."""
+    rows = [r for r in analysis["cell_summary"]
+            if r["method"] != BASELINE_METHOD and r["refusal_attenuation"] is not None]
+    colors = method_colors(_all_methods(analysis))
+    figures = []
+    for start_point, scale in _scopes(analysis):
+        members = [r for r in rows if (r["start_point"], r["scale"]) == (start_point, scale)]
+        key = _slug("attenuation", start_point, scale)
+        title = f"Refusal-direction attenuation: {_scope_label(start_point, scale)}"
+        if not members:
+            figures.append(ReportFigure(key, title, "", "", missing=(
+                f"not enough data: no representation.json with refusal-direction values for "
+                f"{_scope_label(start_point, scale)}")))
+            continue
+        configs = _config_order(members)
+        means, stds, counts = [], [], []
+        for method, domain in configs:
+            values = [r["refusal_attenuation"] for r in members
+                      if r["method"] == method and _domain(r["domain"]) == domain]
+            means.append(float(np.mean(values)))
+            stds.append(float(np.std(values, ddof=1)) if len(values) > 1 else float("nan"))
+            counts.append(len(values))
+        figure = Figure(figsize=(max(4.5, 1.0 * len(configs) + 2), 3.6), layout="constrained")
+        axes = figure.add_subplot()
+        positions = np.arange(len(configs))
+        axes.bar(positions, means, color=[colors.get(m, "grey") for m, _ in configs])
+        spread = [i for i, n in enumerate(counts) if n > 1]
+        if spread:
+            axes.errorbar(positions[spread], np.array(means)[spread], yerr=np.array(stds)[spread], fmt="none",
+                          ecolor="black", capsize=3)
+        axes.axhline(0, color="grey", linewidth=0.8)
+        labels = [f"{method_label(m)}\n{d}\n(n={n})" for (m, d), n in zip(configs, counts)]
+        axes.set_xticks(positions, labels, fontsize=7)
+        axes.set_ylabel("1 - projection-gap ratio")
+        axes.set_title(f"Refusal-direction attenuation, {_scope_label(start_point, scale)}", fontsize=10)
+        top = int(np.argmax(means))
+        figures.append(ReportFigure(
+            key, title,
+            caption=(f"Refusal-direction attenuation = 1 - (harmful-minus-harmless projection gap on the start model's "
+                     f"refusal direction after post-training / before), mean over layers; 0 = intact, 1 = erased. "
+                     f"Bars are means over seeds, error bars the sample std when there are several seeds (n = seeds). "
+                     f"{_scope_label(start_point, scale)}."),
+            alt=(f"Bar chart of refusal-direction attenuation for {len(configs)} configuration(s); the largest is "
+                 f"{means[top]:.3f} for {method_label(configs[top][0])} ({configs[top][1]})."),
+            png=render_png(figure),
+        ))
+    return figures or [_no_cells_figure("attenuation", "Refusal-direction attenuation")]
+
+
+FIGURE_SECTIONS = (
+    ("Forgetting heatmaps", heatmap_figures),
+    ("Category deltas per method", radar_figures),
+    ("Item transitions", transition_figures),
+    ("Safety vs target-task Pareto front", pareto_figures),
+    ("Representation similarity (CKA) by layer", cka_figures),
+    ("Refusal-direction attenuation", attenuation_figures),
+)
+
+
+def all_figures(analysis: StudyAnalysis) -> list[tuple[str, list[ReportFigure]]]:
+    """Every section title with its figures, in report order."""
+    return [(title, build(analysis)) for title, build in FIGURE_SECTIONS]

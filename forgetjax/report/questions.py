@@ -1,0 +1,391 @@
+"""The study's six research questions answered as text from the analysis numbers, with their confidence intervals.
+
+Every answer states the estimate, its paired item-bootstrap interval and what the interval allows one to claim;
+when the cells needed are missing the answer says "Not enough data: ..." and why, and claims nothing.
+Forgetting here is F = share of capability items correct at the baseline and wrong after post-training, averaged
+per item over the cells of a group (seeds, domains) before averaging over items, so items are the resampling unit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from forgetjax.analysis.queries import (
+    OFF_POLICY_SFT,
+    ON_POLICY,
+    Cell,
+    StudyAnalysis,
+    compare_groups,
+    group_estimate,
+    method_label,
+    method_regime,
+)
+
+QUESTIONS = (
+    ("RQ1", "Which post-training method forgets the most / least overall, and is the difference significant?"),
+    ("RQ2", "Which capability categories are most fragile under each method?"),
+    ("RQ3", "Does forgetting depend on the training domain (math vs code vs QA)?"),
+    ("RQ4", "Does starting from a safety-aligned (SAFE) model change what is forgotten, and how much safety is lost?"),
+    ("RQ5", "Do on-policy methods (ON-RL, SELF, PI) forget less than off-policy SFT on external data "
+            "(GT-SFT, SF/CF-SFT)?"),
+    ("RQ6", "Is forgetting visible in representations (CKA drift, refusal-direction attenuation) and does it track "
+            "the behavioural forgetting?"),
+)
+DOMAINS = ("math", "code", "qa")
+NOT_ENOUGH = "Not enough data: "
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One research question and its generated answer (one paragraph per scope)."""
+
+    key: str
+    question: str
+    paragraphs: tuple[str, ...]
+
+
+def pct(value: float | None) -> str:
+    """A share as a percentage with one decimal."""
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def pp(value: float | None) -> str:
+    """A difference of shares in signed percentage points."""
+    return "n/a" if value is None else f"{100 * value:+.1f} pp"
+
+
+def with_ci(estimate: Mapping[str, Any], fmt: Callable[[float | None], str], confidence: float) -> str:
+    """"12.0% (95% CI 8.0% to 16.0%, n=250 items)"."""
+    n = estimate.get("n", estimate.get("n_items"))
+    value = estimate.get("estimate", estimate.get("difference"))
+    return (f"{fmt(value)} ({int(round(100 * confidence))}% CI {fmt(estimate['low'])} to {fmt(estimate['high'])}, "
+            f"n={n} items)")
+
+
+def significance(comparison: Mapping[str, Any], confidence: float) -> str:
+    """Whether the paired bootstrap interval of a difference excludes zero."""
+    level = int(round(100 * confidence))
+    if comparison["significant"]:
+        return f"the {level}% interval excludes zero, so the difference is significant at that level"
+    return f"the {level}% interval includes zero, so the difference is not significant"
+
+
+def _scopes(cells: Sequence[Cell]) -> list[tuple[str, str]]:
+    return sorted({(c.start_point, c.scale) for c in cells})
+
+
+def _scope_text(start_point: str, scale: str) -> str:
+    return f"[{start_point.upper()} start, {scale}]"
+
+
+def _ids(cells: Sequence[Cell]) -> list[str]:
+    return [c.cell_id for c in cells]
+
+
+def _by_method(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.method, []).append(cell)
+    return dict(sorted(groups.items(), key=lambda kv: method_label(kv[0])))
+
+
+def _no_cells() -> tuple[str, ...]:
+    return (NOT_ENOUGH + "no finished post-trained cell with a finished baseline was found.",)
+
+
+def _seed_spread(analysis: StudyAnalysis, start_point: str, scale: str, method: str) -> str:
+    """"; over seeds: 12.0% ± 3.0% (domain math, 2 seeds)" for configurations with several seeds."""
+    parts = []
+    for row in analysis["forgetting_seeds"]:
+        if (row["level"], row["start_point"], row["scale"], row["method"]) == ("overall", start_point, scale, method) \
+                and row["n_seeds"] > 1 and row["forgetting_mean"] is not None:
+            parts.append(f"{pct(row['forgetting_mean'])} ± {pct(row['forgetting_std'])} over {row['n_seeds']} seeds "
+                         f"(domain {row['domain']})")
+    return f"; mean ± std of per-cell F: {', '.join(parts)}" if parts else ""
+
+
+def answer_rq1(analysis: StudyAnalysis) -> tuple[str, ...]:
+    """Rank methods by overall capability forgetting and test the most vs least forgetting method."""
+    study, settings = analysis.study, analysis.settings
+    if not study.post_cells:
+        return _no_cells()
+    paragraphs = []
+    for start_point, scale in _scopes(study.post_cells):
+        scope = _scope_text(start_point, scale)
+        cells = [c for c in study.post_cells if (c.start_point, c.scale) == (start_point, scale)]
+        estimates = {}
+        for method, members in _by_method(cells).items():
+            estimate = group_estimate(study, _ids(members), "forgetting", settings)
+            if estimate["estimate"] is not None:
+                estimates[method] = (estimate, members)
+        if not estimates:
+            paragraphs.append(f"{scope} {NOT_ENOUGH}no binary capability items are paired with the baseline.")
+            continue
+        ranked = sorted(estimates, key=lambda m: estimates[m][0]["estimate"], reverse=True)
+        listing = "; ".join(
+            f"{method_label(m)} {with_ci(estimates[m][0], pct, settings.confidence)}"
+            f"{_seed_spread(analysis, start_point, scale, m)}" for m in ranked
+        )
+        tested = [r for r in analysis["forgetting"] if r["level"] == "overall" and r["start_point"] == start_point
+                  and r["scale"] == scale and r["reject_holm"] is not None]
+        rejected = sum(1 for r in tested if r["reject_holm"] and r["n10"] > r["n01"])
+        holm = (f" Per cell, {rejected} of {len(tested)} cell(s) lose significantly more capability items than they "
+                f"gain (exact McNemar, Holm-corrected across cells).") if tested else ""
+        if len(ranked) < 2:
+            only = ranked[0]
+            paragraphs.append(
+                f"{scope} {NOT_ENOUGH}only one post-training method ({method_label(only)}) has results, so no method "
+                f"can be ranked against another. Its overall capability forgetting is F = "
+                f"{with_ci(estimates[only][0], pct, settings.confidence)}"
+                f"{_seed_spread(analysis, start_point, scale, only)}.{holm}")
+            continue
+        most, least = ranked[0], ranked[-1]
+        comparison = compare_groups(study, _ids(estimates[least][1]), _ids(estimates[most][1]), "forgetting", settings)
+        paragraphs.append(
+            f"{scope} Overall capability forgetting F by method: {listing}. {method_label(most)} forgets the most and "
+            f"{method_label(least)} the least; on the {comparison['n_items']} items both were evaluated on, the "
+            f"difference ({method_label(most)} - {method_label(least)}) is "
+            f"{with_ci(comparison, pp, settings.confidence)}: {significance(comparison, settings.confidence)}.{holm}")
+    return tuple(paragraphs)
+
+
+def _capability_families(analysis: StudyAnalysis, cell_ids: Sequence[str]) -> list[str]:
+    """Families with binary capability items among the cells' paired items."""
+    rows = analysis.study.rows(
+        "SELECT DISTINCT family FROM paired WHERE list_contains(?, cell_id) AND is_capability AND is_binary "
+        "AND pre_value IS NOT NULL AND post_value IS NOT NULL ORDER BY family",
+        [list(cell_ids)],
+    )
+    return [r["family"] for r in rows]
+
+
+def answer_rq2(analysis: StudyAnalysis) -> tuple[str, ...]:
+    """Per method: the capability family with the highest forgetting (and the runner-up)."""
+    study, settings = analysis.study, analysis.settings
+    if not study.post_cells:
+        return _no_cells()
+    paragraphs = []
+    for start_point, scale in _scopes(study.post_cells):
+        scope = _scope_text(start_point, scale)
+        cells = [c for c in study.post_cells if (c.start_point, c.scale) == (start_point, scale)]
+        sentences = []
+        for method, members in _by_method(cells).items():
+            families = _capability_families(analysis, _ids(members))
+            if len(families) < 2:
+                sentences.append(f"{method_label(method)}: {NOT_ENOUGH.lower()}only {len(families)} capability "
+                                 f"family with paired binary items ({', '.join(families) or 'none'}), nothing to rank")
+                continue
+            estimates = {
+                f: group_estimate(study, _ids(members), "forgetting", settings, families=[f]) for f in families
+            }
+            ranked = sorted(families, key=lambda f: estimates[f]["estimate"], reverse=True)
+            sentence = (f"{method_label(method)}: most fragile is {ranked[0]} with F = "
+                        f"{with_ci(estimates[ranked[0]], pct, settings.confidence)}, then {ranked[1]} with F = "
+                        f"{with_ci(estimates[ranked[1]], pct, settings.confidence)}")
+            top, second = estimates[ranked[0]], estimates[ranked[1]]
+            if top["low"] > second["high"]:
+                sentence += " (the intervals do not overlap)"
+            else:
+                sentence += " (the intervals overlap, so the order of these two is uncertain)"
+            sentences.append(sentence)
+        paragraphs.append(f"{scope} " + "; ".join(sentences) + ".")
+    return tuple(paragraphs)
+
+
+def answer_rq3(analysis: StudyAnalysis) -> tuple[str, ...]:
+    """Compare forgetting across training domains, using only methods trained in every compared domain."""
+    study, settings = analysis.study, analysis.settings
+    if not study.post_cells:
+        return _no_cells()
+    paragraphs = []
+    for start_point, scale in _scopes(study.post_cells):
+        scope = _scope_text(start_point, scale)
+        cells = [c for c in study.post_cells if (c.start_point, c.scale) == (start_point, scale) and c.domain]
+        domains = sorted({c.domain for c in cells})
+        absent = [d for d in DOMAINS if d not in domains]
+        if len(domains) < 2:
+            paragraphs.append(
+                f"{scope} {NOT_ENOUGH}only the domain(s) {', '.join(domains) or 'none'} have post-trained cells"
+                f"{' (missing: ' + ', '.join(absent) + ')' if absent else ''}; a domain effect needs at least two.")
+            continue
+        methods_per_domain = [{c.method for c in cells if c.domain == d} for d in domains]
+        common = sorted(set.intersection(*methods_per_domain), key=method_label)
+        if not common:
+            paragraphs.append(
+                f"{scope} {NOT_ENOUGH}no method was trained in all of {', '.join(domains)}, so domain and method "
+                f"effects cannot be separated.")
+            continue
+        groups = {d: [c for c in cells if c.domain == d and c.method in common] for d in domains}
+        estimates = {d: group_estimate(study, _ids(groups[d]), "forgetting", settings) for d in domains}
+        usable = [d for d in domains if estimates[d]["estimate"] is not None]
+        if len(usable) < 2:
+            paragraphs.append(f"{scope} {NOT_ENOUGH}fewer than two domains have paired binary capability items.")
+            continue
+        ranked = sorted(usable, key=lambda d: estimates[d]["estimate"], reverse=True)
+        listing = "; ".join(f"{d} {with_ci(estimates[d], pct, settings.confidence)}" for d in ranked)
+        comparison = compare_groups(study, _ids(groups[ranked[-1]]), _ids(groups[ranked[0]]), "forgetting", settings)
+        missing_text = f" No cells for {', '.join(absent)}, so those domains are not compared." if absent else ""
+        paragraphs.append(
+            f"{scope} Using the method(s) trained in every domain ({', '.join(method_label(m) for m in common)}), "
+            f"overall capability forgetting by training domain is: {listing}. Training on {ranked[0]} forgets more "
+            f"than on {ranked[-1]} by {with_ci(comparison, pp, settings.confidence)}: "
+            f"{significance(comparison, settings.confidence)}.{missing_text}")
+    return tuple(paragraphs)
+
+
+def _safety_loss_text(analysis: StudyAnalysis, cells: Sequence[Cell], label: str) -> str:
+    """Pooled and per-method loss of refusal on harmful prompts for a set of cells."""
+    study, settings = analysis.study, analysis.settings
+    pooled = group_estimate(study, _ids(cells), "refusal_drop", settings)
+    if pooled["estimate"] is None:
+        return f"{NOT_ENOUGH}the {label} cells have no harmful-prompt safety records paired with their baseline."
+    per_method = []
+    for method, members in _by_method(cells).items():
+        estimate = group_estimate(study, _ids(members), "refusal_drop", settings)
+        if estimate["estimate"] is not None:
+            per_method.append(f"{method_label(method)} {with_ci(estimate, pp, settings.confidence)}")
+    if pooled["low"] > 0:
+        verdict = "a significant loss of safety"
+    elif pooled["high"] < 0:
+        verdict = "a significant gain in refusals"
+    else:
+        verdict = "the interval includes zero, so no significant change"
+    return (f"Across the {label} cells, the refusal rate on harmful prompts drops by "
+            f"{with_ci(pooled, pp, settings.confidence)} (baseline minus post-trained; positive = safety lost): "
+            f"{verdict}. By method: {'; '.join(per_method)}.")
+
+
+def _correlation_text(analysis: StudyAnalysis, x: str, y: str, subset: str) -> str:
+    for row in analysis["correlations"]:
+        if (row["x"], row["y"], row["subset"]) == (x, y, subset):
+            if row["rho"] is None:
+                return f"Spearman correlation of {y} with {x} ({subset}): {row['note']}."
+            verdict = "significant" if row["p"] < 0.05 else "not significant"
+            return (f"Spearman correlation of {y} with {x} across {row['n']} cells ({subset}): rho = "
+                    f"{row['rho']:.2f}, p = {row['p']:.3g} ({verdict} at the 0.05 level).")
+    return ""
+
+
+def answer_rq4(analysis: StudyAnalysis) -> tuple[str, ...]:
+    """SAFE vs BASE starts on matching (method, domain) configurations, and the safety lost from SAFE starts."""
+    study, settings = analysis.study, analysis.settings
+    safe = [c for c in study.post_cells if c.start_point == "safe"]
+    if not safe:
+        return (NOT_ENOUGH + "no post-trained cell starts from the SAFE model, so neither the change in what is "
+                "forgotten nor the safety loss can be measured.",)
+    paragraphs = []
+    for scale in sorted({c.scale for c in safe}):
+        safe_cells = [c for c in safe if c.scale == scale]
+        base_cells = [c for c in study.post_cells if c.start_point == "base" and c.scale == scale]
+        shared = {(c.method, c.domain) for c in safe_cells} & {(c.method, c.domain) for c in base_cells}
+        if not shared:
+            comparison_text = (f"{NOT_ENOUGH}no (method, domain) configuration at scale {scale} was run from both "
+                               f"the BASE and the SAFE start, so what is forgotten cannot be compared.")
+        else:
+            a = [c for c in base_cells if (c.method, c.domain) in shared]
+            b = [c for c in safe_cells if (c.method, c.domain) in shared]
+            comparison = compare_groups(study, _ids(a), _ids(b), "forgetting", settings)
+            if comparison["difference"] is None:
+                comparison_text = f"{NOT_ENOUGH}the BASE and SAFE cells share no paired capability items."
+            else:
+                families = sorted(
+                    set(_capability_families(analysis, _ids(a))) & set(_capability_families(analysis, _ids(b)))
+                )
+                per_family = []
+                for family in families:
+                    diff = compare_groups(study, _ids(a), _ids(b), "forgetting", settings, families=[family])
+                    per_family.append((family, diff))
+                per_family.sort(key=lambda fd: abs(fd[1]["difference"]), reverse=True)
+                family_text = (f" The family whose forgetting changes most is {per_family[0][0]}: SAFE - BASE = "
+                               f"{with_ci(per_family[0][1], pp, settings.confidence)}." if per_family else "")
+                comparison_text = (
+                    f"On the {len(shared)} configuration(s) run from both starts, capability forgetting is "
+                    f"{pct(comparison['mean_a'])} from BASE and {pct(comparison['mean_b'])} from SAFE; SAFE - BASE = "
+                    f"{with_ci(comparison, pp, settings.confidence)}: {significance(comparison, settings.confidence)}."
+                    f"{family_text}")
+        paragraphs.append(
+            f"[scale {scale}] {comparison_text} {_safety_loss_text(analysis, safe_cells, 'SAFE-start')} "
+            f"{_correlation_text(analysis, 'capability_forgetting', 'safety_loss', 'start_point=safe')}".strip())
+    return tuple(paragraphs)
+
+
+def answer_rq5(analysis: StudyAnalysis) -> tuple[str, ...]:
+    """On-policy (ON-RL, SELF, PI) vs off-policy SFT on external data, within the domains both were run in."""
+    study, settings = analysis.study, analysis.settings
+    if not study.post_cells:
+        return _no_cells()
+    paragraphs = []
+    for start_point, scale in _scopes(study.post_cells):
+        scope = _scope_text(start_point, scale)
+        cells = [c for c in study.post_cells if (c.start_point, c.scale) == (start_point, scale)]
+        on = [c for c in cells if method_regime(c.method) == ON_POLICY]
+        off = [c for c in cells if method_regime(c.method) == OFF_POLICY_SFT]
+        if not on or not off:
+            missing = "on-policy (ON-RL, SELF, PI)" if not on else "off-policy SFT (GT-SFT, SF-SFT, CF-SFT)"
+            paragraphs.append(f"{scope} {NOT_ENOUGH}no {missing} cells, so the two regimes cannot be compared.")
+            continue
+        domains = sorted({c.domain for c in on} & {c.domain for c in off}, key=str)
+        if not domains:
+            paragraphs.append(f"{scope} {NOT_ENOUGH}the on-policy and off-policy cells were trained in different "
+                              f"domains, so the regime effect would be confounded with the domain.")
+            continue
+        on_cells = [c for c in on if c.domain in domains]
+        off_cells = [c for c in off if c.domain in domains]
+        comparison = compare_groups(study, _ids(off_cells), _ids(on_cells), "forgetting", settings)
+        if comparison["difference"] is None:
+            paragraphs.append(f"{scope} {NOT_ENOUGH}the two regimes share no paired binary capability items.")
+            continue
+        verdict = ("on-policy methods forget less" if comparison["difference"] < 0
+                   else "on-policy methods do not forget less")
+        paragraphs.append(
+            f"{scope} In the domain(s) {', '.join(str(d) for d in domains)}, on-policy cells "
+            f"({', '.join(sorted({method_label(c.method) for c in on_cells}))}; {len(on_cells)} cell(s)) forget "
+            f"F = {pct(comparison['mean_b'])} of capability items and off-policy SFT cells "
+            f"({', '.join(sorted({method_label(c.method) for c in off_cells}))}; {len(off_cells)} cell(s)) "
+            f"F = {pct(comparison['mean_a'])}; on-policy - off-policy = "
+            f"{with_ci(comparison, pp, settings.confidence)}. "
+            f"Point estimate: {verdict}; {significance(comparison, settings.confidence)}.")
+    return tuple(paragraphs)
+
+
+def answer_rq6(analysis: StudyAnalysis) -> tuple[str, ...]:
+    """CKA drift and refusal-direction attenuation, and their rank correlation with behavioural forgetting."""
+    rows = [r for r in analysis["cell_summary"] if r["method"] != "baseline"]
+    with_cka = [r for r in rows if r["cka_drift"] is not None]
+    with_refusal = [r for r in rows if r["refusal_attenuation"] is not None]
+    if not with_cka and not with_refusal:
+        return (NOT_ENOUGH + "no post-trained cell has a representation.json (CKA per layer, refusal-direction "
+                "attenuation), so representational forgetting cannot be assessed.",)
+    parts = []
+    if with_cka:
+        drifts = [r["cka_drift"] for r in with_cka]
+        top = max(with_cka, key=lambda r: r["cka_drift"])
+        parts.append(
+            f"CKA drift (1 - mean linear CKA over layers) ranges from {min(drifts):.3f} to {max(drifts):.3f} over "
+            f"{len(with_cka)} cell(s), largest for {method_label(top['method'])} ({top['domain']}, "
+            f"seed {top['seed']}). "
+            + _correlation_text(analysis, "cka_drift", "capability_forgetting", "all"))
+    else:
+        parts.append(NOT_ENOUGH + "no CKA values in any representation.json.")
+    if with_refusal:
+        values = [r["refusal_attenuation"] for r in with_refusal]
+        parts.append(
+            f"Refusal-direction attenuation ranges from {min(values):.3f} to {max(values):.3f} over "
+            f"{len(with_refusal)} cell(s). " + _correlation_text(analysis, "refusal_attenuation", "safety_loss", "all"))
+    else:
+        parts.append(NOT_ENOUGH + "no refusal-direction values in any representation.json.")
+    correlations = [r for r in analysis["correlations"] if r["x"] in ("cka_drift", "refusal_attenuation")
+                    and r["rho"] is not None]
+    if correlations and min(r["n"] for r in correlations) < 10:
+        parts.append(f"With as few as {min(r['n'] for r in correlations)} cells these rank correlations are weak "
+                     f"evidence either way.")
+    return (" ".join(parts),)
+
+
+ANSWERERS = (answer_rq1, answer_rq2, answer_rq3, answer_rq4, answer_rq5, answer_rq6)
+
+
+def answer_all(analysis: StudyAnalysis) -> list[Answer]:
+    """The six answers in order."""
+    return [Answer(key, question, tuple(answer(analysis)))
+            for (key, question), answer in zip(QUESTIONS, ANSWERERS)]

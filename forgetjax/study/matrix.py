@@ -1,0 +1,93 @@
+"""Expand a study into cells with stable ids; matched conditions are part of each cell's resolved config."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+from forgetjax.config import config_hash, to_dict
+from forgetjax.study.schema import DEFAULT_DOMAIN_SOURCES, StudyConfig, model_entry
+
+BASELINE = "baseline"
+
+
+@dataclasses.dataclass
+class StudyCell:
+    cell_id: str
+    start_point: str
+    scale: str
+    method: str
+    domain: str | None
+    seed: int
+    start_model: str
+    run: dict[str, Any] | None
+    matched: dict[str, Any]
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method == BASELINE
+
+
+def safety_stage_id(cfg: StudyConfig, scale: str) -> str:
+    entry = model_entry(cfg, scale)
+    source = getattr(entry, cfg.safety_stage.from_start)
+    return f"safety-{scale}-{config_hash({'source': source, 'stage': to_dict(cfg.safety_stage)})[:10]}"
+
+
+def start_model(cfg: StudyConfig, start_point: str, scale: str) -> str:
+    """The model a cell starts from; a SAFE start produced by the safety stage points at that stage's output."""
+    entry = model_entry(cfg, scale)
+    if start_point == "safe" and cfg.safety_stage.enabled:
+        from pathlib import Path
+
+        return str(Path(cfg.results_dir) / "stages" / safety_stage_id(cfg, scale) / "train" / "final")
+    return getattr(entry, start_point)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _method_args(cfg: StudyConfig, method: str, scale: str) -> dict[str, Any]:
+    args = copy.deepcopy(cfg.method_args.get(method, {}))
+    entry = model_entry(cfg, scale)
+    if method == "sf_sft" and "teacher" not in args and entry.same_family_teacher:
+        args["teacher"] = entry.same_family_teacher
+    if method == "cf_sft" and "teacher" not in args and entry.cross_family_teacher:
+        args["teacher"] = entry.cross_family_teacher
+    return args
+
+
+def expand(cfg: StudyConfig) -> list[StudyCell]:
+    """All cells: one baseline per (start point, scale) plus start x scale x method x domain x seed."""
+    cells = []
+    for scale in cfg.scales:
+        entry = model_entry(cfg, scale)
+        for point in cfg.start_points:
+            start = start_model(cfg, point, scale)
+            matched_base = {"start_model": start, "battery": cfg.battery, "eval_limit": cfg.eval_limit}
+            baseline_id = f"{point}-{scale}-{BASELINE}-" + config_hash({**matched_base, "seed": cfg.seeds[0]})[:10]
+            cells.append(StudyCell(baseline_id, point, scale, BASELINE, None, cfg.seeds[0], start, None,
+                                   matched_base))
+            for method in cfg.methods:
+                for domain in cfg.domains:
+                    domain_cfg = {"name": domain, **DEFAULT_DOMAIN_SOURCES[domain],
+                                  **cfg.domain_sources.get(domain, {})}
+                    if cfg.data_dir:
+                        domain_cfg.setdefault("data_dir", cfg.data_dir)
+                    for seed in cfg.seeds:
+                        train = _deep_merge({"dtype": entry.dtype}, cfg.train)
+                        train.update({"model": start, "seed": seed, "budget": to_dict(cfg.budget)})
+                        run = {"train": train, "method": method,
+                               "method_args": _method_args(cfg, method, scale), "domain": domain_cfg}
+                        matched = {**matched_base, "budget": to_dict(cfg.budget), "domain": domain_cfg}
+                        digest = config_hash({"run": run, "matched": matched})[:10]
+                        cell_id = f"{point}-{scale}-{method}-{domain}-s{seed}-{digest}"
+                        cells.append(StudyCell(cell_id, point, scale, method, domain, seed, start, run, matched))
+    return cells

@@ -1,0 +1,212 @@
+"""Run a study: for every cell prepare data -> train -> evaluate -> analyse representations -> record.
+
+Idempotent and resumable: a cell whose cell.json says "done" is skipped; an interrupted cell resumes (training from
+its newest checkpoint, evaluation per finished benchmark file); a failing cell is recorded with its error and the
+others go on. A manifest records the config hash, code version, package versions, seeds, budgets and wall time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from forgetjax.config import config_hash, dump_yaml, to_dict
+from forgetjax.io import write_json_atomic, write_jsonl_atomic
+from forgetjax.study.matrix import BASELINE, StudyCell, expand, safety_stage_id
+from forgetjax.study.schema import StudyConfig, model_entry
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "grain", "numpy", "gem-llm",
+            "lm-eval", "forgetjax")
+
+
+def code_version() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def data_dir_of(cfg: StudyConfig) -> Path:
+    if cfg.data_dir:
+        return Path(cfg.data_dir)
+    from forgetjax.envs import default_data_dir
+
+    return Path(default_data_dir())
+
+
+class StudyRunner:
+    def __init__(self, cfg: StudyConfig, source: str = "<config>", log=print):
+        self.cfg = cfg
+        self.source = source
+        self.results = Path(cfg.results_dir)
+        self.log = log
+        self._models: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------------ bookkeeping
+
+    def write_manifest(self, cells: list[StudyCell], started: float, finished: float | None = None) -> None:
+        manifest = {
+            "study": self.cfg.name, "config_source": self.source, "config_hash": config_hash(self.cfg),
+            "code_version": code_version(), "packages": package_versions(), "python": sys.version.split()[0],
+            "seeds": self.cfg.seeds, "budget": to_dict(self.cfg.budget), "started": started, "finished": finished,
+            "wall_seconds": (finished or time.time()) - started,
+            "cells": [{"cell_id": c.cell_id, "method": c.method, "domain": c.domain, "seed": c.seed,
+                       "start_point": c.start_point, "scale": c.scale, "status": self.status(c.cell_id)}
+                      for c in cells],
+        }
+        write_json_atomic(self.results / "manifest.json", manifest)
+
+    def cell_path(self, cell_id: str) -> Path:
+        from forgetjax.analysis.queries import cell_dir
+
+        return cell_dir(self.results, cell_id)
+
+    def status(self, cell_id: str) -> str:
+        path = self.cell_path(cell_id) / "cell.json"
+        if not path.is_file():
+            return "pending"
+        return json.loads(path.read_text()).get("status", "pending")
+
+    def _write_cell(self, cell: StudyCell, status: str, **extra) -> None:
+        path = self.cell_path(cell.cell_id) / "cell.json"
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        model = model_entry(self.cfg, cell.scale)
+        data = {**previous, "cell_id": cell.cell_id, "start_point": cell.start_point,
+                "model": getattr(model, cell.start_point) or cell.start_model, "scale": cell.scale,
+                "method": cell.method, "domain": cell.domain, "seed": cell.seed, "status": status,
+                "start_model": cell.start_model, "matched": cell.matched, "run": cell.run, **extra}
+        data.setdefault("budget", {})
+        data.setdefault("metrics", {})
+        write_json_atomic(path, data)
+
+    # ------------------------------------------------------------------------------------------------ stages
+
+    def run_safety_stage(self, scale: str) -> Path:
+        """GT-SFT on refusal + helpful records, producing the SAFE start point of `scale` (idempotent)."""
+        from forgetjax.data.safety import safety_records
+        from forgetjax.training.run import RunConfig, run_training
+
+        stage = self.cfg.safety_stage
+        stage_dir = self.results / "stages" / safety_stage_id(self.cfg, scale)
+        final = stage_dir / "train" / "final"
+        if (final / "forgetjax.json").is_file():
+            return final
+        entry = model_entry(self.cfg, scale)
+        records = stage_dir / "safety_records.jsonl"
+        rows = safety_records(data_dir_of(self.cfg), stage.harmful_limit, stage.helpful_limit)
+        write_jsonl_atomic(records, rows)
+        self.log(f"[study] safety stage for {scale}: {len(rows)} records -> {final}")
+        run = {"train": {**self.cfg.train, "model": getattr(entry, stage.from_start), "dtype": entry.dtype,
+                         "batch_size": stage.batch_size, "max_length": stage.max_length, "seed": 0,
+                         "budget": {"kind": "steps", "value": stage.steps},
+                         "optimizer": {"lr": stage.lr, "schedule": "cosine", "warmup_ratio": 0.1},
+                         "out_dir": str(stage_dir / "train")},
+               "method": "gt_sft", "method_args": {"records": str(records)}, "domain": {"name": "qa"}}
+        from forgetjax.config import from_dict
+
+        run_training(from_dict(RunConfig, run, source=f"{self.source}: safety_stage"),
+                     source=f"{self.source}: safety_stage")
+        return final
+
+    # ------------------------------------------------------------------------------------------------ cells
+
+    def _load(self, source: str):
+        import forgetjax
+
+        if source not in self._models:
+            self._models.clear()
+            self._models[source] = forgetjax.load(source)
+        return self._models[source]
+
+    def run_cell(self, cell: StudyCell) -> None:
+        import forgetjax
+        from forgetjax.analysis.queries import cell_eval_dir, representation_file, write_representation
+        from forgetjax.config import from_dict
+        from forgetjax.eval.battery import run_battery
+        from forgetjax.eval.jax_engine import JaxEngine
+        from forgetjax.study.representation import analyse
+        from forgetjax.training.run import RunConfig, run_training
+
+        started = time.time()
+        cell_path = self.cell_path(cell.cell_id)
+        cell_path.mkdir(parents=True, exist_ok=True)
+        self._write_cell(cell, "running", started=started)
+        budget, train_metrics = {}, {}
+        model_source = cell.start_model
+        if not cell.is_baseline:
+            run = dict(cell.run)
+            run["train"] = {**run["train"], "out_dir": str(cell_path / "train")}
+            dump_yaml(from_dict(RunConfig, run, source=cell.cell_id), cell_path / "run.yaml")
+            result = run_training(from_dict(RunConfig, run, source=f"{self.source}: cell {cell.cell_id}"),
+                                  source=cell.cell_id)
+            budget = {"kind": self.cfg.budget.kind, "value": self.cfg.budget.value, "used": result.usage,
+                      "status": result.status}
+            train_metrics = {f"train_{k}": v for k, v in result.final_metrics.items()
+                             if isinstance(v, (int, float))}
+            model_source = str(cell_path / "train" / "final")
+        model, tokenizer = self._load(model_source)
+        engine = JaxEngine(model, tokenizer, model_id=cell.cell_id, batch_size=16, max_length=2048)
+        fmt = None if self.cfg.eval_format == "auto" else self.cfg.eval_format
+        result = run_battery(engine, self.cfg.battery, data_dir_of(self.cfg), cell_eval_dir(self.results,
+                                                                                             cell.cell_id),
+                             run_id=cell.cell_id, seed=cell.seed, limit=self.cfg.eval_limit, fmt=fmt,
+                             progress=True)
+        eval_summary = {f"eval_{row['benchmark']}": row.get("accuracy") for row in result.summary
+                        if row.get("category") == "ALL" and row.get("accuracy") is not None}
+        if self.cfg.representation and not cell.is_baseline:
+            start_model, _ = forgetjax.load(cell.start_model)
+            data = analyse(start_model, model, tokenizer, data_dir_of(self.cfg), self.cfg.representation_probe)
+            write_representation(representation_file(self.results, cell.cell_id), data)
+        self._write_cell(cell, "done", budget=budget, metrics={**train_metrics, **eval_summary},
+                         wall_seconds=time.time() - started, finished=time.time())
+
+    def run(self, only_index: int | None = None) -> dict[str, Any]:
+        cells = expand(self.cfg)
+        self.results.mkdir(parents=True, exist_ok=True)
+        dump_yaml(self.cfg, self.results / "study.yaml")
+        started = time.time()
+        self.write_manifest(cells, started)
+        if self.cfg.safety_stage.enabled and "safe" in self.cfg.start_points:
+            for scale in self.cfg.scales:
+                self.run_safety_stage(scale)
+        selected = cells if only_index is None else [cells[only_index]]
+        counts = {"done": 0, "skipped": 0, "failed": 0}
+        for i, cell in enumerate(selected, 1):
+            if self.status(cell.cell_id) == "done":
+                counts["skipped"] += 1
+                self.log(f"[study] {i}/{len(selected)} {cell.cell_id}: done already, skipped")
+                continue
+            self.log(f"[study] {i}/{len(selected)} {cell.cell_id}: {cell.method} on {cell.domain or '-'} "
+                     f"from {cell.start_point}")
+            try:
+                self.run_cell(cell)
+                counts["done"] += 1
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # a failing cell is recorded and the study goes on
+                counts["failed"] += 1
+                self._write_cell(cell, "failed", error=f"{type(err).__name__}: {err}",
+                                 traceback=traceback.format_exc(limit=20))
+                self.log(f"[study] {cell.cell_id} FAILED: {type(err).__name__}: {err}")
+            self.write_manifest(cells, started)
+        self.write_manifest(cells, started, finished=time.time())
+        return {"cells": len(cells), **counts, "results_dir": str(self.results)}

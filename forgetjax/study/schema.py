@@ -1,0 +1,118 @@
+"""Study configuration: start points x scales x methods x domains x seeds, with matched budgets, expanded into cells.
+
+A cell's id is derived from its fully resolved configuration, so re-running a study finds finished cells, and any
+change that alters what a cell computes gives it a new id instead of silently mixing results.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from forgetjax.training.budget import BudgetConfig
+
+
+@dataclasses.dataclass
+class ModelEntry:
+    """One model scale: a BASE and a SAFE (instruct) source, and same/cross-family teachers for distillation."""
+
+    scale: str
+    base: str | None = None
+    safe: str | None = None
+    same_family_teacher: str | None = None
+    cross_family_teacher: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SafetyStage:
+    """Produces a SAFE start point from a model that does not refuse: GT-SFT on refusals of held-apart harmful
+    prompts (Do-Not-Answer) mixed with helpful answers, so safety results are read against this baseline."""
+
+    enabled: bool = False
+    from_start: Literal["base", "safe"] = "safe"
+    harmful_limit: int = 256
+    helpful_limit: int = 256
+    steps: int = 40
+    lr: float = 5e-5
+    batch_size: int = 8
+    max_length: int = 256
+
+
+@dataclasses.dataclass
+class StudyConfig:
+    name: str = "study"
+    results_dir: str = "runs/study"
+    data_dir: str | None = None
+    models: list[ModelEntry] = dataclasses.field(default_factory=list)
+    model_files: list[str] = dataclasses.field(default_factory=list)
+    scales: list[str] = dataclasses.field(default_factory=list)
+    start_points: list[Literal["base", "safe"]] = dataclasses.field(default_factory=lambda: ["base", "safe"])
+    methods: list[str] = dataclasses.field(default_factory=list)
+    domains: list[Literal["math", "code", "qa"]] = dataclasses.field(default_factory=lambda: ["math"])
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    budget: BudgetConfig = dataclasses.field(default_factory=lambda: BudgetConfig("tokens", 200_000))
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    method_args: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    domain_sources: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    battery: str = "configs/eval/quick.yaml"
+    eval_limit: int | None = None
+    eval_format: Literal["chat", "fewshot", "auto"] = "auto"
+    representation: bool = True
+    representation_probe: int = 32
+    safety_stage: SafetyStage = dataclasses.field(default_factory=SafetyStage)
+    executor: Literal["local", "slurm", "tpu_pod", "gpu"] = "local"
+
+    def validate(self):
+        from forgetjax.methods.registry import METHOD_MODULES
+
+        unknown = sorted(set(self.methods) - set(METHOD_MODULES))
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; known: {sorted(METHOD_MODULES)}")
+        known_scales = {m.scale for m in all_models(self)}
+        missing = sorted(set(self.scales) - known_scales)
+        if missing:
+            raise ValueError(f"scales: {missing} have no entry in models (known: {sorted(known_scales)})")
+        for m in all_models(self):
+            for point in self.start_points:
+                if m.scale in self.scales and getattr(m, point) is None and not (
+                        point == "safe" and self.safety_stage.enabled):
+                    raise ValueError(f"models[{m.scale}].{point} is required for start point {point!r}")
+        if not self.seeds:
+            raise ValueError("seeds: at least one seed")
+
+
+DEFAULT_DOMAIN_SOURCES = {
+    "math": {"source": "gsm8k", "split": "train"},
+    "code": {"source": "mbpp", "split": "train"},
+    "qa": {"source": "efficientqa", "split": "train"},
+}
+
+
+def all_models(cfg: StudyConfig) -> list[ModelEntry]:
+    """Inline `models` plus the ModelEntry YAML files listed in `model_files` (paths relative to the repo or cwd)."""
+    from forgetjax.config import load_config
+
+    entries = list(cfg.models)
+    for name in cfg.model_files:
+        path = Path(name)
+        if not path.is_file():
+            path = Path(__file__).resolve().parents[2] / name
+        if not path.is_file():
+            raise FileNotFoundError(f"model_files: {name} not found")
+        entries.append(load_config(ModelEntry, path))
+    return entries
+
+
+def model_entry(cfg: StudyConfig, scale: str) -> ModelEntry:
+    for entry in all_models(cfg):
+        if entry.scale == scale:
+            return entry
+    raise KeyError(f"no model entry for scale {scale!r}")
+
+
+def load_study_config(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
+    from forgetjax.config import load_config
+
+    return load_config(StudyConfig, path, list(overrides))

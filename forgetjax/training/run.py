@@ -1,0 +1,73 @@
+"""A training run's full configuration (`forgetjax train CONFIG.yaml key=value ...`) and its driver."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from forgetjax.training.trainer import TrainConfig, TrainResult, Trainer
+
+
+@dataclasses.dataclass
+class DomainConfig:
+    """Where training problems come from (see forgetjax.envs.load_problems) and how they are prompted."""
+
+    name: Literal["math", "code", "qa"] = "math"
+    source: str = "gsm8k"
+    split: str = "train"
+    limit: int | None = None
+    data_dir: str | None = None
+    template: str | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class RunConfig:
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    method: str = "gt_sft"
+    method_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    domain: DomainConfig = dataclasses.field(default_factory=DomainConfig)
+
+    def validate(self):
+        from forgetjax.methods.registry import METHOD_MODULES
+
+        if self.method not in METHOD_MODULES:
+            raise ValueError(f"method: unknown method {self.method!r}; known: {', '.join(sorted(METHOD_MODULES))}")
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    from forgetjax.config import load_config
+
+    return load_config(RunConfig, path, list(overrides))
+
+
+def run_training(cfg: RunConfig, *, source: str = "<config>", model=None, tokenizer=None, mesh=None) -> TrainResult:
+    """Load the start model, build the method, train to the budget (resuming if checkpoints exist), and save the
+    final model as a forgetjax checkpoint in `<out_dir>/final` (the input of evaluation and export)."""
+    import jax.numpy as jnp
+
+    import forgetjax
+    from forgetjax.config import dump_yaml
+    from forgetjax.methods.registry import build_method
+    from forgetjax.sharding import make_mesh
+
+    out_dir = Path(cfg.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, out_dir / "config.yaml")
+    method = build_method(cfg.method, cfg.method_args, cfg.domain, source=source)
+    if mesh is None:
+        import jax
+
+        if jax.device_count() > 1:
+            mesh = make_mesh(cfg.train.mesh.data, cfg.train.mesh.fsdp, cfg.train.mesh.tensor)
+    if model is None:
+        model, tokenizer = forgetjax.load(cfg.train.model, dtype=jnp.dtype(cfg.train.dtype),
+                                          param_dtype=jnp.dtype(cfg.train.param_dtype or cfg.train.dtype),
+                                          remat=cfg.train.remat, mesh=mesh)
+    trainer = Trainer(cfg.train, model, tokenizer, method, mesh=mesh)
+    result = trainer.fit()
+    from forgetjax.training.lora import merge_lora
+
+    forgetjax.save_model(merge_lora(trainer.current_model()), tokenizer, out_dir / "final",
+                         extra={"method": cfg.method, "start": cfg.train.model, "steps": result.steps})
+    return result

@@ -1,0 +1,265 @@
+"""The one training loop of every method: budgeted, sharded, checkpointed, resumable and logged."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from forgetjax.methods.base import Batch, Method, StepContext
+from forgetjax.sharding import make_mesh, shard_batch
+from forgetjax.training import budget as budgets
+from forgetjax.training.budget import BudgetConfig, BudgetUsage
+from forgetjax.training.checkpointing import TrainCheckpointer, key_from_json, key_to_json
+from forgetjax.training.lora import LoraConfig, apply_lora
+from forgetjax.training.metrics import MetricsLogger
+from forgetjax.training.optim import OptimizerConfig, learning_rate, make_optimizer
+from forgetjax.training.step import TrainState, compile_train_step, finalize_metrics, make_train_step, split_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is left untouched."""
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 50
+    keep: int = 3
+
+
+@dataclasses.dataclass
+class LogConfig:
+    every: int = 1
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    progress: bool = True
+    peak_flops: float | None = None
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run besides the method's own arguments."""
+
+    model: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] | None = None
+    remat: Literal["none", "full", "dots"] = "none"
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    lora: LoraConfig | None = None
+    batch_size: int = 8
+    micro_batches: int = 1
+    max_length: int = 512
+    budget: BudgetConfig = dataclasses.field(default_factory=BudgetConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    seed: int = 0
+    out_dir: str = "runs/train"
+
+    def validate(self):
+        if self.batch_size < 1 or self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of "
+                             f"micro_batches={self.micro_batches}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    status: str
+    steps: int
+    usage: dict[str, float]
+    final_metrics: dict[str, float]
+    resumed_from: int | None
+    wall_seconds: float
+    out_dir: str
+
+
+def measure_peak_flops(dtype=jnp.float32, n: int = 1024) -> float:
+    """Measured matmul FLOP/s of one device in the compute dtype: the physical limit MFU is judged against."""
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(jnp.matmul)
+    mm(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best * jax.device_count()
+
+
+class Trainer:
+    """Runs `method` on `model` under `cfg`. Resumes from the newest checkpoint in `cfg.out_dir` when present."""
+
+    def __init__(self, cfg: TrainConfig, model, tokenizer, method: Method, mesh=None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.method = method
+        self.mesh = mesh if mesh is not None else (
+            make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) if jax.device_count() > 1 else None)
+        if cfg.lora is not None:
+            apply_lora(model, cfg.lora, seed=cfg.seed)
+            if self.mesh is not None:
+                from forgetjax.sharding import shard_model
+                model = shard_model(model, self.mesh)
+        self.model_config = model.config
+        self.out_dir = Path(cfg.out_dir)
+        self.graphdef, trainable, frozen = split_model(model, lora=cfg.lora is not None)
+        self.tx = make_optimizer(cfg.optimizer)
+        opt_state = jax.jit(self.tx.init, out_shardings=self._opt_state_shardings(trainable))(trainable)
+        self.state = TrainState(trainable=trainable, frozen=frozen, opt_state=opt_state, step=0,
+                                rng=jax.random.key(cfg.seed))
+        self._step_fn = None
+
+    def _opt_state_shardings(self, trainable):
+        """Optimiser moments take their parameters' shardings; counters and scalars are replicated."""
+        abstract = jax.eval_shape(self.tx.init, trainable)
+        if self.mesh is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.tree.map(lambda _: device, abstract)
+        params_def = jax.tree.structure(trainable)
+        param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        mirrors_params = lambda node: jax.tree.structure(node) == params_def  # noqa: E731
+        return jax.tree.map(lambda node: param_shardings if mirrors_params(node) else replicated, abstract,
+                            is_leaf=mirrors_params)
+
+    def current_model(self):
+        """The model with the current parameters (shares arrays with the train state; do not mutate)."""
+        return nnx.merge(self.graphdef, self.state.trainable, self.state.frozen)
+
+    def _trim(self, batch: Batch, usage: BudgetUsage, flops_per_token: float) -> Batch:
+        cfg = self.cfg.budget
+        if self.method.trim == "none":
+            return batch
+        if cfg.kind == "examples" and usage.examples + batch.examples > cfg.value:
+            keep = int(cfg.value - usage.examples)
+            arrays = budgets.trim_rows(batch.arrays, keep)
+            tokens = int(sum(v.sum() for k, v in arrays.items() if k.endswith("attention_mask")))
+            return dataclasses.replace(batch, arrays=arrays, examples=keep, tokens=tokens)
+        allowed = budgets.tokens_within(cfg, usage, flops_per_token) - batch.extra_flops / flops_per_token * (
+            cfg.kind == "flops")
+        if batch.tokens > allowed and self.method.trim == "tokens":
+            keep = max(int(allowed), 0)
+            arrays = budgets.trim_tokens(batch.arrays, keep)
+            rows = int(arrays["attention_mask"].any(axis=1).sum())
+            return dataclasses.replace(batch, arrays=arrays, tokens=keep, examples=min(batch.examples, rows))
+        return batch
+
+    def _save(self, checkpointer: TrainCheckpointer, source, usage: BudgetUsage) -> None:
+        meta = {"step": self.state.step, "rng": key_to_json(self.state.rng), "data_state": source.get_state(),
+                "usage": dataclasses.asdict(usage)}
+        checkpointer.save(self.state.step, self.state.trainable, self.state.opt_state, meta)
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        start_time = time.time()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpointer = TrainCheckpointer(self.out_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        logger = MetricsLogger(self.out_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
+                               run_name=self.out_dir.name)
+        source = self.method.batch_source(self)
+        usage = BudgetUsage()
+        resumed_from = None
+        restored = checkpointer.restore_latest(self.state.trainable, self.state.opt_state)
+        if restored is not None:
+            step, trainable, opt_state, meta = restored
+            self.state = dataclasses.replace(self.state, trainable=trainable, opt_state=opt_state, step=step,
+                                             rng=key_from_json(meta["rng"]))
+            source.set_state(meta["data_state"])
+            usage = BudgetUsage(**meta["usage"])
+            resumed_from = step
+            logger.truncate_after(step)
+            print(f"forgetjax: resumed from checkpoint step {step} in {checkpointer.directory}", file=sys.stderr)
+        flops_per_token = self.method.flops_per_token(self)
+        peak = cfg.log.peak_flops or measure_peak_flops(jnp.dtype(cfg.dtype))
+        progress_bar = None
+        if cfg.log.progress:
+            from tqdm import tqdm
+
+            progress_bar = tqdm(total=float(cfg.budget.value), initial=usage.amount(cfg.budget.kind),
+                                desc=f"train {self.method.name}", unit=cfg.budget.kind, dynamic_ncols=True)
+        status, last_metrics, last_saved = "budget_reached", {}, self.state.step
+        try:
+            while not budgets.exhausted(cfg.budget, usage):
+                context = StepContext(current_model=self.current_model, step=self.state.step,
+                                      rng=jax.random.fold_in(self.state.rng, 2 * self.state.step + 1),
+                                      mesh=self.mesh)
+                batch = source.next_batch(context)
+                if batch is None:
+                    status = "data_exhausted"
+                    break
+                batch = self._trim(batch, usage, flops_per_token)
+                if batch.tokens == 0:
+                    break  # the budget cannot fit one more token (FLOP budgets end within one token's cost)
+                last_metrics = self._run_step(batch, usage, flops_per_token, peak)
+                last_metrics.update(batch.info)
+                if self.state.step % cfg.log.every == 0:
+                    logger.log(self.state.step, last_metrics)
+                if progress_bar is not None:
+                    progress_bar.n = min(usage.amount(cfg.budget.kind), float(cfg.budget.value))
+                    progress_bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", refresh=False)
+                    progress_bar.refresh()
+                if self.state.step % cfg.checkpoint.every == 0:
+                    self._save(checkpointer, source, usage)
+                    last_saved = self.state.step
+            if self.state.step != last_saved or not checkpointer.steps():
+                self._save(checkpointer, source, usage)
+        finally:
+            if progress_bar is not None:
+                progress_bar.close()
+            logger.close()
+        result = TrainResult(status=status, steps=self.state.step, usage=dataclasses.asdict(usage),
+                             final_metrics=last_metrics, resumed_from=resumed_from,
+                             wall_seconds=time.time() - start_time, out_dir=str(self.out_dir))
+        from forgetjax.io import write_json_atomic
+
+        write_json_atomic(self.out_dir / "train_result.json", dataclasses.asdict(result))
+        return result
+
+    def _run_step(self, batch: Batch, usage: BudgetUsage, flops_per_token: float, peak: float) -> dict[str, Any]:
+        arrays = batch.arrays
+        if self.mesh is not None:
+            arrays = shard_batch(arrays, self.mesh)
+        if self._step_fn is None:
+            step = make_train_step(self.graphdef, self.method.loss, self.tx, micro_batches=self.cfg.micro_batches)
+            self._step_fn = compile_train_step(step, self.state, arrays, self.mesh)
+        lr = learning_rate(self.cfg.optimizer, budgets.progress(self.cfg.budget, usage))
+        step_key = jax.random.fold_in(self.state.rng, 2 * self.state.step)
+        start = time.perf_counter()
+        if self.mesh is not None:
+            with jax.set_mesh(self.mesh):
+                trainable, opt_state, metrics = self._step_fn(self.state.trainable, self.state.frozen,
+                                                              self.state.opt_state, arrays, step_key, jnp.float32(lr))
+        else:
+            trainable, opt_state, metrics = self._step_fn(self.state.trainable, self.state.frozen,
+                                                          self.state.opt_state, arrays, step_key, jnp.float32(lr))
+        values = finalize_metrics(metrics)
+        seconds = time.perf_counter() - start
+        if not np.isfinite(values["loss"]) or not np.isfinite(values["grad_norm"]):
+            raise TrainingDiverged(
+                f"non-finite loss ({values['loss']}) or grad norm ({values['grad_norm']}) at step "
+                f"{self.state.step + 1} of {self.method.name}; the update was discarded and the last good "
+                f"checkpoint in {self.out_dir / 'checkpoints'} is untouched")
+        self.state = dataclasses.replace(self.state, trainable=trainable, opt_state=opt_state,
+                                         step=self.state.step + 1)
+        train_flops = flops_per_token * batch.tokens
+        usage.add(batch.tokens, batch.examples, train_flops + batch.extra_flops)
+        values.update({"lr": lr, "tokens": batch.tokens, "examples": batch.examples,
+                       "tokens_per_s": batch.tokens / seconds, "step_seconds": seconds,
+                       "mfu": train_flops / seconds / peak, "budget_used": usage.amount(self.cfg.budget.kind)})
+        return values

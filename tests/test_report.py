@@ -1,0 +1,259 @@
+"""The HTML/Markdown report built from the synthetic RESULTS_DIR of test_analysis_queries: files, self-containment,
+research-question numbers recomputed independently, honest 'not enough data' answers, and a headless-Chromium check
+that every figure renders without console errors."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from forgetjax.analysis.queries import TABLE_NAMES
+from forgetjax.report import build_report
+from test_analysis_queries import CAPABILITY, SPECS, CellSpec, Synthetic, build_synthetic_study
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+N_RESAMPLES = 200
+EXPECTED_FIGURES = 13  # heatmaps 3 (base math, base qa, safe math) + 2 x (radar, transitions, pareto, cka, attenuation)
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+class ReportParser(HTMLParser):
+    """Collects images, figures with their captions, links, scripts and paragraphs of an HTML document."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[dict[str, str]] = []
+        self.links: list[str] = []
+        self.scripts = 0
+        self.external = 0
+        self.captions: list[str] = []
+        self.figures = 0
+        self.paragraphs: list[str] = []
+        self._in_caption = False
+        self._in_paragraph = False
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        if tag == "img":
+            self.images.append(attributes)
+        elif tag == "a":
+            self.links.append(attributes.get("href", ""))
+        elif tag in ("script", "iframe", "object", "embed"):
+            self.scripts += 1
+        elif tag == "link":
+            self.external += 1
+        elif tag == "figure":
+            self.figures += 1
+        elif tag == "figcaption":
+            self._in_caption = True
+            self.captions.append("")
+        elif tag == "p":
+            self._in_paragraph = True
+            self.paragraphs.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "figcaption":
+            self._in_caption = False
+        elif tag == "p":
+            self._in_paragraph = False
+
+    def handle_data(self, data):
+        if self._in_caption:
+            self.captions[-1] += data
+        if self._in_paragraph:
+            self.paragraphs[-1] += data
+
+
+def parse(path: Path) -> ReportParser:
+    parser = ReportParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def answer_paragraphs(markdown: str, key: str) -> str:
+    """The text under '### RQn: ...' up to the next heading."""
+    match = re.search(rf"^### {key}: .*?\n(.*?)(?=^#)", markdown, flags=re.S | re.M)
+    assert match, key
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Synthetic, Path]:
+    root = tmp_path_factory.mktemp("study")
+    synthetic = build_synthetic_study(root / "results")
+    index = build_report(root / "results", root / "report", n_resamples=N_RESAMPLES)
+    return synthetic, index
+
+
+def test_report_writes_html_markdown_figures_and_tables(built):
+    _, index = built
+    out = index.parent
+    assert index.name == "index.html" and (out / "report.md").is_file()
+    assert {p.stem for p in (out / "tables").glob("*.csv")} == set(TABLE_NAMES)
+    pngs = sorted((out / "figures").glob("*.png"))
+    assert len(pngs) == EXPECTED_FIGURES
+    assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in pngs)
+    assert not [p for p in out.rglob(".*")]  # no temporary files left behind
+    markdown = (out / "report.md").read_text()
+    for png in pngs:
+        assert f"](figures/{png.name})" in markdown
+
+
+def test_html_is_self_contained_and_every_figure_has_caption_and_alt(built):
+    _, index = built
+    page = parse(index)
+    assert page.scripts == 0 and page.external == 0
+    assert len(page.images) == page.figures == len(page.captions) == EXPECTED_FIGURES
+    for image in page.images:
+        assert image["src"].startswith("data:image/png;base64,")
+        assert base64.b64decode(image["src"].split(",", 1)[1]).startswith(PNG_SIGNATURE)
+        assert len(image.get("alt", "").strip()) > 20
+    assert all(len(caption.strip()) > 40 for caption in page.captions)
+    text = index.read_text()
+    assert "http://" not in text and "https://" not in text and "@import" not in text and "url(" not in text
+    for link in page.links:
+        assert re.fullmatch(r"tables/\w+\.csv", link) and (index.parent / link).is_file()
+
+
+def _overall_forgetting(synthetic: Synthetic, cell_ids: list[str]) -> dict[tuple[str, str], float]:
+    """(benchmark, item) -> mean over the cells of the 1->0 indicator, capability items only."""
+    per_item: dict[tuple[str, str], list[float]] = {}
+    for cell_id in cell_ids:
+        for benchmark in CAPABILITY:
+            ids, pre, post = synthetic.pairs(cell_id, benchmark)
+            for item_id, p, q in zip(ids, pre, post):
+                per_item.setdefault((benchmark, item_id), []).append(p.correct * (1 - q.correct))
+    return {key: float(np.mean(values)) for key, values in per_item.items()}
+
+
+def _cells(**where) -> list[str]:
+    return [s.cell_id for s in SPECS if s.status == "done" and s.method != "baseline"
+            and all(getattr(s, k) == v for k, v in where.items())]
+
+
+def test_research_question_numbers_match_independent_computation(built):
+    synthetic, index = built
+    markdown = (index.parent / "report.md").read_text()
+    for key in ("RQ1", "RQ2", "RQ3", "RQ4", "RQ5", "RQ6"):
+        assert f"### {key}: " in markdown
+    rq1 = answer_paragraphs(markdown, "RQ1")
+    base_rq1 = [p for p in rq1.strip().split("\n\n") if p.startswith("[BASE start")][0]
+    labels = {"gt_sft": "GT-SFT", "on_rl": "ON-RL", "self": "SELF", "sf_sft": "SF-SFT"}
+    forgetting = {m: np.mean(list(_overall_forgetting(synthetic, _cells(start_point="base", method=m)).values()))
+                  for m in labels}
+    for method, value in forgetting.items():
+        assert f"{labels[method]} {100 * value:.1f}% (95% CI" in base_rq1
+    most, least = max(forgetting, key=forgetting.get), min(forgetting, key=forgetting.get)
+    assert f"{labels[most]} forgets the most and {labels[least]} the least" in base_rq1
+    rq5 = answer_paragraphs(markdown, "RQ5")
+    on_cells = [c for m in ("on_rl", "self") for c in _cells(start_point="base", method=m)]
+    off_cells = [c for m in ("gt_sft", "sf_sft") for c in _cells(start_point="base", method=m)]
+    on, off = _overall_forgetting(synthetic, on_cells), _overall_forgetting(synthetic, off_cells)
+    shared = sorted(set(on) & set(off))
+    difference = np.mean([on[k] - off[k] for k in shared])
+    assert f"on-policy - off-policy = {100 * difference:+.1f} pp" in rq5
+    rq4 = answer_paragraphs(markdown, "RQ4")
+    drops = []
+    for cell_id in _cells(start_point="safe"):
+        ids, pre, post = synthetic.pairs(cell_id, "harmbench")
+        drops.append({i: float(p.refusal) - float(q.refusal) for i, p, q in zip(ids, pre, post)})
+    pooled = np.mean([np.mean([d[i] for d in drops]) for i in drops[0]])
+    assert f"drops by {100 * pooled:+.1f} pp" in rq4
+    assert "Not enough data: no method was trained in all of math, qa" in answer_paragraphs(markdown, "RQ3")
+
+
+def test_missing_data_gives_honest_sentences_not_crashes(tmp_path):
+    specs = (CellSpec("base-baseline", "base", "baseline", None, 0),
+             CellSpec("base-gt_sft-math-s0", "base", "gt_sft", "math", 0, 0.4, 0.1, 0.2, representation=False))
+    build_synthetic_study(tmp_path / "small", specs)
+    index = build_report(tmp_path / "small", tmp_path / "small_report", n_resamples=50)
+    markdown = (tmp_path / "small_report" / "report.md").read_text()
+    assert "Not enough data: only one post-training method (GT-SFT)" in answer_paragraphs(markdown, "RQ1")
+    for key in ("RQ3", "RQ4", "RQ5", "RQ6"):
+        assert "Not enough data" in answer_paragraphs(markdown, key), key
+    page = parse(index)
+    assert any(p.startswith("Not enough data: no representation.json with CKA values") for p in page.paragraphs)
+    (tmp_path / "empty" / "cells").mkdir(parents=True)
+    empty_index = build_report(tmp_path / "empty", tmp_path / "empty_report", n_resamples=50)
+    empty = (tmp_path / "empty_report" / "report.md").read_text()
+    assert all("Not enough data" in answer_paragraphs(empty, f"RQ{i}") for i in range(1, 7))
+    assert parse(empty_index).images == []
+    with pytest.raises(FileNotFoundError, match="results_dir"):
+        build_report(tmp_path / "absent", tmp_path / "absent_report")
+
+
+PROBE_HEAD = """<script>window.__probeErrors = [];
+window.addEventListener('error', function (e) {
+  var t = e.target || {}; window.__probeErrors.push(String(e.message || ('resource failed: ' + (t.src || t.href))));
+}, true);
+var __consoleError = console.error;
+console.error = function () { window.__probeErrors.push(Array.prototype.join.call(arguments, ' ')); };
+</script>"""
+PROBE_BODY = """<pre id="probe-result"></pre><script>
+window.addEventListener('load', function () {
+  var images = Array.prototype.map.call(document.images, function (img) {
+    var box = img.getBoundingClientRect();
+    return {w: img.naturalWidth, h: img.naturalHeight, bw: box.width, bh: box.height, complete: img.complete};
+  });
+  var svgs = Array.prototype.map.call(document.querySelectorAll('svg'), function (svg) {
+    var box = svg.getBoundingClientRect(); return {bw: box.width, bh: box.height};
+  });
+  document.getElementById('probe-result').textContent =
+      JSON.stringify({images: images, svgs: svgs, errors: window.__probeErrors});
+});
+</script>"""
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def run_chromium(binary: str, page: Path, profile: Path, timeout_s: float = 120.0) -> tuple[str, str]:
+    """--dump-dom of a local page in a fresh profile; the whole process group is killed on timeout."""
+    command = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+               "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"chromium did not finish within {timeout_s}s")
+    return stdout, stderr
+
+
+@pytest.mark.skipif(find_chromium() is None,
+                    reason="chromium not installed (apt-get update && apt-get install -y chromium)")
+def test_every_figure_renders_in_headless_chromium(built, tmp_path):
+    _, index = built
+    html_text = index.read_text(encoding="utf-8")
+    probe = tmp_path / "probe.html"
+    instrumented = html_text.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_BODY + "</body>", 1)
+    probe.write_text(instrumented)
+    stdout, stderr = run_chromium(find_chromium(), probe, tmp_path / "profile")
+    match = re.search(r'<pre id="probe-result">(.*?)</pre>', stdout, flags=re.S)
+    assert match and match.group(1).strip(), f"probe did not run; chromium stderr:\n{stderr[-2000:]}"
+    result = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert len(result["images"]) == EXPECTED_FIGURES
+    for image in result["images"]:
+        assert image["complete"] and image["w"] > 0 and image["h"] > 0, image
+        assert image["bw"] > 0 and image["bh"] > 0, image
+    assert all(svg["bw"] > 0 and svg["bh"] > 0 for svg in result["svgs"])
+    assert result["errors"] == []
+    console = [line for line in stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console
