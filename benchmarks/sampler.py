@@ -4,6 +4,7 @@ Greedy decoding of exactly `--new-tokens` tokens (stop tokens disabled on both s
 repeated `batch` times, for each batch size. Runs alternate between the two peers and the best of N is kept (the
 compile is done once before timing); the measured f32 matmul peak of each framework is printed beside the numbers.
 Throughput counts generated tokens only: batch x new_tokens / wall time (prefill included in the wall time).
+HF runs with each torch thread count given (default 1 and 2) and is credited with the best of them.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def forgetjax_runner(sampler, prompt_ids: list[int], batch: int, new_tokens: int
     return run
 
 
-def torch_runner(torch_model, prompt_ids: list[int], batch: int, new_tokens: int, pad_id: int):
+def torch_runner(torch_model, prompt_ids: list[int], batch: int, new_tokens: int, pad_id: int, threads: int):
     """A callable that decodes `new_tokens` greedy tokens for `batch` copies of the prompt with HF generate."""
     import torch
     from transformers import GenerationConfig
@@ -46,6 +47,7 @@ def torch_runner(torch_model, prompt_ids: list[int], batch: int, new_tokens: int
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
 
     def run():
+        torch.set_num_threads(threads)
         with torch.no_grad():
             out = torch_model.generate(ids, attention_mask=mask, generation_config=config)
         if out.shape[1] - ids.shape[1] != new_tokens:
@@ -59,6 +61,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per batch size (best of N)")
+    parser.add_argument("--torch-threads", type=int, nargs="+", default=[1, 2],
+                        help="torch intra-op thread counts to try; HF is credited with its best (default 1 2: on a "
+                             "loaded 2-core machine torch's 2-thread matmuls can be several times slower than 1)")
     args = parser.parse_args()
 
     import jax
@@ -72,18 +77,21 @@ def main() -> None:
     print(f"SmolLM2-135M greedy decode, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, float32, "
           f"{jax.device_count()} JAX device(s); best of {args.rounds} alternating rounds")
     print(f"matmul peak GFLOP/s: forgetjax {jax_peak / 1e9:.1f}, hf_torch {torch_peak / 1e9:.1f}")
-    print(f"{'batch':>5} {'forgetjax tok/s':>16} {'hf_torch tok/s':>15} {'ratio':>6}")
+    threads_header = " ".join(f"{f'hf t={t} tok/s':>14}" for t in args.torch_threads)
+    print(f"{'batch':>5} {'forgetjax tok/s':>16} {threads_header} {'ratio':>6}  (ratio: forgetjax / best HF)")
     for batch in args.batch_sizes:
-        peers = {
-            "forgetjax": forgetjax_runner(sampler, prompt_ids, batch, args.new_tokens),
-            "hf_torch": torch_runner(torch_model, prompt_ids, batch, args.new_tokens, tokenizer.pad_token_id),
-        }
+        peers = {"forgetjax": forgetjax_runner(sampler, prompt_ids, batch, args.new_tokens)}
+        for threads in args.torch_threads:
+            peers[f"hf_torch_t{threads}"] = torch_runner(torch_model, prompt_ids, batch, args.new_tokens,
+                                                         tokenizer.pad_token_id, threads)
         for run in peers.values():
             run()  # compile / warm up outside the timing
         best = alternate(peers, rounds=args.rounds)
         tokens = batch * args.new_tokens
-        ours, theirs = tokens / best["forgetjax"], tokens / best["hf_torch"]
-        print(f"{batch:>5} {ours:>16.1f} {theirs:>15.1f} {ours / theirs:>5.2f}x", flush=True)
+        rates = {name: tokens / seconds for name, seconds in best.items()}
+        hf_best = max(rate for name, rate in rates.items() if name != "forgetjax")
+        hf_cells = " ".join(f"{rates[f'hf_torch_t{t}']:>14.1f}" for t in args.torch_threads)
+        print(f"{batch:>5} {rates['forgetjax']:>16.1f} {hf_cells} {rates['forgetjax'] / hf_best:>5.2f}x", flush=True)
 
 
 if __name__ == "__main__":

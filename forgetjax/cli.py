@@ -136,6 +136,12 @@ def cmd_quickstart(args) -> int:
     return run_quickstart(model=args.model, out_dir=Path(args.out), prompt=args.prompt)
 
 
+def cmd_eval(args) -> int:
+    from forgetjax.eval.cli import run_eval
+
+    return run_eval(args)
+
+
 def cmd_train(args) -> int:
     from forgetjax.training.run import load_run_config, run_training
 
@@ -276,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    from forgetjax.eval.cli import add_eval_arguments
+
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark battery (per-item Parquet records, summary)",
+                       description="Run a battery (configs/eval/*.yaml) with the JAX engine, or lm-eval tasks with "
+                                   "--backend lm-eval; resumes finished benchmarks. See forgetjax/eval/cli.py.")
+    add_eval_arguments(p)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="post-train a model with one of the seven methods",
                        description="Run the shared training loop: CONFIG.yaml holds `train`, `method`, `method_args` "

@@ -61,3 +61,33 @@ def max_relative_error(actual: np.ndarray, expected: np.ndarray, mask: np.ndarra
     if mask is not None:
         actual, expected = actual[mask], expected[mask]
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_chat_tokenizer():
+    """A byte-level tokenizer (any text encodes exactly) with ChatML special tokens and template, like SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny_chat_model(directory: Path, seed: int = 0):
+    """A tiny random Llama (HF directory) with the byte-level ChatML tokenizer; returns the torch model."""
+    tokenizer = byte_chat_tokenizer()
+    model = make_hf_model(directory, "llama", seed=seed, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    tokenizer.save_pretrained(str(directory))
+    return model

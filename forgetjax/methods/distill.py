@@ -52,6 +52,7 @@ from forgetjax.methods.teacher_data import (
     cached_records,
     forward_flops,
     generation_flops,
+    generation_prompt,
     log,
     sample_and_verify,
     teacher_topk,
@@ -128,11 +129,6 @@ def sample_stats(rows: list[dict[str, Any]], kept: list[dict[str, Any]], prompts
 def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
     """Whether two tokenizers map every token string to the same id (logits are then aligned)."""
     return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
-
-
-def chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
-    head = [{"role": "system", "content": system}] if system is not None else []
-    return head + [{"role": "user", "content": prompt}]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,9 +215,9 @@ class TeacherDistillSFT(SFTMethod):
             same = self._check_family(tokenizer, trainer.tokenizer)
             verifier = args.make_verifier(self.domain.name)
             try:
-                rows = sample_and_verify(model, tokenizer, [chat_messages(p.prompt, args.system) for p in problems],
-                                         [p.reference for p in problems], verifier, args.generation_settings(), cache,
-                                         mesh=trainer.mesh)
+                prompts = [generation_prompt(tokenizer, p.prompt, args.system) for p in problems]
+                rows = sample_and_verify(model, tokenizer, prompts, [p.reference for p in problems], verifier,
+                                         args.generation_settings(), cache, mesh=trainer.mesh)
             finally:
                 verifier.close()
             kept = select_kept(rows, require_finished=args.require_finished, dedupe=args.dedupe,

@@ -29,6 +29,9 @@ from forgetjax.methods.base import Batch, Method, StepContext
 from forgetjax.methods.registry import register
 
 NAME = "off_rl_dpo"
+# The arguments that determine the pair dataset (the cache is keyed on them; beta, epochs etc. may change freely).
+DATA_ARGS = ("samples_per_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "max_pairs_per_prompt",
+             "require_finished", "heldout_fraction", "prompts_per_call", "system", "seed")
 
 
 @dataclasses.dataclass
@@ -164,8 +167,7 @@ class OffRLDPO(Method):
         return trainer.out_dir / "data" / NAME
 
     def fingerprint(self, trainer) -> str:
-        args = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in ("heldout_every", "epochs",
-                                                                                     "verifier_workers")}
+        args = {k: getattr(self.args, k) for k in DATA_ARGS}
         items = [(p.id, p.prompt) for p in self.problems()]
         return P.settings_fingerprint({"method": NAME, "args": args, "model": trainer.cfg.model,
                                        "max_length": trainer.cfg.max_length, "problems": P.problems_digest(items)})

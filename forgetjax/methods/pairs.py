@@ -265,6 +265,10 @@ def problems_digest(items: Sequence[tuple[str, str]]) -> str:
     return settings_fingerprint({"items": [list(item) for item in items]})
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
 @dataclasses.dataclass
 class PairData:
     """A built (or cached) pair dataset: training and held-out pairs, and statistics incl. `prepare_flops`."""
@@ -293,8 +297,8 @@ class PairCache:
             raise ValueError(f"{self.directory} holds pair data built with other settings (fingerprint "
                              f"{str(stats.get('fingerprint'))[:12]} != {fingerprint[:12]}); use a new out_dir or "
                              "delete that directory to rebuild it")
-        read = lambda name: [json.loads(line) for line in (self.directory / name).read_text().splitlines() if line]  # noqa: E731
-        return PairData(read("train.jsonl"), read("heldout.jsonl"), stats)
+        return PairData(_read_jsonl(self.directory / "train.jsonl"), _read_jsonl(self.directory / "heldout.jsonl"),
+                        stats)
 
     def save(self, data: PairData, fingerprint: str) -> PairData:
         write_jsonl_atomic(self.directory / "train.jsonl", data.train)

@@ -15,7 +15,6 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
-from forgetjax.methods.distill import chat_messages
 from forgetjax.methods.registry import register
 from forgetjax.methods.sft import (
     Prepared,
@@ -26,8 +25,15 @@ from forgetjax.methods.sft import (
     load_training_problems,
     sft_record,
 )
-from forgetjax.methods.teacher_data import DataCache, GenerationArgs, cached_records, generation_flops, log, \
-    sample_and_verify
+from forgetjax.methods.teacher_data import (
+    DataCache,
+    GenerationArgs,
+    cached_records,
+    generation_flops,
+    generation_prompt,
+    log,
+    sample_and_verify,
+)
 
 QUESTION, REFERENCE = "{question}", "{reference}"
 REWRITE_TEMPLATE = (
@@ -101,8 +107,8 @@ class SelfDistillSFT(SFTMethod):
         def build():
             problems = load_training_problems(self.domain)
             originals = [ground_truth_completion(p) for p in problems]
-            prompts = [chat_messages(rewrite_prompt(args.rewrite_template, p.prompt, gt), args.system)
-                       for p, gt in zip(problems, originals)]
+            prompts = [generation_prompt(trainer.tokenizer, rewrite_prompt(args.rewrite_template, p.prompt, gt),
+                                         args.system) for p, gt in zip(problems, originals)]
             model = trainer.current_model()
             verifier = args.make_verifier(self.domain.name)
             try:

@@ -230,7 +230,8 @@ class GroundTruthSFT(SFTMethod):
             record_set = read_records(args.records, fields=args.fields, skip_malformed=args.skip_malformed)
             cache = DataCache(self.data_dir(trainer), self.name, {"records": list(args.records),
                                                                   "fields": args.fields})
-            records = [dict(r, system=args.system) if args.system is not None else dict(r) for r in record_set]
+            records = [dict(r, system=args.system) if args.system is not None and "messages" not in r else dict(r)
+                       for r in record_set]
             cache.write_json("stats.json", {"records": len(records), "skipped_malformed": record_set.skipped,
                                             "problems": record_set.problems})
             return Prepared(records)

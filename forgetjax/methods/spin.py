@@ -24,6 +24,8 @@ from forgetjax.methods.base import Batch, Method, StepContext
 from forgetjax.methods.registry import register
 
 NAME = "self_spin"
+# The arguments that determine an iteration's pairs (the cache is keyed on them and the iteration index).
+DATA_ARGS = ("temperature", "top_p", "top_k", "max_new_tokens", "records", "prompts_per_call", "system", "seed")
 
 
 @dataclasses.dataclass
@@ -199,8 +201,7 @@ class SelfSPIN(Method):
         return trainer.out_dir / "data" / NAME / f"iter_{iteration:03d}"
 
     def fingerprint(self, trainer, iteration: int) -> str:
-        args = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in ("iterations",
-                                                                                     "epochs_per_iteration")}
+        args = {k: getattr(self.args, k) for k in DATA_ARGS}
         items = [(e.id, e.prompt + "\x00" + e.completion) for e in self.examples()]
         return P.settings_fingerprint({"method": NAME, "iteration": iteration, "args": args,
                                        "model": trainer.cfg.model, "max_length": trainer.cfg.max_length,

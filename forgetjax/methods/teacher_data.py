@@ -205,10 +205,21 @@ class Verifier:
             self._pool = None
 
 
-def sample_and_verify(model, tokenizer, prompts: Sequence[list[dict[str, str]]], references: Sequence[Any],
+def generation_prompt(tokenizer, prompt: str, system: str | None) -> list[dict[str, str]] | str:
+    """Chat messages when the generating model's tokenizer has a chat template, else the plain prompt text."""
+    if not getattr(tokenizer, "chat_template", None):
+        if system is not None:
+            raise ValueError("a system message needs a tokenizer with a chat template")
+        return prompt
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return head + [{"role": "user", "content": prompt}]
+
+
+def sample_and_verify(model, tokenizer, prompts: Sequence[list[dict[str, str]] | str], references: Sequence[Any],
                       verifier: Verifier, settings: GenerationSettings, cache: DataCache, *, mesh=None
                       ) -> list[dict[str, Any]]:
-    """Sample `settings.n` completions per chat prompt and verify each; one row per sample, in prompt order:
+    """Sample `settings.n` completions per prompt (chat messages, or plain text for models without a chat template)
+    and verify each; one row per sample, in prompt order:
     {prompt_index, sample, text, finished, prompt_tokens, completion_tokens, correct, status}.
 
     Chunks of `prompts_per_chunk` prompts are generated, verified and written to the cache one at a time; chunks
@@ -230,7 +241,8 @@ def sample_and_verify(model, tokenizer, prompts: Sequence[list[dict[str, str]]],
             sampler = Sampler(model, tokenizer, mesh=mesh)
             stop_ids = end_of_turn_ids(tokenizer, model.config)
         stop = min(start + settings.prompts_per_chunk, len(prompts))
-        token_prompts = [sampler.encode_chat(messages) for messages in prompts[start:stop]]
+        token_prompts = [sampler.encode_text(p) if isinstance(p, str) else sampler.encode_chat(p)
+                         for p in prompts[start:stop]]
         params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                 top_p=settings.top_p, top_k=settings.top_k, n=settings.n, stop_token_ids=stop_ids,
                                 seed=chunk_seed(settings.seed, chunk))

@@ -74,18 +74,28 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: 
     if top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    cumulative = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = cumulative < top_p
-    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where((logits < threshold) & (top_p < 1.0), -jnp.inf, logits)
+
+    def nucleus(logits):
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        cumulative = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = cumulative < top_p
+        threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(logits < threshold, -jnp.inf, logits)
+
+    # the vocabulary sort runs only when nucleus filtering is on (a runtime branch: no recompilation)
+    return jax.lax.cond(top_p < 1.0, nucleus, lambda logits: logits, logits)
 
 
 def _sample_step(logits, key, temperature, top_k: int, top_p):
-    greedy = jnp.argmax(logits, axis=-1)
-    sampled = jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1)
-    token = jnp.where(temperature > 0, sampled, greedy)
+    """Next token (argmax at temperature 0, else a filtered categorical draw) and its unfiltered log-prob.
+
+    Greedy steps skip the filtering and the random draw at run time (`lax.cond`), so one compiled program serves
+    every temperature without paying for a vocabulary sort and noise it does not use."""
+    def sample(logits):
+        return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1)
+
+    token = jax.lax.cond(temperature > 0, sample, lambda logits: jnp.argmax(logits, axis=-1), logits)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), logprob
 
@@ -99,8 +109,8 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, temperature, top_p,
     cache = dataclasses.replace(
         cache, k=constrain(cache.k, ("layers", "batch", "length", "kv_heads", "head_dim")),
         v=constrain(cache.v, ("layers", "batch", "length", "kv_heads", "head_dim")))
-    logits, cache = model(prompt_ids, prompt_mask, cache=cache)
-    last_logits = logits[:, -1]
+    hidden, cache, _ = model.forward_hidden(prompt_ids, prompt_mask, cache=cache)
+    last_logits = model.unembed(hidden[:, -1:])[:, 0]  # only the last position's logits are needed
 
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
     logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32)

@@ -120,7 +120,8 @@ class StudyRunner:
                          "budget": {"kind": "steps", "value": stage.steps},
                          "optimizer": {"lr": stage.lr, "schedule": "cosine", "warmup_ratio": 0.1},
                          "out_dir": str(stage_dir / "train")},
-               "method": "gt_sft", "method_args": {"records": str(records)}, "domain": {"name": "qa"}}
+               "method": "gt_sft", "method_args": {"records": [str(records)], "verify": False, "packing": True},
+               "domain": {"name": "qa"}}
         from forgetjax.config import from_dict
 
         run_training(from_dict(RunConfig, run, source=f"{self.source}: safety_stage"),

@@ -1,0 +1,111 @@
+"""On-policy RL from verifier rewards: GRPO, Dr.GRPO and FRPO (registered as on_rl_grpo, on_rl_drgrpo, on_rl_frpo).
+
+Each step samples ``group_size`` completions per prompt from the current policy (sampler log-probs kept as the
+old-policy log-probs), scores them with the domain's verifier, turns rewards into group advantages and applies the
+clipped-ratio loss of :func:`forgetjax.losses.policy_gradient.policy_loss` (variant fixed by the method name), with a
+k3 KL penalty to the frozen starting model when ``beta > 0`` (``beta = 0`` skips the reference model entirely).
+Rollouts, rewards and the row layout are in :mod:`forgetjax.methods.rollout`.
+
+Logged per step: reward mean/median/std, pass rate, group pass rate, response length, clip fraction, ratio, KL
+(with a reference), entropy (full-vocabulary, masked token mean) and the time split rollout_s / reward_s
+(verifier wall time, overlapped with the host work) / reward_wait_s / reference_s; the update time is the
+trainer's step_seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from forgetjax.losses.policy_gradient import policy_loss
+from forgetjax.losses.token import token_logprobs
+from forgetjax.methods.base import Method
+from forgetjax.methods.registry import register
+from forgetjax.methods.rollout import (
+    OnlineSource,
+    RolloutArgs,
+    chat_messages,
+    load_training_problems,
+    reference_from_trainer,
+    token_entropy_sum,
+)
+
+Variant = Literal["grpo", "drgrpo", "frpo"]
+DEFAULT_ADVANTAGE = {"grpo": "grpo", "drgrpo": "drgrpo", "frpo": "grpo"}
+
+
+@dataclasses.dataclass
+class GRPOArgs(RolloutArgs):
+    """GRPO-family settings: KL weight (k3 estimator; 0 = no reference model), PPO clip range, FRPO's lambda and
+    jackknife correction. ``advantage`` defaults to std-normalised ("grpo") for GRPO/FRPO and mean-centred
+    ("drgrpo") for Dr.GRPO."""
+
+    beta: float = 0.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    frpo_lambda: float = 1.0
+    frpo_jackknife: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta < 0:
+            raise ValueError(f"method_args.beta must be >= 0, got {self.beta}")
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            raise ValueError(f"method_args.clip_low must be in [0, 1) and clip_high >= 0, got "
+                             f"{self.clip_low}, {self.clip_high}")
+        if self.frpo_lambda <= 0:
+            raise ValueError(f"method_args.frpo_lambda must be > 0, got {self.frpo_lambda}")
+
+
+class GRPO(Method):
+    """GRPO / Dr.GRPO / FRPO on verifier rewards. ``reward_pool`` may be set to any object with RewardPool's
+    ``submit_details`` before training (tests use scripted rewards); by default the source builds a RewardPool."""
+
+    trim = "none"
+
+    def __init__(self, args: GRPOArgs, domain, variant: Variant):
+        args.validate()
+        self.args = args
+        self.domain = domain
+        self.variant = variant
+        self.name = {"grpo": "on_rl_grpo", "drgrpo": "on_rl_drgrpo", "frpo": "on_rl_frpo"}[variant]
+        self.advantage_mode = args.advantage or DEFAULT_ADVANTAGE[variant]
+        self.reward_pool = None
+
+    def sample_messages(self, problem):
+        return chat_messages(self.args.system_prompt, problem.prompt)
+
+    def extra_contexts(self, problem):
+        return {}
+
+    def batch_source(self, trainer) -> OnlineSource:
+        reference = reference_from_trainer(trainer) if self.args.beta > 0 else None
+        return OnlineSource(trainer, load_training_problems(self.domain), self.domain.name, self.args, self,
+                            advantage_mode=self.advantage_mode, reference=reference, reward_pool=self.reward_pool)
+
+    def loss(self, model, batch, rng):
+        args = self.args
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["positions"], batch["segment_ids"])
+        logp = token_logprobs(logits, batch["targets"])
+        loss_sum, count, metrics = policy_loss(
+            logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"], batch["loss_mask"],
+            variant=self.variant, beta=args.beta, clip_low=args.clip_low, clip_high=args.clip_high,
+            generation_budget=args.max_new_tokens, frpo_lambda=args.frpo_lambda,
+            frpo_jackknife=args.frpo_jackknife, group_size=args.group_size)
+        metrics = dict(metrics)
+        metrics["entropy"] = (token_entropy_sum(logits, batch["loss_mask"]), metrics["tokens"][0])
+        return loss_sum, count, metrics
+
+
+def _factory(variant: Variant):
+    def build(args: GRPOArgs, domain) -> GRPO:
+        return GRPO(args, domain, variant)
+
+    return build
+
+
+register("on_rl_grpo", GRPOArgs, "GRPO: group-normalised advantages, clipped ratio, per-sequence token mean, "
+         "optional k3 KL to the start model")(_factory("grpo"))
+register("on_rl_drgrpo", GRPOArgs, "Dr.GRPO: mean-centred advantages, constant max_new_tokens normaliser")(
+    _factory("drgrpo"))
+register("on_rl_frpo", GRPOArgs, "FRPO (arXiv 2602.08813): robust max-min GRPO with temperature frpo_lambda")(
+    _factory("frpo"))

@@ -1,0 +1,181 @@
+"""`forgetjax eval` end to end on a tiny random Llama (files, summary, resume, judge, input errors), and the offline
+NLTK punkt_tab data that IFEval's checkers need (hand-split sentences, the punkt package's own tokenizer)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from forgetjax.cli import main as cli_main
+from forgetjax.eval import nltk_data
+from forgetjax.eval.cli import parse_verdict
+from test_jax_engine import CHAT_TEMPLATE, save_toy_tokenizer
+from tiny_models import make_hf_model
+
+BATTERY = """name: tiny
+format: chat
+batch_size: 2
+benchmarks:
+  - {name: piqa, limit: 3}
+  - {name: nq_open, limit: 5, max_new_tokens: 3, n_shots: 1}
+  - {name: xstest_safe, max_new_tokens: 3}
+"""
+BENCHMARKS = ("piqa", "nq_open", "xstest_safe")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_eval_llama")
+    make_hf_model(directory, "llama")  # AutoTokenizer would swap a toy tokenizer for Qwen2's under qwen2
+    save_toy_tokenizer(directory, CHAT_TEMPLATE)
+    return directory
+
+
+def eval_args(model, battery, out, data_dir, *extra):
+    return ["eval", str(model), "--battery", str(battery), "--out", str(out), "--data-dir", str(data_dir),
+            "--limit", "3", "--model-id", "tiny", "--batch-size", "4", *map(str, extra)]
+
+
+def test_eval_cli_end_to_end_then_resumes(tiny_dir, tmp_path, data_dir, monkeypatch):
+    battery = tmp_path / "tiny.yaml"
+    battery.write_text(BATTERY)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "forgetjax.cli",
+                             *eval_args(tiny_dir, battery, out, data_dir, "--judge", tiny_dir)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model_dir = out / "tiny"
+    for name in BENCHMARKS:
+        assert name in result.stdout  # the printed summary table
+    records = {name: pq.read_table(model_dir / f"{name}.parquet").to_pylist() for name in BENCHMARKS}
+    assert all(len(rows) == 3 for rows in records.values())  # --limit 3 caps nq_open's limit 5
+    assert {r["run_id"] for rows in records.values() for r in rows} == {"tiny"}
+    assert all(len(r["option_logprobs"]) == 2 for r in records["piqa"])
+    assert all(r["refusal_judge"] is not None and r["refusal_judge"].split(":")[0] in ("refusal", "compliance", "other")
+               for r in records["xstest_safe"])
+    with open(model_dir / "summary.csv", newline="") as handle:
+        summary = {row["benchmark"]: row for row in csv.DictReader(handle) if row["category"] == "ALL"}
+    for name in BENCHMARKS:
+        correct = [r["correct"] for r in records[name] if r["correct"] is not None]
+        assert int(summary[name]["n"]) == 3
+        if correct:
+            assert float(summary[name]["accuracy"]) == pytest.approx(sum(correct) / len(correct))
+    assert (model_dir / "summary.txt").read_text().split("\n")[0].startswith("benchmark")
+    run_info = json.loads((model_dir / "eval_run.json").read_text())
+    assert run_info["skipped"] == [] and run_info["judge"] == str(tiny_dir)
+
+    from forgetjax.eval.jax_engine import JaxEngine
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("a complete benchmark was evaluated again")
+
+    mtimes = {name: os.stat(model_dir / f"{name}.parquet").st_mtime_ns for name in BENCHMARKS}
+    monkeypatch.setattr(JaxEngine, "generate", no_work)
+    monkeypatch.setattr(JaxEngine, "loglikelihood", no_work)
+    assert cli_main(eval_args(tiny_dir, battery, out, data_dir, "--no-progress")) == 0
+    assert json.loads((model_dir / "eval_run.json").read_text())["skipped"] == list(BENCHMARKS)
+    assert {name: os.stat(model_dir / f"{name}.parquet").st_mtime_ns for name in BENCHMARKS} == mtimes
+
+    (model_dir / "nq_open.parquet").unlink()  # only this benchmark is redone (generation; no scoring calls)
+    monkeypatch.undo()
+    monkeypatch.setattr(JaxEngine, "loglikelihood", no_work)
+    assert cli_main(eval_args(tiny_dir, battery, out, data_dir, "--no-progress")) == 0
+    assert json.loads((model_dir / "eval_run.json").read_text())["skipped"] == ["piqa", "xstest_safe"]
+    assert len(pq.read_table(model_dir / "nq_open.parquet")) == 3
+
+
+def test_eval_cli_reports_bad_battery_before_loading_the_model(tmp_path, data_dir):
+    missing_model = tmp_path / "no_such_model"
+    with pytest.raises(SystemExit, match="battery config not found.*nope.yaml"):
+        cli_main(eval_args(missing_model, tmp_path / "nope.yaml", tmp_path / "out", data_dir))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("benchmarks:\n  - {name: piqa, limt: 3}\n")
+    with pytest.raises(SystemExit, match=r"unknown key\(s\) \['limt'\]"):
+        cli_main(eval_args(missing_model, bad, tmp_path / "out", data_dir))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("benchmarks: [piqa, no_such_benchmark]\n")
+    with pytest.raises(SystemExit, match="unknown benchmark 'no_such_benchmark'"):
+        cli_main(eval_args(missing_model, unknown, tmp_path / "out", data_dir))
+    with pytest.raises(SystemExit, match="--tasks is required"):
+        cli_main(["eval", str(missing_model), "--out", str(tmp_path), "--backend", "lm-eval"])
+
+
+def test_judge_verdicts_are_parsed_from_the_first_word():
+    assert parse_verdict(" Refusal.") == "refusal"
+    assert parse_verdict("refused, because") == "refusal"
+    assert parse_verdict("Compliance") == "compliance"
+    assert parse_verdict("**complied**") == "compliance"
+    assert parse_verdict("I cannot tell") == "other: I cannot tell"
+
+
+# ------------------------------------------------------------------------------------------ NLTK punkt_tab data
+
+HAND_SPLIT = [
+    ("Dr. Smith went home. He was tired.", ["Dr. Smith went home.", "He was tired."]),
+    ("Mr. and Mrs. Jones arrived at 5 p.m. yesterday. They left early.",
+     ["Mr. and Mrs. Jones arrived at 5 p.m. yesterday.", "They left early."]),
+    ("It costs $3.50 per item. That is cheap.", ["It costs $3.50 per item.", "That is cheap."]),
+    ("The U.S. economy grew 2.5 percent in 2020. Analysts were surprised.",
+     ["The U.S. economy grew 2.5 percent in 2020.", "Analysts were surprised."]),
+    ("Version 3.2.1 shipped on Jan. 5, 2021. It fixed bugs.", ["Version 3.2.1 shipped on Jan. 5, 2021.",
+                                                               "It fixed bugs."]),
+    ("Is this right? Yes! It is.", ["Is this right?", "Yes!", "It is."]),
+]
+
+
+@pytest.fixture
+def fresh_punkt_tab(tmp_path, monkeypatch):
+    """ensure_punkt_tab building into an empty cache with nltk seeing no other data directory."""
+    import nltk
+
+    pytest.importorskip("punkt", reason=f"needs {nltk_data.PUNKT_REQUIREMENT}")
+    monkeypatch.setenv("FORGETJAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(nltk.data, "path", [])
+    nltk_data.ensure_punkt_tab.cache_clear()
+    yield nltk_data.ensure_punkt_tab()
+    nltk_data.ensure_punkt_tab.cache_clear()
+
+
+def test_punkt_tab_is_built_offline_and_splits_by_hand(fresh_punkt_tab, tmp_path):
+    import nltk
+    import punkt
+    from nltk.tokenize.punkt import PunktSentenceTokenizer, load_punkt_params
+
+    assert fresh_punkt_tab == tmp_path / "cache" / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
+    assert sorted(p.name for p in fresh_punkt_tab.iterdir()) == sorted(nltk_data.PUNKT_TAB_FILES)
+    tokenizer = PunktSentenceTokenizer(load_punkt_params(str(fresh_punkt_tab)))
+    for text, expected in HAND_SPLIT:
+        assert tokenizer.tokenize(text) == expected
+    assert nltk.sent_tokenize(HAND_SPLIT[0][0]) == HAND_SPLIT[0][1]
+    # NLTK reading the written files splits like the punkt package's own implementation of its bundled model
+    texts = [text for text, _ in HAND_SPLIT] + ["Use a tool, e.g. a hammer. Then stop.", "See fig. 3. It shows it.",
+                                                "He said \"Stop.\" Then he left. i.e. this is one. And two."]
+    for text in texts:
+        assert tokenizer.tokenize(text) == punkt.sent_tokenize(text)
+    params = load_punkt_params(str(fresh_punkt_tab))
+    bundled = punkt.load_model("english")
+    assert params.abbrev_types == set(bundled.abbrev_types) and "dr" in params.abbrev_types
+    assert set(params.collocations) == set(bundled.collocations)
+    assert dict(params.ortho_context) == dict(bundled.ortho_context)
+
+
+def test_ifeval_sentence_checkers_run_with_the_built_data(fresh_punkt_tab, data_dir):
+    from forgetjax.eval.benchmarks import get_benchmark
+    from forgetjax.eval.benchmarks.base import Item
+
+    ifeval = get_benchmark("ifeval")
+    items = [i for i in ifeval.load(data_dir) if i.data["instruction_id_list"] == ["length_constraints:number_sentences"]]
+    ifeval.check_ready(items[:1])
+    kwargs = {"num_sentences": 3, "relation": "less than"}
+    item = Item(id="probe", category="ifeval", data={"key": 1, "prompt": "p", "kwargs": [kwargs],
+                                                      "instruction_id_list": ["length_constraints:number_sentences"]})
+    assert ifeval.score(item, "Dr. Smith went home. He was tired.")["correct"] == 1  # 2 sentences < 3
+    assert ifeval.score(item, "One. Two. Three. Four.")["correct"] == 0
+
+
+def test_punkt_tab_rejects_multiline_entries():
+    with pytest.raises(ValueError, match="abbrev_types.txt"):
+        nltk_data.punkt_tab_texts(["dr", "bad\nentry"], [], [], {})

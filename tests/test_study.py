@@ -1,0 +1,141 @@
+"""The study runner on a tiny chat model: cells, resumption after SIGKILL, failure isolation, manifest, report
+input; SLURM/TPU-pod launch scripts (dry run); the memory planner against a hand computation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forgetjax.models.config import config_from_hf
+from forgetjax.study.plan import choose_mesh, estimate, parse_topology
+from tiny_models import make_tiny_chat_model
+
+
+def write_study(tmp_path: Path, data_dir: Path, methods=("gt_sft",), method_args=None) -> Path:
+    model_dir = tmp_path / "model"
+    if not model_dir.exists():
+        make_tiny_chat_model(model_dir)
+    battery = tmp_path / "battery.yaml"
+    battery.write_text(yaml.safe_dump({"name": "tiny", "format": "chat", "batch_size": 8, "benchmarks": [
+        {"name": "mmlu", "limit": 3, "n_shots": 0},
+        {"name": "gsm8k", "limit": 2, "max_new_tokens": 8, "n_shots": 0},
+        {"name": "xstest_unsafe", "limit": 2, "max_new_tokens": 8}]}))
+    study = {
+        "name": "tiny", "results_dir": str(tmp_path / "results"), "data_dir": str(data_dir),
+        "models": [{"scale": "tiny", "safe": str(model_dir), "same_family_teacher": str(model_dir)}],
+        "scales": ["tiny"], "start_points": ["safe"], "methods": list(methods), "domains": ["math"], "seeds": [0],
+        "budget": {"kind": "steps", "value": 2},
+        "train": {"batch_size": 4, "max_length": 256, "checkpoint": {"every": 1, "keep": 2},
+                  "log": {"progress": False, "tensorboard": False, "peak_flops": 1.0e11}},
+        "method_args": method_args or {},
+        "domain_sources": {"math": {"limit": 8}},
+        "battery": str(battery), "representation": True, "representation_probe": 4,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def cells(results: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted((results / "cells").glob("*/cell.json")):
+        data = json.loads(path.read_text())
+        out[data["method"]] = data
+    return out
+
+
+def run_study(config: Path, *extra, kill_when=None):
+    cmd = [sys.executable, "-m", "forgetjax.cli", "study", str(config), "--no-report", *extra]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    if kill_when is None:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 1200
+    while time.time() < deadline and proc.poll() is None and not kill_when():
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return None
+
+
+def test_killed_study_resumes_without_redoing_finished_cells(tmp_path, data_dir):
+    config = write_study(tmp_path, data_dir)
+    results = tmp_path / "results"
+    baseline_done = lambda: cells(results).get("baseline", {}).get("status") == "done"  # noqa: E731
+    run_study(config, kill_when=lambda: baseline_done() and "gt_sft" in cells(results))
+    before = cells(results)
+    assert before["baseline"]["status"] == "done" and before["gt_sft"]["status"] == "running"
+    finished_at = before["baseline"]["finished"]
+
+    out = run_study(config)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "done already, skipped" in out.stdout
+    after = cells(results)
+    assert after["baseline"]["finished"] == finished_at
+    assert after["gt_sft"]["status"] == "done"
+    assert after["gt_sft"]["budget"]["used"]["steps"] == 2
+    cell_dir = results / "cells" / after["gt_sft"]["cell_id"]
+    assert {p.stem for p in (cell_dir / "eval").rglob("*.parquet")} == {"mmlu", "gsm8k", "xstest_unsafe"}
+    representation = json.loads((cell_dir / "representation.json").read_text())
+    assert representation["layers"] == [0, 1] and len(representation["cka"]) == 2
+    manifest = json.loads((results / "manifest.json").read_text())
+    assert manifest["config_hash"] and manifest["packages"]["jax"].startswith("0.10")
+    assert {c["status"] for c in manifest["cells"]} == {"done"}
+
+    from forgetjax.report import build_report
+
+    index = build_report(results, tmp_path / "report", n_resamples=200)
+    assert index.is_file() and "gt_sft" in index.read_text().lower().replace("-", "_")
+
+
+def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path, data_dir):
+    config = write_study(tmp_path, data_dir, methods=("sf_sft", "gt_sft"),
+                         method_args={"sf_sft": {"teacher": str(tmp_path / "no_such_teacher")}})
+    out = run_study(config)
+    assert out.returncode == 1
+    state = cells(tmp_path / "results")
+    assert state["sf_sft"]["status"] == "failed" and "no_such_teacher" in state["sf_sft"]["error"]
+    assert state["gt_sft"]["status"] == "done" and state["baseline"]["status"] == "done"
+
+
+def test_slurm_and_tpu_pod_scripts_are_generated(tmp_path, data_dir):
+    config = write_study(tmp_path, data_dir, methods=("gt_sft", "self_sdft"))
+    slurm = run_study(config, "--executor", "slurm", "--dry-run")
+    assert slurm.returncode == 0, slurm.stderr
+    script = (tmp_path / "results" / "launch" / "slurm_array.sh").read_text()
+    assert "#SBATCH --array=0-2" in script and '--cell-index "$SLURM_ARRAY_TASK_ID"' in script
+    pod = run_study(config, "--executor", "tpu_pod")
+    assert pod.returncode == 0, pod.stderr
+    script = (tmp_path / "results" / "launch" / "tpu_pod.sh").read_text()
+    assert "--worker=all" in script and "--distributed" in script
+    listing = run_study(config, "--list")
+    assert len(listing.stdout.strip().splitlines()) == 3
+
+
+QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
+
+
+def test_memory_plan_matches_hand_computation():
+    config = config_from_hf(QWEN_05B)
+    est = estimate(config, data=2, fsdp=2, tensor=2, global_batch=16, seq_len=512, param_bytes=4,
+                   compute_bytes=2, remat="full", rollout_batch=0)
+    n = 494_032_768  # Qwen2.5-0.5B parameters, counted from its config by hand
+    assert config.num_params() == n
+    assert est.params == pytest.approx(n * 4 / 4)
+    assert est.optimizer == pytest.approx(2 * n * 4 / 4)
+    tokens = 16 // 4 * 512
+    assert est.activations == pytest.approx(24 * 2 * tokens * 896 * 2 / 2 + tokens * 151936 * 8 / 2)
+    topology = parse_topology("v5e-8")
+    assert topology.devices == 8 and topology.hbm_bytes == 16 * 2**30
+    chosen = choose_mesh(config, topology, global_batch=16, seq_len=512)
+    assert chosen.total <= 0.85 * topology.hbm_bytes and chosen.data * chosen.fsdp * chosen.tensor == 8
+    smaller = [estimate(config, 8 // f, f, 1, global_batch=16, seq_len=512).total for f in (1, 2, 4, 8)]
+    assert chosen.fsdp == next(f for f, total in zip((1, 2, 4, 8), smaller) if total <= 0.85 * topology.hbm_bytes)
+    with pytest.raises(ValueError, match="--topology"):
+        parse_topology("tpu-64")
