@@ -27,7 +27,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -36,6 +35,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 from scipy import stats as scipy_stats
+
+from forgetjax.io import write_bytes_atomic, write_text_atomic
 
 from forgetjax.analysis.forgetting import (
     accuracy_delta,
@@ -164,39 +165,13 @@ def representation_file(results_dir: str | os.PathLike[str], cell_id: str) -> Pa
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write text to `path` atomically (temp file in the same directory, fsync, os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return path
+    """Write text to `path` atomically (forgetjax.io)."""
+    return write_text_atomic(path, text)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write bytes to `path` atomically (temp file in the same directory, fsync, os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return path
+    """Write bytes to `path` atomically (forgetjax.io)."""
+    return write_bytes_atomic(path, data)
 
 
 def _json_text(data: Any) -> str:

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -35,6 +34,7 @@ from forgetjax.eval.benchmarks import FORMATS, Benchmark, GenerationSettings, It
 from forgetjax.eval.benchmarks.base import MultipleChoiceOutput, ScoringContext, stable_hash
 from forgetjax.eval.engine import Engine, Generation, GenerationRequest, LoglikelihoodResult
 from forgetjax.eval.records import EvalRecord, prompt_hash, read_metadata, read_records, write_records
+from forgetjax.io import write_text_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 RECORDS_FORMAT_VERSION = "1"
@@ -627,18 +627,7 @@ def write_summary_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return path
+    return write_text_atomic(path, buffer.getvalue())
 
 
 def _cell(value: Any) -> str:

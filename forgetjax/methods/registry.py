@@ -27,7 +27,7 @@ METHOD_MODULES = {
 class MethodSpec:
     name: str
     args_class: type
-    factory: Callable[[Any, "DomainConfig"], Method]  # noqa: F821
+    factory: Callable[[Any, Any], Method]  # (typed args, forgetjax.training.run.DomainConfig) -> Method
     description: str
 
 

@@ -6,7 +6,6 @@ others go on. A manifest records the config hash, code version, package versions
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import json
 import subprocess
@@ -18,7 +17,7 @@ from typing import Any
 
 from forgetjax.config import config_hash, dump_yaml, to_dict
 from forgetjax.io import write_json_atomic, write_jsonl_atomic
-from forgetjax.study.matrix import BASELINE, StudyCell, expand, safety_stage_id
+from forgetjax.study.matrix import StudyCell, expand, safety_stage_id
 from forgetjax.study.schema import StudyConfig, model_entry
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "grain", "numpy", "gem-llm",
