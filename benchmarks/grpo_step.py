@@ -7,7 +7,8 @@ math verifier (forgetjax's RewardPool; TRL calls it synchronously inside its rew
 the start of one step to the start of the next (forgetjax: between consecutive batch requests of the trainer; TRL:
 on_step_begin -> on_step_end callbacks), the first `--warmup` steps (compilation / allocator warm-up) are dropped,
 and the best and median of the rest are reported with the ratio and forgetjax's time split. Completion lengths
-differ between samples, so generated tokens per step are reported beside the times. TRL runs offline on the CPU.
+differ between samples, so generated tokens per step are reported beside the times. Each framework runs in its own
+process (separate memory and thread pools); TRL runs offline on the CPU.
 
     .venv/bin/python benchmarks/grpo_step.py --steps 4 --warmup 1 --out runs/bench/grpo_step.json
 """
@@ -52,7 +53,7 @@ def run_forgetjax(args, problems_path: Path, out_dir: Path) -> dict:
     domain = DomainConfig(name="math", source=str(problems_path), split="train")
     method = build_method("on_rl_grpo", method_args, domain)
     model, tokenizer = forgetjax.load("smollm2-135m-instruct")
-    cfg = TrainConfig(batch_size=args.prompts * args.group_size, micro_batches=1,
+    cfg = TrainConfig(batch_size=args.prompts * args.group_size, micro_batches=args.micro_batches,
                       max_length=args.max_prompt_tokens + args.max_new_tokens,
                       optimizer=OptimizerConfig(lr=args.lr, schedule="constant", max_grad_norm=1.0),
                       budget=BudgetConfig("steps", args.steps), checkpoint=CheckpointConfig(every=10_000, keep=1),
@@ -126,8 +127,9 @@ def run_trl(args, problems, hf_dir: Path, out_dir: Path) -> dict:
 
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p.prompt}], "answer": p.reference}
                                  for p in problems])
-    config = GRPOConfig(output_dir=str(out_dir), per_device_train_batch_size=args.prompts * args.group_size,
-                        gradient_accumulation_steps=1, num_generations=args.group_size,
+    rows = args.prompts * args.group_size
+    config = GRPOConfig(output_dir=str(out_dir), per_device_train_batch_size=rows // args.micro_batches,
+                        gradient_accumulation_steps=args.micro_batches, num_generations=args.group_size,
                         max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, beta=args.beta,
                         epsilon=0.2, loss_type="grpo", learning_rate=args.lr, lr_scheduler_type="constant",
                         max_grad_norm=1.0, max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[],
@@ -149,6 +151,47 @@ def summarise(values: list[float], warmup: int) -> dict[str, float]:
     return {"best_s": min(kept), "median_s": statistics.median(kept), "n": len(kept)}
 
 
+def merge_rounds(results: list[dict], warmup: int) -> dict:
+    """One framework's rounds as one record: each round's warm-up steps dropped, the rest concatenated behind a
+    single leading warm-up block (so `summarise` keeps exactly the post-warm-up steps of every round)."""
+    merged = dict(results[-1])
+    for key in ("step_s", "split", "generated_tokens"):
+        if key in merged:
+            merged[key] = results[0][key][:warmup] + [v for r in results for v in r[key][warmup:]]
+    for key in ("jax_f32_matmul_flops", "torch_f32_matmul_flops"):
+        if key in merged:
+            merged[key] = max(r[key] for r in results)
+    return merged
+
+
+def run_side(args) -> None:
+    """One framework in this process (the parent runs each side in its own process: memory and threads stay
+    separate); writes its raw timings as JSON to --side-out."""
+    from forgetjax.data.pipeline import derived_seed, shuffled_order
+    from forgetjax.io import write_json_atomic
+
+    problems = gsm8k_problems(args.prompts * args.steps, args.data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.side == "forgetjax":
+            problems_path = tmp / "gsm8k_subset.jsonl"
+            problems_path.write_text("".join(json.dumps({"id": p.metadata["item_id"], "question": p.metadata[
+                "question"], "answer": p.reference}) + "\n" for p in problems))
+            result = run_forgetjax(args, problems_path, tmp / "forgetjax")
+            result["jax_f32_matmul_flops"] = jax_matmul_peak()
+        else:
+            import forgetjax
+
+            # forgetjax visits the file's problems in its seeded epoch order; TRL (no shuffling) gets that order
+            visit_order = [problems[i] for i in shuffled_order(len(problems), derived_seed(0, 0, 0))]
+            model, tokenizer = forgetjax.load("smollm2-135m-instruct")
+            forgetjax.export_hf(model, tokenizer, tmp / "hf")
+            del model
+            result = run_trl(args, visit_order, tmp / "hf", tmp / "trl")
+            result["torch_f32_matmul_flops"] = torch_matmul_peak()
+    write_json_atomic(args.side_out, result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="training steps per framework (incl. warm-up)")
@@ -156,54 +199,60 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
     parser.add_argument("--group-size", type=int, default=4, help="completions per prompt (G)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="completion budget")
+    parser.add_argument("--micro-batches", type=int, default=2,
+                        help="micro-batches per update (TRL: gradient accumulation steps over one generation batch)")
     parser.add_argument("--max-prompt-tokens", type=int, default=384, help="prompt room in forgetjax's max_length")
     parser.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0: both keep a reference model)")
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--data-dir", default=None, help="benchmark data directory (default ../shared/data)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--skip-trl", action="store_true", help="time forgetjax only")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternating rounds (one process per framework per round, order swapped each round)")
+    parser.add_argument("--side", choices=("forgetjax", "trl"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--side-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
+    if args.prompts % args.micro_batches:
+        parser.error("--micro-batches must divide --prompts (micro-batches hold whole groups)")
+    if args.side is not None:
+        run_side(args)
+        return
 
-    import forgetjax
+    import subprocess
+
     from forgetjax.io import write_json_atomic
 
-    from forgetjax.data.pipeline import derived_seed, shuffled_order
-
-    problems = gsm8k_problems(args.prompts * args.steps, args.data_dir)
-    # forgetjax visits the file's problems in its seeded epoch order; TRL (no shuffling) gets them in that order
-    visit_order = [problems[i] for i in shuffled_order(len(problems), derived_seed(0, 0, 0))]
+    sides = ["forgetjax"] + ([] if args.skip_trl else ["trl"])
+    rounds: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        problems_path = tmp / "gsm8k_subset.jsonl"
-        problems_path.write_text("".join(json.dumps({"id": p.metadata["item_id"], "question": p.metadata["question"],
-                                                     "answer": p.reference}) + "\n" for p in problems))
-        ours = run_forgetjax(args, problems_path, tmp / "forgetjax")
-        result = {"settings": vars(args), "forgetjax": {**summarise(ours["step_s"], args.warmup), **ours}}
-        if not args.skip_trl:
-            model, tokenizer = forgetjax.load("smollm2-135m-instruct")
-            forgetjax.export_hf(model, tokenizer, tmp / "hf")
-            del model
-            theirs = run_trl(args, visit_order, tmp / "hf", tmp / "trl")
-            result["trl"] = {**summarise(theirs["step_s"], args.warmup), **theirs}
-            result["speedup_median"] = result["trl"]["median_s"] / result["forgetjax"]["median_s"]
-            result["speedup_best"] = result["trl"]["best_s"] / result["forgetjax"]["best_s"]
-    result["jax_f32_matmul_flops"] = jax_matmul_peak()
-    result["torch_f32_matmul_flops"] = torch_matmul_peak()
-
+        for round_index in range(args.rounds):
+            for side in sides if round_index % 2 == 0 else sides[::-1]:
+                side_out = Path(tmp) / f"{side}-{round_index}.json"
+                command = [sys.executable, __file__, *sys.argv[1:], "--side", side, "--side-out", str(side_out)]
+                subprocess.run(command, check=True)
+                rounds[side].append(json.loads(side_out.read_text()))
+    raw = {side: merge_rounds(results, args.warmup) for side, results in rounds.items()}
+    result = {"settings": vars(args)}
+    for side in sides:
+        result[side] = {**summarise(raw[side]["step_s"], args.warmup), **raw[side]}
+    ours = raw["forgetjax"]
     kept = ours["split"][args.warmup:]
     print(f"GRPO step, SmolLM2-135M f32, {args.prompts} prompts x G={args.group_size}, "
           f"{args.max_new_tokens} new tokens, beta={args.beta}")
     print(f"forgetjax: best {result['forgetjax']['best_s']:.1f} s, median {result['forgetjax']['median_s']:.1f} s")
     for key in ("rollout_s", "reward_wait_s", "reward_s", "reference_s", "update_s", "generated_tokens"):
         print(f"  {key:17s} median {statistics.median(s[key] for s in kept):8.2f}")
+    print(f"  jax f32 matmul peak {ours['jax_f32_matmul_flops'] / 1e9:.0f} GFLOP/s")
     if "trl" in result:
+        theirs = raw["trl"]
+        result["speedup_median"] = result["trl"]["median_s"] / result["forgetjax"]["median_s"]
+        result["speedup_best"] = result["trl"]["best_s"] / result["forgetjax"]["best_s"]
         print(f"TRL:       best {result['trl']['best_s']:.1f} s, median {result['trl']['median_s']:.1f} s, "
               f"generated tokens/step median {statistics.median(theirs['generated_tokens'][args.warmup:] or [0])}")
+        print(f"  torch f32 matmul peak {theirs['torch_f32_matmul_flops'] / 1e9:.0f} GFLOP/s")
         print(f"speed-up (TRL / forgetjax): median {result['speedup_median']:.2f}x, best {result['speedup_best']:.2f}x")
-    print(f"measured f32 matmul peak: jax {result['jax_f32_matmul_flops'] / 1e9:.0f} GFLOP/s, "
-          f"torch {result['torch_f32_matmul_flops'] / 1e9:.0f} GFLOP/s")
     if args.out:
         write_json_atomic(args.out, result)
 

@@ -3,7 +3,6 @@ NLTK punkt_tab data that IFEval's checkers need (hand-split sentences, the punkt
 import csv
 import json
 import os
-import subprocess
 import sys
 
 import pyarrow.parquet as pq
@@ -39,17 +38,15 @@ def eval_args(model, battery, out, data_dir, *extra):
             "--limit", "3", "--model-id", "tiny", "--batch-size", "4", *map(str, extra)]
 
 
-def test_eval_cli_end_to_end_then_resumes(tiny_dir, tmp_path, data_dir, monkeypatch):
+def test_eval_cli_end_to_end_then_resumes(tiny_dir, tmp_path, data_dir, monkeypatch, capsys):
     battery = tmp_path / "tiny.yaml"
     battery.write_text(BATTERY)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "forgetjax.cli",
-                             *eval_args(tiny_dir, battery, out, data_dir, "--judge", tiny_dir)],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli_main(eval_args(tiny_dir, battery, out, data_dir, "--judge", tiny_dir)) == 0
+    printed = capsys.readouterr().out
     model_dir = out / "tiny"
     for name in BENCHMARKS:
-        assert name in result.stdout  # the printed summary table
+        assert name in printed  # the summary table
     records = {name: pq.read_table(model_dir / f"{name}.parquet").to_pylist() for name in BENCHMARKS}
     assert all(len(rows) == 3 for rows in records.values())  # --limit 3 caps nq_open's limit 5
     assert {r["run_id"] for rows in records.values() for r in rows} == {"tiny"}
@@ -101,6 +98,24 @@ def test_eval_cli_reports_bad_battery_before_loading_the_model(tmp_path, data_di
         cli_main(eval_args(missing_model, unknown, tmp_path / "out", data_dir))
     with pytest.raises(SystemExit, match="--tasks is required"):
         cli_main(["eval", str(missing_model), "--out", str(tmp_path), "--backend", "lm-eval"])
+
+
+def test_lm_eval_backend_delegates_to_the_bridge(tmp_path, data_dir, monkeypatch):
+    import types
+
+    calls = []
+    bridge = types.ModuleType("forgetjax.eval.lm_eval_bridge")
+    bridge.run_lm_eval = lambda *args, **kwargs: calls.append((args, kwargs)) or {"summary": []}
+    monkeypatch.setitem(sys.modules, "forgetjax.eval.lm_eval_bridge", bridge)
+    argv = ["eval", "some/model", "--out", str(tmp_path), "--data-dir", str(data_dir), "--backend", "lm-eval",
+            "--tasks", "mmlu, gsm8k", "--limit", "2", "--seed", "3"]
+    assert cli_main(argv) == 0
+    (args, kwargs), = calls
+    assert args == ("some/model", ["mmlu", "gsm8k"], str(tmp_path), str(data_dir))
+    assert kwargs["limit"] == 2 and kwargs["seed"] == 3 and "run_id" not in kwargs
+    monkeypatch.setitem(sys.modules, "forgetjax.eval.lm_eval_bridge", None)  # import fails
+    with pytest.raises(SystemExit, match="needs forgetjax.eval.lm_eval_bridge"):
+        cli_main(argv)
 
 
 def test_judge_verdicts_are_parsed_from_the_first_word():
@@ -167,7 +182,8 @@ def test_ifeval_sentence_checkers_run_with_the_built_data(fresh_punkt_tab, data_
     from forgetjax.eval.benchmarks.base import Item
 
     ifeval = get_benchmark("ifeval")
-    items = [i for i in ifeval.load(data_dir) if i.data["instruction_id_list"] == ["length_constraints:number_sentences"]]
+    wanted = ["length_constraints:number_sentences"]
+    items = [i for i in ifeval.load(data_dir) if i.data["instruction_id_list"] == wanted]
     ifeval.check_ready(items[:1])
     kwargs = {"num_sentences": 3, "relation": "less than"}
     item = Item(id="probe", category="ifeval", data={"key": 1, "prompt": "p", "kwargs": [kwargs],

@@ -202,8 +202,8 @@ def test_chat_prompt_is_the_tokenizer_template(tiny):
     messages = [{"role": "user", "content": "t7 t8"}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert engine.apply_chat_template(messages) == rendered == "t3 t7 t8 t4 t5"
-    generation = engine.generate([GenerationRequest(prompt=messages, max_new_tokens=5)])[0]
-    expected = hf_greedy(hf, [3, 7, 8, 4, 5], 5)
+    generation = engine.generate([GenerationRequest(prompt=messages, max_new_tokens=6)])[0]
+    expected = hf_greedy(hf, [3, 7, 8, 4, 5], 6)
     assert generation.texts == [tokenizer.decode(expected, skip_special_tokens=True)]
 
 
@@ -212,7 +212,7 @@ def test_sampled_requests_are_independent_of_batch_composition(tiny):
     engine = JaxEngine(model, tokenizer, model_id="tiny", batch_size=8)
 
     def request(prompt, seed):
-        return GenerationRequest(prompt=prompt, max_new_tokens=5, temperature=1.0, n=2, seed=seed)
+        return GenerationRequest(prompt=prompt, max_new_tokens=6, temperature=1.0, n=2, seed=seed)
 
     alone = engine.generate([request("t5 t6", 11)])[0]
     together = engine.generate([request("t9 t10 t11", 3), request("t5 t6", 11), request("t7", 11)])

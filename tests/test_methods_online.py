@@ -21,6 +21,7 @@ from forgetjax.methods.rollout import (
     completion_targets,
     context_arrays,
     micro_batch_row_order,
+    row_length,
 )
 from forgetjax.sampling.sampler import Completions, Sampler
 from forgetjax.sharding import make_mesh
@@ -187,6 +188,7 @@ def test_rows_align_completion_tokens_across_contexts():
     np.testing.assert_array_equal(loss_mask, [[0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0]])
     old = align_to_targets(np.asarray([[-1, -2, -3, 0], [-4, -5, 0, 0]], np.float32), lengths, 4, 8)
     np.testing.assert_array_equal(old, [[0, 0, 0, -1, -2, -3, 0, 0], [0, 0, 0, -4, -5, 0, 0, 0]])
+    assert (row_length(4, 3), row_length(61, 3), row_length(62, 3), row_length(100, 100)) == (64, 64, 128, 256)
     # every target of a real token is the next real token of the row
     ids, mask = arrays["input_ids"], arrays["attention_mask"]
     on = loss_mask > 0
@@ -452,6 +454,7 @@ def sampled_reward(model, tokenizer, problems, pool, *, samples: int, max_new_to
     return float(np.mean(pool.score([("math", text, ref) for text, ref in zip(out.texts, refs)])))
 
 
+MICRO_BATCHES = {"on_rl_grpo": 1, "pi_distill": 2}  # π-Distill runs two forward passes per row: half the rows each
 LEARNING_SETTINGS = {
     "on_rl_grpo": {"group_size": 8, "max_new_tokens": 24, "temperature": 1.0, "beta": 0.0},
     "pi_distill": {"group_size": 8, "max_new_tokens": 24, "temperature": 1.0, "alpha": 0.5, "beta": 0.0},
@@ -480,15 +483,16 @@ def test_online_method_raises_reward_of_smollm2_on_single_digit_addition(tmp_pat
     with RewardPool(2) as pool:
         model, tokenizer = forgetjax.load("smollm2-135m-instruct")
         before = sampled_reward(model, tokenizer, problems[:32], pool, **evaluate)
+        print(f"\nstep-0 reward of prompt-only samples: {before:.3f}", flush=True)
         for seed in (0, 1):
             model, tokenizer = forgetjax.load("smollm2-135m-instruct")
             method = build_method(method_name, LEARNING_SETTINGS[method_name], domain)
-            cfg = TrainConfig(batch_size=16, micro_batches=1, max_length=128, seed=seed,
+            cfg = TrainConfig(batch_size=16, micro_batches=MICRO_BATCHES[method_name], max_length=128, seed=seed,
                               budget=BudgetConfig("steps", steps), checkpoint=CheckpointConfig(every=1000, keep=1),
                               log=LogConfig(progress=False, tensorboard=False, peak_flops=1e11),
                               optimizer=OptimizerConfig(lr=1e-5, schedule="constant", max_grad_norm=1.0),
                               out_dir=str(tmp_path / f"{method_name}-{seed}"))
-            trainer = Trainer(cfg, model, tokenizer, method)
+            trainer = Trainer(cfg, model, tokenizer, method, mesh=make_mesh(1, 1, 1, devices=[jax.devices()[0]]))
             trainer.fit()
             after = sampled_reward(trainer.current_model(), tokenizer, problems[:32], pool, **evaluate)
             logged = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]

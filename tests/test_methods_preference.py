@@ -13,7 +13,7 @@ import forgetjax
 from forgetjax.envs import Problem
 from forgetjax.methods import pairs as P
 from forgetjax.methods.dpo import DPOArgs, OffRLDPO, build_pair_records
-from forgetjax.methods.spin import RealExample, SelfSPIN, SPINArgs, ground_truth_completion
+from forgetjax.methods.spin import RealExample, SelfSPIN, SPINArgs
 from forgetjax.sampling.sampler import Sampler, SamplingParams
 from forgetjax.sharding import make_mesh
 from forgetjax.training.budget import BudgetConfig
@@ -149,15 +149,15 @@ def test_heldout_split_is_by_prompt_and_never_everything():
     assert P.heldout_prompt_ids(ids, 0.0, seed=0) == set()
 
 
-def test_ground_truth_completion_formats():
-    gsm = Problem("gsm8k/train-0000", "math", "q", "72", {"solution": "48/2 = 24.\n48+24 = 72.\n#### 72"})
-    assert ground_truth_completion(gsm) == "48/2 = 24.\n48+24 = 72.\nThe final answer is $\\boxed{72}$."
-    code = Problem("mbpp/601", "code", "q", {"kind": "assert", "tests": [], "setup_code": ""},
-                   {"solution": "def f():\n    return 1\n"})
-    assert ground_truth_completion(code) == "```python\ndef f():\n    return 1\n```"
-    assert ground_truth_completion(Problem("qa/1", "qa", "q", ["Paris", "paris"], {})) == "Paris"
-    with pytest.raises(ValueError, match="records"):
-        ground_truth_completion(Problem("x/1", "math", "q", "1", {}))
+def test_spin_ground_truth_comes_from_the_worked_solutions(data_dir):
+    examples = SelfSPIN(SPINArgs(), DomainConfig(limit=3, data_dir=str(data_dir))).examples()
+    rows = [json.loads(line) for line in (data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()]
+    assert len(examples) == 3
+    for example in examples:
+        row = rows[int(example.id.rsplit("-", 1)[1])]
+        answer = row["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        assert row["question"] in example.prompt and "\\boxed{}" in example.prompt
+        assert example.completion.endswith(f"\\boxed{{{answer}}}.") and "<<" not in example.completion
 
 
 def test_args_are_validated_with_field_names():
@@ -227,7 +227,7 @@ def test_dpo_cached_reference_and_first_step_loss_match_numpy(tiny, tmp_path, mo
     for name in ("generate_samples", "with_reference_logps"):
         monkeypatch.setattr(P, name, refusing)
     model_a, _ = forgetjax.load(tiny["a"])
-    method_a = OffRLDPO(DPOArgs(**DPO_ARGS), DomainConfig(), problems=problems, verifier=refusing)
+    method_a = OffRLDPO(DPOArgs(**DPO_ARGS, heldout_every=1), DomainConfig(), problems=problems, verifier=refusing)
     trainer = Trainer(cfg, model_a, tok, method_a, mesh=one_device())
     result = trainer.fit()
     assert result.steps == 1
@@ -252,8 +252,8 @@ def test_dpo_cached_reference_and_first_step_loss_match_numpy(tiny, tmp_path, mo
     train_flops = 3.0 * model_a.config.flops_per_token(cfg.max_length) * logged["tokens"]
     assert result.usage["flops"] == pytest.approx(train_flops + stats["prepare_flops"], rel=1e-9)
 
-    # The held-out margin function against numpy on the same models.
-    report = method_a.heldout_report(forgetjax.load(tiny["a"])[0], trainer)
+    # The held-out margins (logged with heldout_every=1: measured on A before the first update) against numpy.
+    report = {k.removeprefix("heldout_"): v for k, v in logged.items() if k.startswith("heldout_")}
     held_policy = np.array([[torch_sequence_logp(tiny["torch_a"], r["prompt"], r[s]) for s in ("chosen", "rejected")]
                             for r in heldout])
     held_ref = np.array([[r["ref_chosen_logp"], r["ref_rejected_logp"]] for r in heldout])
@@ -261,17 +261,25 @@ def test_dpo_cached_reference_and_first_step_loss_match_numpy(tiny, tmp_path, mo
     reward = beta * (logp_margin - (held_ref[:, 0] - held_ref[:, 1]))
     assert report["pairs"] == len(heldout)
     assert report["logp_margin"] == pytest.approx(logp_margin.mean(), abs=2e-4)
+    assert report["reference_logp_margin"] == pytest.approx((held_ref[:, 0] - held_ref[:, 1]).mean(), abs=1e-5)
     assert report["reward_margin"] == pytest.approx(reward.mean(), abs=2e-4)
     assert report["reward_accuracy"] == pytest.approx((reward > 0).mean())
 
 
-def test_dpo_cache_built_with_other_settings_is_an_error(tiny, tmp_path):
+def test_dpo_rollouts_survive_a_kill_and_other_settings_are_an_error(tiny, tmp_path, monkeypatch):
     tok = toy_tokenizer()
     problems = toy_problems(6)
     model, _ = forgetjax.load(tiny["b"])
     cfg = train_cfg(tmp_path, steps=1)
     method = OffRLDPO(DPOArgs(**DPO_ARGS), DomainConfig(), problems=problems, verifier=parity_verifier)
     method.batch_source(Trainer(cfg, model, tok, method, mesh=one_device()))
+    cache = tmp_path / "data" / "off_rl_dpo"
+    pairs = (cache / "train.jsonl").read_text()
+    (cache / "stats.json").unlink()  # killed after sampling, before the dataset was complete
+    monkeypatch.setattr(P, "generate_samples", refusing)
+    rebuilt = OffRLDPO(DPOArgs(**DPO_ARGS), DomainConfig(), problems=problems, verifier=parity_verifier)
+    rebuilt.batch_source(Trainer(cfg, model, tok, rebuilt, mesh=one_device()))
+    assert (cache / "train.jsonl").read_text() == pairs and (cache / "stats.json").is_file()
     loss_only = OffRLDPO(DPOArgs(**{**DPO_ARGS, "beta": 0.2, "epochs": 3}), DomainConfig(), problems=problems,
                          verifier=refusing)
     loss_only.batch_source(Trainer(cfg, model, tok, loss_only, mesh=one_device()))  # same data: cache reused
@@ -371,26 +379,51 @@ def fresh_smollm2():
     return forgetjax.load("smollm2-135m-instruct")
 
 
+def one_step_word_problems(path: Path, count: int, seed: int = 0) -> Path:
+    """GSM8K-style one-step word problems (question + answer records, the local-file format of load_problems).
+
+    SmolLM2-135M-Instruct solves ~2-3% of GSM8K items (measured: 1/64 and 2/64 on the easiest ones with <= 256 new
+    tokens), far too few verified-correct rollouts to form pairs in minutes on a CPU; it solves a good share of
+    these, so the same pipeline yields enough pairs."""
+    rng = np.random.default_rng(seed)
+    names = ("Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo")
+    rows = []
+    for i in range(count):
+        a, b = (int(x) for x in rng.integers(2, 20, size=2))
+        name = names[i % len(names)]
+        kind = i % 3
+        if kind == 0:
+            question, answer = f"{name} has {a} apples and buys {b} more. How many apples does {name} have now?", a + b
+        elif kind == 1:
+            question, answer = f"{name} had {a + b} stickers and gave {b} of them away. How many stickers are left?", a
+        else:
+            question, answer = f"A box holds {a} pencils. How many pencils are in {b} boxes?", a * b
+        rows.append({"id": f"word-{i:03d}", "question": question, "answer": str(answer)})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_dpo_on_smollm2_gsm8k_raises_heldout_margin(data_dir, tmp_path):
+def test_dpo_on_smollm2_word_problems_raises_heldout_margin(tmp_path):
     model, tok = fresh_smollm2()
-    domain = DomainConfig(name="math", source="gsm8k", split="train", limit=40, data_dir=str(data_dir), seed=0)
-    args = DPOArgs(beta=0.1, samples_per_prompt=6, temperature=0.8, max_new_tokens=200, max_pairs_per_prompt=2,
-                   heldout_fraction=0.25, prompts_per_call=20, reference_batch=8, seed=0, epochs=4)
+    source = one_step_word_problems(tmp_path / "word_problems.jsonl", 48)
+    domain = DomainConfig(name="math", source=str(source), split="train")
+    args = DPOArgs(beta=0.1, samples_per_prompt=6, temperature=0.8, max_new_tokens=160, max_pairs_per_prompt=2,
+                   heldout_fraction=0.25, prompts_per_call=8, reference_batch=8, seed=0, epochs=4)
     method = OffRLDPO(args, domain)
-    cfg = TrainConfig(batch_size=8, micro_batches=4, max_length=512, budget=BudgetConfig("steps", 12),
+    cfg = TrainConfig(batch_size=8, micro_batches=4, max_length=384, budget=BudgetConfig("steps", 12),
                       checkpoint=CheckpointConfig(every=100, keep=1),
                       log=LogConfig(progress=False, tensorboard=False, peak_flops=1e11),
                       optimizer=OptimizerConfig(lr=5e-6, schedule="constant", max_grad_norm=1.0),
-                      out_dir=str(tmp_path))
+                      out_dir=str(tmp_path / "run"))
     trainer = Trainer(cfg, model, tok, method, mesh=one_device())
     trainer.fit()
     report = method.on_train_end(trainer)
-    stats = json.loads((tmp_path / "data" / "off_rl_dpo" / "stats.json").read_text())
+    stats = json.loads((tmp_path / "run" / "data" / "off_rl_dpo" / "stats.json").read_text())
     print("DPO data stats", json.dumps(stats), "held-out", json.dumps(report))
     print("train metrics", [(r["step"], round(r["loss"], 4), round(r["reward_margin"], 4)) for r in
-                            metrics_rows(tmp_path)])
+                            metrics_rows(tmp_path / "run")])
     assert stats["heldout_pairs"] >= 4
     assert report["heldout_logp_margin"] > report["heldout_reference_logp_margin"]
     assert report["heldout_reward_margin"] > 0

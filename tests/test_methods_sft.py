@@ -565,7 +565,7 @@ def test_generating_methods_run_end_to_end_on_smollm2(data_dir, tmp_path, method
     from forgetjax.training.run import RunConfig, run_training
 
     model, tokenizer = forgetjax.load("smollm2-135m-instruct")
-    cfg = RunConfig(train=TrainConfig(batch_size=4, max_length=512, budget=BudgetConfig("steps", 2),
+    cfg = RunConfig(train=TrainConfig(batch_size=2, max_length=512, budget=BudgetConfig("steps", 2),
                                       optimizer=OptimizerConfig(lr=1e-5), checkpoint=CheckpointConfig(every=100),
                                       log=LogConfig(progress=False, tensorboard=False), out_dir=str(tmp_path)),
                     method=method, method_args=args, domain=DomainConfig(source="gsm8k", limit=16,

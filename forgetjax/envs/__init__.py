@@ -16,6 +16,7 @@ from forgetjax.envs.problems import (
     default_template,
     is_held_out,
     load_problems,
+    load_training_problems,
     require_training_pool,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "default_template",
     "is_held_out",
     "load_problems",
+    "load_training_problems",
     "require_training_pool",
     *sorted(_LAZY),
 ]

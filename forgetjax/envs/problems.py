@@ -143,6 +143,14 @@ def require_training_pool(problems: Sequence[Problem]) -> None:
                              "be used for training")
 
 
+def load_training_problems(domain) -> list[Problem]:
+    """The training problems a `DomainConfig` names (`load_problems` with its fields); held-out items are refused."""
+    problems = load_problems(domain.name, domain.source, domain.data_dir, domain.split, domain.limit, domain.seed,
+                             template=domain.template)
+    require_training_pool(problems)
+    return problems
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Built-in sources
 # ----------------------------------------------------------------------------------------------------------------

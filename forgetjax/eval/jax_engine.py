@@ -12,7 +12,8 @@ battery hashes), plain prompts are used as they are. Requests with equal samplin
 prompt length and sent to `Sampler.generate_tokens` in chunks of at most `batch_size` rows (prompts x n), whose
 prompt length and row count the sampler pads to a few buckets, so few shapes compile.
 
-Seeds. Greedy requests (temperature 0) do not depend on a seed and are batched freely. A sampled request
+Seeds. Greedy requests (temperature 0) do not depend on a seed and are batched freely (left padding to a shared
+length bucket changes their logits only at float rounding level, so an exact argmax tie could flip). A sampled request
 (temperature > 0) is decoded in a sampler call of its own, its `n` samples being the rows, with the PRNG key
 `jax.random.key(request.seed)`; the sampler splits that key once per decoding step. Its samples therefore depend
 only on (prompt, settings, seed): they are reproducible and independent of which other requests are evaluated or
@@ -117,7 +118,7 @@ class _Target:
 def _group_key(request: GenerationRequest) -> tuple:
     """Requests with equal keys share sampler calls; sampled requests are keyed by their seed too."""
     seed = request.seed if request.temperature > 0 else None
-    return (request.max_new_tokens, request.temperature, request.top_p, request.n, request.stop, seed)
+    return (request.max_new_tokens, request.temperature, request.top_p, request.n, tuple(request.stop), seed)
 
 
 class JaxEngine:

@@ -126,3 +126,12 @@ def ensure_punkt_tab(language: str = "english") -> Path:
         raise LookupError(f"punkt_tab written to {language_dir} but nltk does not find it (nltk.data.path = "
                           f"{nltk.data.path})")
     return found
+
+
+def try_ensure_punkt_tab(language: str = "english") -> Path | None:
+    """`ensure_punkt_tab`, or None when it cannot be provided (then NLTK's own LookupError names what is missing
+    when a checker needs the data, and checkers that do not need it still run)."""
+    try:
+        return ensure_punkt_tab(language)
+    except (ModuleNotFoundError, LookupError):
+        return None

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from forgetjax.data.tokenize import ExampleEncoder
+from forgetjax.envs import load_training_problems
 from forgetjax.losses.distill import generalized_jsd
 from forgetjax.losses.token import LossOutput, check_rank, cross_entropy_loss, masked_sum_count
 from forgetjax.methods.registry import register
@@ -42,7 +43,6 @@ from forgetjax.methods.sft import (
     SFTDataArgs,
     SFTMethod,
     domain_settings,
-    load_training_problems,
     sft_record,
 )
 from forgetjax.methods.teacher_data import (

@@ -173,7 +173,8 @@ class OffRLDPO(Method):
                                        "max_length": trainer.cfg.max_length, "problems": P.problems_digest(items)})
 
     def build_data(self, trainer) -> P.PairData:
-        """Sample, verify, pair, split and score with the reference (= the trainer's current, starting model)."""
+        """Sample (rollouts cached as soon as they exist), verify, pair, split and score with the reference (= the
+        trainer's current, starting model)."""
         from forgetjax.sampling.sampler import SamplingParams
 
         args, problems = self.args, self.problems()
@@ -181,9 +182,10 @@ class OffRLDPO(Method):
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, n=args.samples_per_prompt)
         messages = [P.prompt_messages(p.prompt, args.system) for p in problems]
-        samples, generation_flops = P.generate_samples(model, trainer.tokenizer, messages, params,
-                                                       prompts_per_call=args.prompts_per_call, seed=args.seed,
-                                                       mesh=trainer.mesh)
+        samples, generation_flops = P.cached_samples(
+            P.PairCache(self.data_directory(trainer)).rollouts_path, self.fingerprint(trainer),
+            lambda: P.generate_samples(model, trainer.tokenizer, messages, params,
+                                       prompts_per_call=args.prompts_per_call, seed=args.seed, mesh=trainer.mesh))
         flat_problems = [p for p, group in zip(problems, samples) for _ in group]
         flat_verdicts = self.verifier(flat_problems, [s.text for group in samples for s in group])
         verdicts, start = [], 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from forgetjax.envs import load_training_problems
 from forgetjax.losses.policy_gradient import policy_loss
 from forgetjax.losses.token import token_logprobs
 from forgetjax.methods.base import Method
@@ -24,7 +25,6 @@ from forgetjax.methods.rollout import (
     OnlineSource,
     RolloutArgs,
     chat_messages,
-    load_training_problems,
     reference_from_trainer,
     token_entropy_sum,
 )

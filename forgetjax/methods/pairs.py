@@ -265,6 +265,22 @@ def problems_digest(items: Sequence[tuple[str, str]]) -> str:
     return settings_fingerprint({"items": [list(item) for item in items]})
 
 
+def cached_samples(path: str | Path, fingerprint: str,
+                   generate: Callable[[], tuple[list[list[Sample]], float]]) -> tuple[list[list[Sample]], float]:
+    """The rollouts stored in `path` for these settings, else `generate()`d and stored there at once (atomically),
+    so a run killed after generation - the expensive part - never samples again. Returns (samples, FLOPs)."""
+    path = Path(path)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") == fingerprint:
+            samples = [[Sample(**sample) for sample in group] for group in stored["samples"]]
+            return samples, float(stored["generation_flops"])
+    samples, flops = generate()
+    write_json_atomic(path, {"fingerprint": fingerprint, "generation_flops": flops,
+                             "samples": [[dataclasses.asdict(sample) for sample in group] for group in samples]})
+    return samples, flops
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
@@ -280,7 +296,8 @@ class PairData:
 
 class PairCache:
     """One dataset under `directory`: train.jsonl, heldout.jsonl, then stats.json (written last: its presence
-    marks a complete cache). A cache built with other settings is an error, never silently reused."""
+    marks a complete cache). A cache built with other settings is an error, never silently reused. The raw
+    rollouts are kept in rollouts.json (see `cached_samples`) while the dataset is being built."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -306,6 +323,10 @@ class PairCache:
         stats = {**data.stats, "fingerprint": fingerprint}
         write_json_atomic(self.stats_path, stats)
         return PairData(data.train, data.heldout, stats)
+
+    @property
+    def rollouts_path(self) -> Path:
+        return self.directory / "rollouts.json"
 
     def load_or_build(self, fingerprint: str, build: Callable[[], PairData]) -> PairData:
         cached = self.load(fingerprint)

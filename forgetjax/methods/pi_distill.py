@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from forgetjax.envs import load_training_problems
 from forgetjax.losses.pi_distill import pi_distill_loss
 from forgetjax.losses.token import token_logprobs
 from forgetjax.methods.base import Method
@@ -20,7 +21,6 @@ from forgetjax.methods.rollout import (
     OnlineSource,
     RolloutArgs,
     chat_messages,
-    load_training_problems,
     reference_answer,
     token_entropy_sum,
 )

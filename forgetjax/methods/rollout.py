@@ -14,7 +14,8 @@ One rollout step (:meth:`OnlineSource.next_batch`):
    groups (:func:`micro_batch_row_order`).
 
 Row layout (the batch contract of ``forgetjax.data.batching`` plus method fields): every prompt is left-padded to a
-common width ``W`` and its completion starts at column ``W``, so ``logits[:, t]`` predicts ``targets[:, t]`` and
+common width ``W`` (the longest prompt of the step over all contexts) and its completion starts at column ``W``; rows
+are right-padded to a multiple of 64 columns (:func:`row_length`). ``logits[:, t]`` predicts ``targets[:, t]``, and
 completion token ``k`` is the target at column ``W - 1 + k`` in *every* context of the row. Extra contexts (π-Distill's
 student sees the prompt without privileged information) are laid out with the same ``W`` under ``<name>_input_ids``,
 ``<name>_attention_mask``, ``<name>_positions`` and ``<name>_segment_ids``, and share ``targets`` / ``loss_mask``.
@@ -47,7 +48,7 @@ from forgetjax.io import atomic_open, write_json_atomic
 from forgetjax.losses.policy_gradient import group_advantages
 from forgetjax.losses.token import token_logprobs
 from forgetjax.methods.base import Batch, StepContext
-from forgetjax.sampling.sampler import LENGTH_BUCKETS, Completions, Sampler, SamplingParams, bucket
+from forgetjax.sampling.sampler import Completions, Sampler, SamplingParams
 from forgetjax.verifiers.rewards import RewardDetail, RewardPool
 
 Messages = list[dict[str, str]]
@@ -58,7 +59,10 @@ _ORDER_STREAM = 0
 @dataclasses.dataclass
 class RolloutArgs:
     """Rollout and reward settings shared by the online methods. The trainer's ``batch_size`` is the number of
-    completion rows per step: ``batch_size / group_size`` prompts, each sampled ``group_size`` times."""
+    completion rows per step: ``batch_size / group_size`` prompts, each sampled ``group_size`` times. The old-policy
+    log-probs are the model's own (temperature 1, unfiltered), so sampling with temperature != 1 or top-p/top-k makes
+    the first update slightly off-policy, as in common GRPO implementations. ``advantage`` None takes the method's
+    default; the reward settings are those of :class:`~forgetjax.verifiers.rewards.RewardPool`."""
 
     group_size: int = 4
     max_new_tokens: int = 128
@@ -117,9 +121,13 @@ def sampling_seed(key: jax.Array) -> int:
     return int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
 
 
-def prompt_width(prompt_lengths: Sequence[int]) -> int:
-    """The common left-padded prompt width: the sampler's length bucket of the longest prompt (few shapes)."""
-    return bucket(max(prompt_lengths), LENGTH_BUCKETS)
+ROW_MULTIPLE = 64
+
+
+def row_length(width: int, longest_completion: int, multiple: int = ROW_MULTIPLE) -> int:
+    """Columns of a training row: the prompt width plus the longest completion, rounded up to a multiple of
+    ``multiple`` so that only a few shapes compile (at most max_length / multiple) with little padding."""
+    return int(math.ceil((width + max(longest_completion, 1)) / multiple) * multiple)
 
 
 def context_arrays(prompts: Sequence[Sequence[int]], completions: np.ndarray, lengths: np.ndarray, width: int,
@@ -439,8 +447,8 @@ class OnlineSource:
     def _layout(self, rows, completions: Completions, pad_id: int) -> tuple[dict[str, np.ndarray], list[int]]:
         """Training arrays of every context (common prompt width, completions aligned) plus old_logp."""
         names = list(rows[0][1])
-        width = prompt_width([len(contexts[name]) for _, contexts in rows for name in names])
-        total = width + self.args.max_new_tokens
+        width = max(len(contexts[name]) for _, contexts in rows for name in names)
+        total = row_length(width, int(completions.lengths.max()))
         tokens, lengths = completions.tokens, completions.lengths
         arrays: dict[str, np.ndarray] = {}
         for name in names:
@@ -481,15 +489,6 @@ class OnlineSource:
         return Batch(arrays=arrays, tokens=int(meta["tokens"]), examples=int(meta["examples"]),
                      extra_flops=meta["extra_flops"], info=info)
 
-
-def load_training_problems(domain) -> list:
-    """The domain's training problems (load_problems with the DomainConfig's fields); held-out sets are refused."""
-    from forgetjax.envs import load_problems, require_training_pool
-
-    problems = load_problems(domain.name, domain.source, domain.data_dir, domain.split, domain.limit, domain.seed,
-                             template=domain.template)
-    require_training_pool(problems)
-    return problems
 
 
 def reference_from_trainer(trainer) -> ReferenceModel:

@@ -15,6 +15,7 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
+from forgetjax.envs import load_training_problems
 from forgetjax.methods.registry import register
 from forgetjax.methods.sft import (
     Prepared,
@@ -22,7 +23,6 @@ from forgetjax.methods.sft import (
     SFTMethod,
     domain_settings,
     ground_truth_completion,
-    load_training_problems,
     sft_record,
 )
 from forgetjax.methods.teacher_data import (

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import jax
 
 from forgetjax.data import make_sft_pipeline, read_records
+from forgetjax.envs import load_training_problems
 from forgetjax.eval.benchmarks.math import strip_calculator_annotations
 from forgetjax.losses.token import cross_entropy_loss
 from forgetjax.methods.base import Batch, Method, StepContext
@@ -58,16 +59,6 @@ def ground_truth_completion(problem) -> str:
         return solution.strip()
     reference = problem.reference if isinstance(problem.reference, str) else problem.reference[0]
     return solution.strip() + "\n" + ANSWER_SENTENCE.format(answer=reference)
-
-
-def load_training_problems(domain) -> list:
-    """The domain's training problems (held-out evaluation items are refused)."""
-    from forgetjax.envs import load_problems, require_training_pool
-
-    problems = load_problems(domain.name, domain.source, domain.data_dir, domain.split, domain.limit, domain.seed,
-                             template=domain.template)
-    require_training_pool(problems)
-    return problems
 
 
 def domain_settings(domain) -> dict[str, Any]:
@@ -258,5 +249,5 @@ def build_gt_sft(args: GtSftArgs, domain) -> GroundTruthSFT:
 
 
 __all__ = ["GroundTruthSFT", "GtSftArgs", "Prepared", "SFTBatchSource", "SFTDataArgs", "SFTMethod",
-           "format_gsm8k_solution", "ground_truth_completion", "load_training_problems", "sft_loss",
+           "format_gsm8k_solution", "ground_truth_completion", "sft_loss",
            "verified_ground_truth"]

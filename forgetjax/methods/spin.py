@@ -10,7 +10,8 @@ the iteration index is part of the source state. The loss is `forgetjax.losses.p
 iteration runs `epochs_per_iteration` passes over its pairs, after K iterations the data is exhausted.
 
 Ground truth y: `method_args.records` (prompt/completion records, any format `forgetjax.data.read_records`
-reads), else the worked solutions of the domain's problems (`ground_truth_completion`).
+reads), else the domain problems' worked solutions in exactly GT-SFT's target format
+(`forgetjax.methods.sft.ground_truth_completion`), so SPIN and GT-SFT learn the same y.
 """
 from __future__ import annotations
 
@@ -53,24 +54,6 @@ class SPINArgs:
         for name in ("iterations", "epochs_per_iteration", "max_new_tokens", "prompts_per_call", "reference_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def ground_truth_completion(problem) -> str:
-    """The reference answer of a training problem written as a completion in the evaluation prompt's format:
-    math - the worked solution ending in "The final answer is $\\boxed{x}$." (GSM8K's "#### x" line replaced),
-    code - the reference program in a ```python block, qa - the first acceptable answer."""
-    solution = problem.metadata.get("solution")
-    if problem.domain == "qa":
-        return problem.reference[0]
-    if not solution:
-        raise ValueError(f"problem {problem.id!r} has no worked solution for SPIN's ground truth; pass "
-                         "method_args.records (prompt/completion records)")
-    if problem.domain == "code":
-        return f"```python\n{solution.strip()}\n```"
-    if "####" in solution:
-        body = solution.rsplit("####", 1)[0].strip()
-        return f"{body}\nThe final answer is $\\boxed{{{problem.reference}}}$."
-    return solution.strip()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,12 +160,10 @@ class SelfSPIN(Method):
             if self.args.records is not None:
                 self._examples = real_examples_from_records(self.args.records)
             else:
-                from forgetjax.envs import load_problems, require_training_pool
+                from forgetjax.envs import load_training_problems
+                from forgetjax.methods.sft import ground_truth_completion
 
-                d = self.domain
-                problems = load_problems(d.name, d.source, d.data_dir, d.split, d.limit, d.seed,
-                                         template=d.template)
-                require_training_pool(problems)
+                problems = load_training_problems(self.domain)
                 self._examples = [RealExample(p.id, p.prompt, ground_truth_completion(p)) for p in problems]
             if not self._examples:
                 raise ValueError(f"{NAME}: no training examples")
@@ -216,9 +197,12 @@ class SelfSPIN(Method):
                                 top_k=args.top_k, n=1)
         messages = [P.prompt_messages(e.prompt, e.system if e.system is not None else args.system)
                     for e in examples]
-        samples, generation_flops = P.generate_samples(model, trainer.tokenizer, messages, params,
-                                                       prompts_per_call=args.prompts_per_call,
-                                                       seed=P.derived_seed(args.seed, iteration), mesh=trainer.mesh)
+        samples, generation_flops = P.cached_samples(
+            P.PairCache(self.iteration_directory(trainer, iteration)).rollouts_path,
+            self.fingerprint(trainer, iteration),
+            lambda: P.generate_samples(model, trainer.tokenizer, messages, params,
+                                       prompts_per_call=args.prompts_per_call,
+                                       seed=P.derived_seed(args.seed, iteration), mesh=trainer.mesh))
         generated = [group[0].text for group in samples]
         records, identical_or_empty = spin_pair_records(examples, generated, args.system)
         scored, too_long, reference_flops = P.with_reference_logps(
@@ -255,5 +239,5 @@ def make_self_spin(args: SPINArgs, domain) -> SelfSPIN:
     return SelfSPIN(args, domain)
 
 
-__all__ = ["RealExample", "SPINArgs", "SPINSource", "SelfSPIN", "ground_truth_completion", "make_self_spin",
-           "real_examples_from_records", "spin_pair_records"]
+__all__ = ["RealExample", "SPINArgs", "SPINSource", "SelfSPIN", "make_self_spin", "real_examples_from_records",
+           "spin_pair_records"]

@@ -27,7 +27,7 @@ from forgetjax.eval.benchmarks.base import (
 )
 from forgetjax.eval.benchmarks.registry import register
 from forgetjax.eval.engine import Prompt
-from forgetjax.eval.nltk_data import ensure_punkt_tab
+from forgetjax.eval.nltk_data import try_ensure_punkt_tab
 
 IFEVAL_LIBRARY = "lm_eval.tasks.ifeval.utils"
 PROBE_RESPONSE = "This is a short probe response. It has two sentences."
@@ -53,7 +53,7 @@ def _input_example(item: Item) -> Any:
 
 def follow_instructions(item: Item, response: str) -> tuple[list[bool], list[bool]]:
     """Per-instruction (strict, loose) verdicts from lm-eval's IFEval checkers."""
-    ensure_punkt_tab()  # before lm-eval's ifeval import, which would otherwise try to download it
+    try_ensure_punkt_tab()  # before lm-eval's ifeval import, which would otherwise try to download it
     from lm_eval.tasks.ifeval.utils import test_instruction_following_loose, test_instruction_following_strict
 
     example = _input_example(item)
