@@ -18,7 +18,7 @@ import yaml
 
 pytest.importorskip("lm_eval")
 
-from tiny_models import make_hf_model  # noqa: E402
+from tiny_models import byte_level_tokenizer, make_hf_model  # noqa: E402
 
 from forgetjax.eval import lm_eval_bridge as bridge  # noqa: E402
 from forgetjax.eval.battery import select_subset  # noqa: E402
@@ -63,19 +63,6 @@ def softmax(values):
     return shifted / shifted.sum()
 
 
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
-
-
 def forgetjax_loglikelihoods(model, tokenizer, pairs, batch_size=8):
     """Summed continuation log-probabilities from forgetjax's own engine (lm-eval's tokenisation and split)."""
     from forgetjax.eval.jax_engine import JaxEngine
@@ -89,7 +76,7 @@ def tiny_checkpoint(tmp_path_factory):
     import forgetjax
 
     root = tmp_path_factory.mktemp("lm_eval_model")
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_level_tokenizer()
     make_hf_model(root / "hf", "llama", vocab_size=len(tokenizer), max_position_embeddings=4096)
     tokenizer.save_pretrained(str(root / "hf"))
     model, loaded_tokenizer = forgetjax.load(str(root / "hf"))

@@ -1,8 +1,6 @@
 """Token, distillation, preference and pi-Distill losses against independent float64 NumPy/SciPy references."""
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,25 +11,9 @@ from scipy.stats import entropy as sp_entropy
 
 from forgetjax.losses import distill, pi_distill, preference, token
 from forgetjax.losses.token import add_metrics, finalize, finalize_metrics
+from jit_helpers import jit_call
 
 jax.config.update("jax_enable_x64", False)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(fn, static_argnums: tuple[int, ...], kwargs: tuple):
-    return jax.jit(functools.partial(fn, **dict(kwargs)), static_argnums=static_argnums)
-
-
-def jit_call(fn):
-    """Run ``fn`` under jax.jit (eager op-by-op dispatch is ~10x slower to compile); Python scalars stay static."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        static = tuple(i for i, a in enumerate(args) if isinstance(a, (bool, int, float, str)))
-        return _compiled(fn, static, tuple(sorted(kwargs.items())))(*args)
-
-    return wrapper
-
 
 forward_kl_loss = jit_call(distill.forward_kl_loss)
 generalized_jsd_loss = jit_call(distill.generalized_jsd_loss)

@@ -1,8 +1,6 @@
 """GRPO / Dr.GRPO / FRPO losses against independent float64 NumPy references (explicit loops)."""
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,25 +8,9 @@ import pytest
 
 from forgetjax.losses import policy_gradient, token
 from forgetjax.losses.token import finalize
+from jit_helpers import jit_call
 
 jax.config.update("jax_enable_x64", False)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(fn, static_argnums: tuple[int, ...], kwargs: tuple):
-    return jax.jit(functools.partial(fn, **dict(kwargs)), static_argnums=static_argnums)
-
-
-def jit_call(fn):
-    """Run ``fn`` under jax.jit (eager op-by-op dispatch is ~10x slower to compile); Python scalars stay static."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        static = tuple(i for i, a in enumerate(args) if isinstance(a, (bool, int, float, str)))
-        return _compiled(fn, static, tuple(sorted(kwargs.items())))(*args)
-
-    return wrapper
-
 
 clipped_surrogate = jit_call(policy_gradient.clipped_surrogate)
 group_advantages = jit_call(policy_gradient.group_advantages)

@@ -67,19 +67,24 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def byte_chat_tokenizer():
-    """A byte-level tokenizer (any text encodes exactly) with ChatML special tokens and template, like SmolLM2's."""
+def byte_level_tokenizer(bos: str = "<bos>", eos: str = "<eos>", special: tuple[str, ...] = ()):
+    """A byte-level tokenizer (any text encodes exactly): ids 0, 1, 2 = <pad>, `bos`, `eos`, then the 256 bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    vocab = {"<pad>": 0, bos: 1, eos: 2}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    extra = {"additional_special_tokens": list(special)} if special else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token=bos, eos_token=eos, **extra)
+
+
+def byte_chat_tokenizer():
+    """A byte-level tokenizer with ChatML special tokens and template, like SmolLM2's."""
+    fast = byte_level_tokenizer("<|im_start|>", "<|im_end|>", special=("<|im_start|>", "<|im_end|>"))
     fast.chat_template = CHATML
     return fast
 

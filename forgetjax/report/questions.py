@@ -7,6 +7,7 @@ per item over the cells of a group (seeds, domains) before averaging over items,
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -93,6 +94,21 @@ def _no_cells() -> tuple[str, ...]:
     return (NOT_ENOUGH + "no finished post-trained cell with a finished baseline was found.",)
 
 
+def _per_scope(answer_scope: Callable[..., str]) -> Callable[[StudyAnalysis], tuple[str, ...]]:
+    """An answer made of one paragraph per (start point, scale) of the post-trained cells: `answer_scope(analysis,
+    scope_text, start_point, scale, cells_of_that_scope)` writes each paragraph."""
+    @functools.wraps(answer_scope)
+    def answer(analysis: StudyAnalysis) -> tuple[str, ...]:
+        post_cells = analysis.study.post_cells
+        if not post_cells:
+            return _no_cells()
+        return tuple(
+            answer_scope(analysis, _scope_text(start_point, scale), start_point, scale,
+                         [c for c in post_cells if (c.start_point, c.scale) == (start_point, scale)])
+            for start_point, scale in _scopes(post_cells))
+    return answer
+
+
 def _seed_spread(analysis: StudyAnalysis, start_point: str, scale: str, method: str) -> str:
     """"; over seeds: 12.0% ± 3.0% (domain math, 2 seeds)" for configurations with several seeds."""
     parts = []
@@ -104,49 +120,41 @@ def _seed_spread(analysis: StudyAnalysis, start_point: str, scale: str, method: 
     return f"; mean ± std of per-cell F: {', '.join(parts)}" if parts else ""
 
 
-def answer_rq1(analysis: StudyAnalysis) -> tuple[str, ...]:
+@_per_scope
+def answer_rq1(analysis: StudyAnalysis, scope: str, start_point: str, scale: str, cells: list[Cell]) -> str:
     """Rank methods by overall capability forgetting and test the most vs least forgetting method."""
     study, settings = analysis.study, analysis.settings
-    if not study.post_cells:
-        return _no_cells()
-    paragraphs = []
-    for start_point, scale in _scopes(study.post_cells):
-        scope = _scope_text(start_point, scale)
-        cells = [c for c in study.post_cells if (c.start_point, c.scale) == (start_point, scale)]
-        estimates = {}
-        for method, members in _by_method(cells).items():
-            estimate = group_estimate(study, _ids(members), "forgetting", settings)
-            if estimate["estimate"] is not None:
-                estimates[method] = (estimate, members)
-        if not estimates:
-            paragraphs.append(f"{scope} {NOT_ENOUGH}no binary capability items are paired with the baseline.")
-            continue
-        ranked = sorted(estimates, key=lambda m: estimates[m][0]["estimate"], reverse=True)
-        listing = "; ".join(
-            f"{method_label(m)} {with_ci(estimates[m][0], pct, settings.confidence)}"
-            f"{_seed_spread(analysis, start_point, scale, m)}" for m in ranked
-        )
-        tested = [r for r in analysis["forgetting"] if r["level"] == "overall" and r["start_point"] == start_point
-                  and r["scale"] == scale and r["reject_holm"] is not None]
-        rejected = sum(1 for r in tested if r["reject_holm"] and r["n10"] > r["n01"])
-        holm = (f" Per cell, {rejected} of {len(tested)} cell(s) lose significantly more capability items than they "
-                f"gain (exact McNemar, Holm-corrected across cells).") if tested else ""
-        if len(ranked) < 2:
-            only = ranked[0]
-            paragraphs.append(
-                f"{scope} {NOT_ENOUGH}only one post-training method ({method_label(only)}) has results, so no method "
-                f"can be ranked against another. Its overall capability forgetting is F = "
-                f"{with_ci(estimates[only][0], pct, settings.confidence)}"
-                f"{_seed_spread(analysis, start_point, scale, only)}.{holm}")
-            continue
-        most, least = ranked[0], ranked[-1]
-        comparison = compare_groups(study, _ids(estimates[least][1]), _ids(estimates[most][1]), "forgetting", settings)
-        paragraphs.append(
-            f"{scope} Overall capability forgetting F by method: {listing}. {method_label(most)} forgets the most and "
-            f"{method_label(least)} the least; on the {comparison['n_items']} items both were evaluated on, the "
-            f"difference ({method_label(most)} - {method_label(least)}) is "
-            f"{with_ci(comparison, pp, settings.confidence)}: {significance(comparison, settings.confidence)}.{holm}")
-    return tuple(paragraphs)
+    estimates = {}
+    for method, members in _by_method(cells).items():
+        estimate = group_estimate(study, _ids(members), "forgetting", settings)
+        if estimate["estimate"] is not None:
+            estimates[method] = (estimate, members)
+    if not estimates:
+        return f"{scope} {NOT_ENOUGH}no binary capability items are paired with the baseline."
+    ranked = sorted(estimates, key=lambda m: estimates[m][0]["estimate"], reverse=True)
+    listing = "; ".join(
+        f"{method_label(m)} {with_ci(estimates[m][0], pct, settings.confidence)}"
+        f"{_seed_spread(analysis, start_point, scale, m)}" for m in ranked
+    )
+    tested = [r for r in analysis["forgetting"] if r["level"] == "overall" and r["start_point"] == start_point
+              and r["scale"] == scale and r["reject_holm"] is not None]
+    rejected = sum(1 for r in tested if r["reject_holm"] and r["n10"] > r["n01"])
+    holm = (f" Per cell, {rejected} of {len(tested)} cell(s) lose significantly more capability items than they "
+            f"gain (exact McNemar, Holm-corrected across cells).") if tested else ""
+    if len(ranked) < 2:
+        only = ranked[0]
+        return (
+            f"{scope} {NOT_ENOUGH}only one post-training method ({method_label(only)}) has results, so no method "
+            f"can be ranked against another. Its overall capability forgetting is F = "
+            f"{with_ci(estimates[only][0], pct, settings.confidence)}"
+            f"{_seed_spread(analysis, start_point, scale, only)}.{holm}")
+    most, least = ranked[0], ranked[-1]
+    comparison = compare_groups(study, _ids(estimates[least][1]), _ids(estimates[most][1]), "forgetting", settings)
+    return (
+        f"{scope} Overall capability forgetting F by method: {listing}. {method_label(most)} forgets the most and "
+        f"{method_label(least)} the least; on the {comparison['n_items']} items both were evaluated on, the "
+        f"difference ({method_label(most)} - {method_label(least)}) is "
+        f"{with_ci(comparison, pp, settings.confidence)}: {significance(comparison, settings.confidence)}.{holm}")
 
 
 def _capability_families(analysis: StudyAnalysis, cell_ids: Sequence[str]) -> list[str]:
@@ -159,78 +167,64 @@ def _capability_families(analysis: StudyAnalysis, cell_ids: Sequence[str]) -> li
     return [r["family"] for r in rows]
 
 
-def answer_rq2(analysis: StudyAnalysis) -> tuple[str, ...]:
+@_per_scope
+def answer_rq2(analysis: StudyAnalysis, scope: str, start_point: str, scale: str, cells: list[Cell]) -> str:
     """Per method: the capability family with the highest forgetting (and the runner-up)."""
     study, settings = analysis.study, analysis.settings
-    if not study.post_cells:
-        return _no_cells()
-    paragraphs = []
-    for start_point, scale in _scopes(study.post_cells):
-        scope = _scope_text(start_point, scale)
-        cells = [c for c in study.post_cells if (c.start_point, c.scale) == (start_point, scale)]
-        sentences = []
-        for method, members in _by_method(cells).items():
-            families = _capability_families(analysis, _ids(members))
-            if len(families) < 2:
-                sentences.append(f"{method_label(method)}: {NOT_ENOUGH.lower()}only {len(families)} capability "
-                                 f"family with paired binary items ({', '.join(families) or 'none'}), nothing to rank")
-                continue
-            estimates = {
-                f: group_estimate(study, _ids(members), "forgetting", settings, families=[f]) for f in families
-            }
-            ranked = sorted(families, key=lambda f: estimates[f]["estimate"], reverse=True)
-            sentence = (f"{method_label(method)}: most fragile is {ranked[0]} with F = "
-                        f"{with_ci(estimates[ranked[0]], pct, settings.confidence)}, then {ranked[1]} with F = "
-                        f"{with_ci(estimates[ranked[1]], pct, settings.confidence)}")
-            top, second = estimates[ranked[0]], estimates[ranked[1]]
-            if top["low"] > second["high"]:
-                sentence += " (the intervals do not overlap)"
-            else:
-                sentence += " (the intervals overlap, so the order of these two is uncertain)"
-            sentences.append(sentence)
-        paragraphs.append(f"{scope} " + "; ".join(sentences) + ".")
-    return tuple(paragraphs)
+    sentences = []
+    for method, members in _by_method(cells).items():
+        families = _capability_families(analysis, _ids(members))
+        if len(families) < 2:
+            sentences.append(f"{method_label(method)}: {NOT_ENOUGH.lower()}only {len(families)} capability "
+                             f"family with paired binary items ({', '.join(families) or 'none'}), nothing to rank")
+            continue
+        estimates = {
+            f: group_estimate(study, _ids(members), "forgetting", settings, families=[f]) for f in families
+        }
+        ranked = sorted(families, key=lambda f: estimates[f]["estimate"], reverse=True)
+        sentence = (f"{method_label(method)}: most fragile is {ranked[0]} with F = "
+                    f"{with_ci(estimates[ranked[0]], pct, settings.confidence)}, then {ranked[1]} with F = "
+                    f"{with_ci(estimates[ranked[1]], pct, settings.confidence)}")
+        top, second = estimates[ranked[0]], estimates[ranked[1]]
+        if top["low"] > second["high"]:
+            sentence += " (the intervals do not overlap)"
+        else:
+            sentence += " (the intervals overlap, so the order of these two is uncertain)"
+        sentences.append(sentence)
+    return f"{scope} " + "; ".join(sentences) + "."
 
 
-def answer_rq3(analysis: StudyAnalysis) -> tuple[str, ...]:
+@_per_scope
+def answer_rq3(analysis: StudyAnalysis, scope: str, start_point: str, scale: str, cells: list[Cell]) -> str:
     """Compare forgetting across training domains, using only methods trained in every compared domain."""
     study, settings = analysis.study, analysis.settings
-    if not study.post_cells:
-        return _no_cells()
-    paragraphs = []
-    for start_point, scale in _scopes(study.post_cells):
-        scope = _scope_text(start_point, scale)
-        cells = [c for c in study.post_cells if (c.start_point, c.scale) == (start_point, scale) and c.domain]
-        domains = sorted({c.domain for c in cells})
-        absent = [d for d in DOMAINS if d not in domains]
-        if len(domains) < 2:
-            paragraphs.append(
-                f"{scope} {NOT_ENOUGH}only the domain(s) {', '.join(domains) or 'none'} have post-trained cells"
-                f"{' (missing: ' + ', '.join(absent) + ')' if absent else ''}; a domain effect needs at least two.")
-            continue
-        methods_per_domain = [{c.method for c in cells if c.domain == d} for d in domains]
-        common = sorted(set.intersection(*methods_per_domain), key=method_label)
-        if not common:
-            paragraphs.append(
-                f"{scope} {NOT_ENOUGH}no method was trained in all of {', '.join(domains)}, so domain and method "
-                f"effects cannot be separated.")
-            continue
-        groups = {d: [c for c in cells if c.domain == d and c.method in common] for d in domains}
-        estimates = {d: group_estimate(study, _ids(groups[d]), "forgetting", settings) for d in domains}
-        usable = [d for d in domains if estimates[d]["estimate"] is not None]
-        if len(usable) < 2:
-            paragraphs.append(f"{scope} {NOT_ENOUGH}fewer than two domains have paired binary capability items.")
-            continue
-        ranked = sorted(usable, key=lambda d: estimates[d]["estimate"], reverse=True)
-        listing = "; ".join(f"{d} {with_ci(estimates[d], pct, settings.confidence)}" for d in ranked)
-        comparison = compare_groups(study, _ids(groups[ranked[-1]]), _ids(groups[ranked[0]]), "forgetting", settings)
-        missing_text = f" No cells for {', '.join(absent)}, so those domains are not compared." if absent else ""
-        paragraphs.append(
-            f"{scope} Using the method(s) trained in every domain ({', '.join(method_label(m) for m in common)}), "
-            f"overall capability forgetting by training domain is: {listing}. Training on {ranked[0]} forgets more "
-            f"than on {ranked[-1]} by {with_ci(comparison, pp, settings.confidence)}: "
-            f"{significance(comparison, settings.confidence)}.{missing_text}")
-    return tuple(paragraphs)
+    cells = [c for c in cells if c.domain]
+    domains = sorted({c.domain for c in cells})
+    absent = [d for d in DOMAINS if d not in domains]
+    if len(domains) < 2:
+        return (
+            f"{scope} {NOT_ENOUGH}only the domain(s) {', '.join(domains) or 'none'} have post-trained cells"
+            f"{' (missing: ' + ', '.join(absent) + ')' if absent else ''}; a domain effect needs at least two.")
+    methods_per_domain = [{c.method for c in cells if c.domain == d} for d in domains]
+    common = sorted(set.intersection(*methods_per_domain), key=method_label)
+    if not common:
+        return (
+            f"{scope} {NOT_ENOUGH}no method was trained in all of {', '.join(domains)}, so domain and method "
+            f"effects cannot be separated.")
+    groups = {d: [c for c in cells if c.domain == d and c.method in common] for d in domains}
+    estimates = {d: group_estimate(study, _ids(groups[d]), "forgetting", settings) for d in domains}
+    usable = [d for d in domains if estimates[d]["estimate"] is not None]
+    if len(usable) < 2:
+        return f"{scope} {NOT_ENOUGH}fewer than two domains have paired binary capability items."
+    ranked = sorted(usable, key=lambda d: estimates[d]["estimate"], reverse=True)
+    listing = "; ".join(f"{d} {with_ci(estimates[d], pct, settings.confidence)}" for d in ranked)
+    comparison = compare_groups(study, _ids(groups[ranked[-1]]), _ids(groups[ranked[0]]), "forgetting", settings)
+    missing_text = f" No cells for {', '.join(absent)}, so those domains are not compared." if absent else ""
+    return (
+        f"{scope} Using the method(s) trained in every domain ({', '.join(method_label(m) for m in common)}), "
+        f"overall capability forgetting by training domain is: {listing}. Training on {ranked[0]} forgets more "
+        f"than on {ranked[-1]} by {with_ci(comparison, pp, settings.confidence)}: "
+        f"{significance(comparison, settings.confidence)}.{missing_text}")
 
 
 def _safety_loss_text(analysis: StudyAnalysis, cells: Sequence[Cell], label: str) -> str:
@@ -309,43 +303,34 @@ def answer_rq4(analysis: StudyAnalysis) -> tuple[str, ...]:
     return tuple(paragraphs)
 
 
-def answer_rq5(analysis: StudyAnalysis) -> tuple[str, ...]:
+@_per_scope
+def answer_rq5(analysis: StudyAnalysis, scope: str, start_point: str, scale: str, cells: list[Cell]) -> str:
     """On-policy (ON-RL, SELF, PI) vs off-policy SFT on external data, within the domains both were run in."""
     study, settings = analysis.study, analysis.settings
-    if not study.post_cells:
-        return _no_cells()
-    paragraphs = []
-    for start_point, scale in _scopes(study.post_cells):
-        scope = _scope_text(start_point, scale)
-        cells = [c for c in study.post_cells if (c.start_point, c.scale) == (start_point, scale)]
-        on = [c for c in cells if method_regime(c.method) == ON_POLICY]
-        off = [c for c in cells if method_regime(c.method) == OFF_POLICY_SFT]
-        if not on or not off:
-            missing = "on-policy (ON-RL, SELF, PI)" if not on else "off-policy SFT (GT-SFT, SF-SFT, CF-SFT)"
-            paragraphs.append(f"{scope} {NOT_ENOUGH}no {missing} cells, so the two regimes cannot be compared.")
-            continue
-        domains = sorted({c.domain for c in on} & {c.domain for c in off}, key=str)
-        if not domains:
-            paragraphs.append(f"{scope} {NOT_ENOUGH}the on-policy and off-policy cells were trained in different "
-                              f"domains, so the regime effect would be confounded with the domain.")
-            continue
-        on_cells = [c for c in on if c.domain in domains]
-        off_cells = [c for c in off if c.domain in domains]
-        comparison = compare_groups(study, _ids(off_cells), _ids(on_cells), "forgetting", settings)
-        if comparison["difference"] is None:
-            paragraphs.append(f"{scope} {NOT_ENOUGH}the two regimes share no paired binary capability items.")
-            continue
-        verdict = ("on-policy methods forget less" if comparison["difference"] < 0
-                   else "on-policy methods do not forget less")
-        paragraphs.append(
-            f"{scope} In the domain(s) {', '.join(str(d) for d in domains)}, on-policy cells "
-            f"({', '.join(sorted({method_label(c.method) for c in on_cells}))}; {len(on_cells)} cell(s)) forget "
-            f"F = {pct(comparison['mean_b'])} of capability items and off-policy SFT cells "
-            f"({', '.join(sorted({method_label(c.method) for c in off_cells}))}; {len(off_cells)} cell(s)) "
-            f"F = {pct(comparison['mean_a'])}; on-policy - off-policy = "
-            f"{with_ci(comparison, pp, settings.confidence)}. "
-            f"Point estimate: {verdict}; {significance(comparison, settings.confidence)}.")
-    return tuple(paragraphs)
+    on = [c for c in cells if method_regime(c.method) == ON_POLICY]
+    off = [c for c in cells if method_regime(c.method) == OFF_POLICY_SFT]
+    if not on or not off:
+        missing = "on-policy (ON-RL, SELF, PI)" if not on else "off-policy SFT (GT-SFT, SF-SFT, CF-SFT)"
+        return f"{scope} {NOT_ENOUGH}no {missing} cells, so the two regimes cannot be compared."
+    domains = sorted({c.domain for c in on} & {c.domain for c in off}, key=str)
+    if not domains:
+        return (f"{scope} {NOT_ENOUGH}the on-policy and off-policy cells were trained in different domains, so the "
+                "regime effect would be confounded with the domain.")
+    on_cells = [c for c in on if c.domain in domains]
+    off_cells = [c for c in off if c.domain in domains]
+    comparison = compare_groups(study, _ids(off_cells), _ids(on_cells), "forgetting", settings)
+    if comparison["difference"] is None:
+        return f"{scope} {NOT_ENOUGH}the two regimes share no paired binary capability items."
+    verdict = ("on-policy methods forget less" if comparison["difference"] < 0
+               else "on-policy methods do not forget less")
+    return (
+        f"{scope} In the domain(s) {', '.join(str(d) for d in domains)}, on-policy cells "
+        f"({', '.join(sorted({method_label(c.method) for c in on_cells}))}; {len(on_cells)} cell(s)) forget "
+        f"F = {pct(comparison['mean_b'])} of capability items and off-policy SFT cells "
+        f"({', '.join(sorted({method_label(c.method) for c in off_cells}))}; {len(off_cells)} cell(s)) "
+        f"F = {pct(comparison['mean_a'])}; on-policy - off-policy = "
+        f"{with_ci(comparison, pp, settings.confidence)}. "
+        f"Point estimate: {verdict}; {significance(comparison, settings.confidence)}.")
 
 
 def answer_rq6(analysis: StudyAnalysis) -> tuple[str, ...]:
