@@ -31,9 +31,8 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 class KVCache:
     """Preallocated key/value cache for all layers.
 
-    k, v: [layers, batch, kv_heads, max_len, head_dim] (heads before slots, so attention reads each head's keys
-    contiguously); mask: [batch, max_len] marks slots holding real tokens; index: the next slot to write (the same
-    for every row: prompts are left-padded so their ends align)."""
+    k, v: [layers, batch, max_len, kv_heads, head_dim]; mask: [batch, max_len] marks slots holding real tokens;
+    index: the next slot to write (the same for every row: prompts are left-padded so their ends align)."""
 
     k: jax.Array
     v: jax.Array
@@ -42,13 +41,13 @@ class KVCache:
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k.shape[2]
 
 
 def _init_normal(rngs: nnx.Rngs, shape, dtype, std: float):
@@ -159,27 +158,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q: [B, T, Hq, D]; k, v: [B, Hkv, S, D]; mask: [B, T, S] (True = may attend).
+    """Grouped-query attention. q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S] (True = may attend).
 
-    Scores and softmax in float32; query head h uses kv head h // (Hq / Hkv), as HF's repeat_kv does. Batch and
-    kv-head axes lead in every operand, so both products are plain batched matmuls (no transposes of k or v)."""
+    Scores and softmax in float32; query head h uses kv head h // (Hq / Hkv), as HF's repeat_kv does."""
     b, t, hq, d = q.shape
-    hkv = k.shape[1]
-    q = q.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    hkv = k.shape[2]
+    q = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq * d)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, hq * d)
 
 
 def _layer_forward(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, cos, sin, mask,
-                   layer_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+                   layer_cache: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
                    lora_scale: float = 1.0):
-    """One decoder layer: returns (x, None), or with `layer_cache` = (k_all, v_all, layer, index) - the whole
-    stacked cache [L, B, S, Hkv, D], this layer's number and the first free slot - (x, k_all, v_all): the new keys/
-    values are written in place into the stacked cache (only T slots move: no per-layer copy of the cache is written
-    back) and attention runs over this layer's whole cache."""
+    """One decoder layer. With `layer_cache` = (k, v) of shape [B, S, Hkv, D], the new keys/values are written at
+    slot `index` and attention runs over the whole cache; the updated (k, v) is returned beside the output."""
     b, t, _ = x.shape
     h = rms_norm(x, w["input_layernorm"]["scale"], cfg.rms_norm_eps)
     attn_w = w["self_attn"]
@@ -187,15 +183,12 @@ def _layer_forward(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, cos, sin, 
     k = linear(attn_w["k_proj"], h, lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = linear(attn_w["v_proj"], h, lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if layer_cache is not None:
-        k_all, v_all, layer, index = layer_cache
-        start = (layer, 0, 0, index, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-        layer_cache = (k_all, v_all)
-        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(x.dtype)
-        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(x.dtype)
+        k_cache, v_cache = layer_cache
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        layer_cache = (k_cache, v_cache)
+        k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
     attn = attend(q, k, v, mask)
     x = x + linear(attn_w["o_proj"], attn, lora_scale)
     x = constrain(x, ("batch", "length", "act_embed"))
@@ -203,8 +196,7 @@ def _layer_forward(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, cos, sin, 
     mlp_w = w["mlp"]
     gated = jax.nn.silu(linear(mlp_w["gate_proj"], h, lora_scale)) * linear(mlp_w["up_proj"], h, lora_scale)
     x = x + linear(mlp_w["down_proj"], gated, lora_scale)
-    x = constrain(x, ("batch", "length", "act_embed"))
-    return (x, layer_cache) if layer_cache is None else (x, *layer_cache)
+    return constrain(x, ("batch", "length", "act_embed")), layer_cache
 
 
 def positions_from_mask(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -310,8 +302,10 @@ class CausalLM(nnx.Module):
         def cached_body(carry, xs):
             x, k_all, v_all = carry
             w, layer = xs
-            x, k_all, v_all = _layer_forward(cfg, w, x, cos, sin, mask, (k_all, v_all, layer, index),
-                                           lora_scale)
+            x, (k_layer, v_layer) = _layer_forward(cfg, w, x, cos, sin, mask, (k_all[layer], v_all[layer]), index,
+                                                   lora_scale)
+            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_layer, layer, 0)
+            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_layer, layer, 0)
             return (x, k_all, v_all), (x if return_hidden else None)
 
         (x, k_all, v_all), layer_outputs = jax.lax.scan(
