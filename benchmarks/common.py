@@ -1,7 +1,12 @@
-"""Shared benchmark helpers: best-of-N timing with alternating peers, and the measured matmul peak."""
+"""Shared benchmark helpers: best-of-N timing, peers alternated in separate processes, the measured matmul peak."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,6 +28,21 @@ def alternate(peers: dict[str, Callable[[], object]], rounds: int, repeats: int 
         for name, fn in peers.items():
             best[name] = min(best[name], best_time(fn, repeats))
     return best
+
+
+def alternate_processes(script: str, argv: list[str], sides: list[str], rounds: int) -> dict[str, list[dict]]:
+    """Run `script argv --side S --side-out F` once per side per round, swapping the order every round, and return
+    each side's JSON results by round. One process per peer keeps JAX's and torch's thread pools and memory from
+    competing (in one process the idle pool of one framework measurably slows the other on a 2-core machine)."""
+    results: dict[str, list[dict]] = {side: [] for side in sides}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(rounds):
+            for side in sides if round_index % 2 == 0 else sides[::-1]:
+                side_out = Path(tmp) / f"{side}-{round_index}.json"
+                subprocess.run([sys.executable, script, *argv, "--side", side, "--side-out", str(side_out)],
+                               check=True)
+                results[side].append(json.loads(side_out.read_text()))
+    return results
 
 
 def jax_matmul_peak(n: int = 2048, dtype="float32", rounds: int = 5) -> float:

@@ -30,7 +30,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import jax_matmul_peak, torch_matmul_peak  # noqa: E402
+from common import alternate_processes, jax_matmul_peak, torch_matmul_peak  # noqa: E402
 
 
 def gsm8k_problems(count: int, data_dir: str | None):
@@ -220,19 +220,10 @@ def main() -> None:
         run_side(args)
         return
 
-    import subprocess
-
     from forgetjax.io import write_json_atomic
 
     sides = ["forgetjax"] + ([] if args.skip_trl else ["trl"])
-    rounds: dict[str, list[dict]] = {side: [] for side in sides}
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_index in range(args.rounds):
-            for side in sides if round_index % 2 == 0 else sides[::-1]:
-                side_out = Path(tmp) / f"{side}-{round_index}.json"
-                command = [sys.executable, __file__, *sys.argv[1:], "--side", side, "--side-out", str(side_out)]
-                subprocess.run(command, check=True)
-                rounds[side].append(json.loads(side_out.read_text()))
+    rounds = alternate_processes(__file__, sys.argv[1:], sides, args.rounds)
     raw = {side: merge_rounds(results, args.warmup) for side, results in rounds.items()}
     result = {"settings": vars(args)}
     for side in sides:

@@ -7,7 +7,8 @@ next-token target counted; `--synthetic` uses random ids instead), so the two co
 first-step losses are printed side by side as a check. forgetjax runs its own compiled step
 (`forgetjax.training.step.make_train_step`, the step every method trains with); torch runs eager PyTorch.
 
-Runs alternate between the peers and the best of N is kept (each peer is compiled / warmed up first). Printed:
+Each peer runs in its own process per round (JAX's and torch's thread pools in one process slow each other down on
+a 2-core machine); rounds alternate the order and the best step is kept (each peer compiles / warms up first). Printed:
 tokens/s, the ratio forgetjax / HF (target >= 1.5x), and model-FLOPs utilisation against the f32 matmul peak measured
 in the same run (target >= 50%; training FLOPs = 3 x forward FLOPs, `ModelConfig.flops_per_token`).
 
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
 
-from common import alternate, export_embedded_for_torch, jax_matmul_peak, torch_matmul_peak  # noqa: E402
+from common import alternate_processes, best_time, export_embedded_for_torch, jax_matmul_peak, torch_matmul_peak  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -147,22 +148,16 @@ def torch_runner(torch_model, batch: dict, lr: float):
     return run, run()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (best of N)")
-    parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--loss", choices=("full", "chunked"), default="full",
-                        help="forgetjax CE: full logits (the shipped step) or chunked (proposed)")
-    parser.add_argument("--synthetic", action="store_true", help="random token ids instead of GSM8K text")
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FORGETJAX_DATA_DIR", DEFAULT_DATA)))
-    parser.add_argument("--skip-torch", action="store_true", help="time forgetjax only (e.g. to compare --loss)")
-    args = parser.parse_args()
+def run_side(args) -> None:
+    """One peer in this process: build the batch, compile/warm up, time `--repeats` steps, measure the peak."""
+    from forgetjax.io import write_json_atomic
 
-    import jax
+    if args.side == "forgetjax":
+        import forgetjax
 
-    model, tokenizer, torch_model = export_embedded_for_torch()
+        model, tokenizer = forgetjax.load("smollm2-135m-instruct")
+    else:
+        model, tokenizer, torch_model = export_embedded_for_torch()
     if args.synthetic or not (args.data_dir / "gsm8k" / "train.jsonl").is_file():
         rows = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(args.batch, args.seq + 1),
                                                  dtype=np.int32)
@@ -171,18 +166,51 @@ def main() -> None:
         rows = gsm8k_rows(tokenizer, args.data_dir, args.batch, args.seq)
         source = "GSM8K train text"
     batch = make_batch(rows)
-    flops_per_token = 3.0 * model.config.flops_per_token(args.seq)
-    peers, first_losses = {}, {}
-    peers["forgetjax"], first_losses["forgetjax"] = forgetjax_runner(model, batch, args.lr, args.loss)
-    del model
-    if not args.skip_torch:
-        peers["hf_torch"], first_losses["hf_torch"] = torch_runner(torch_model, batch, args.lr)
-    best = alternate(peers, rounds=args.rounds)
-    tokens = args.batch * args.seq
-    peaks = {"forgetjax": jax_matmul_peak(), "hf_torch": torch_matmul_peak()}
+    result = {"source": source, "flops_per_token": 3.0 * model.config.flops_per_token(args.seq)}
+    if args.side == "forgetjax":
+        import jax
+
+        run, result["first_loss"] = forgetjax_runner(model, batch, args.lr, args.loss)
+        result["devices"] = jax.device_count()
+        result["peak"] = jax_matmul_peak()
+    else:
+        del model
+        run, result["first_loss"] = torch_runner(torch_model, batch, args.lr)
+        result["peak"] = torch_matmul_peak()
+    result["seconds"] = best_time(run, args.repeats)
+    write_json_atomic(args.side_out, result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternating rounds, one process per peer per round (best of N)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per process after the warm-up step")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--loss", choices=("full", "chunked"), default="full",
+                        help="forgetjax CE: full logits (the shipped step) or chunked (proposed)")
+    parser.add_argument("--synthetic", action="store_true", help="random token ids instead of GSM8K text")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FORGETJAX_DATA_DIR", DEFAULT_DATA)))
+    parser.add_argument("--skip-torch", action="store_true", help="time forgetjax only (e.g. to compare --loss)")
+    parser.add_argument("--side", choices=("forgetjax", "hf_torch"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--side-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side is not None:
+        run_side(args)
+        return
+
+    sides = ["forgetjax"] + ([] if args.skip_torch else ["hf_torch"])
+    rounds = alternate_processes(__file__, sys.argv[1:], sides, args.rounds)
+    best = {side: min(r["seconds"] for r in results) for side, results in rounds.items()}
+    peaks = {side: max(r["peak"] for r in results) for side, results in rounds.items()}
+    ours = rounds["forgetjax"][0]
+    flops_per_token, tokens = ours["flops_per_token"], args.batch * args.seq
     print(f"SmolLM2-135M SFT train step (fwd + bwd + clip + AdamW), batch {args.batch} x seq {args.seq}, float32, "
-          f"{source}, {jax.device_count()} JAX device(s), forgetjax loss: {args.loss}")
-    print("first-step loss: " + ", ".join(f"{name} {value:.5f}" for name, value in first_losses.items()))
+          f"{ours['source']}, {ours['devices']} JAX device(s), forgetjax loss: {args.loss}; best of {args.rounds} "
+          f"alternating rounds x {args.repeats} steps, one process per peer")
+    print("first-step loss: " + ", ".join(f"{side} {results[0]['first_loss']:.5f}" for side, results in rounds.items()))
     print(f"{'peer':<10} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU':>6}  (matmul peak GFLOP/s)")
     for name, seconds in best.items():
         achieved = flops_per_token * tokens / seconds

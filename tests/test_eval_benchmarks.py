@@ -82,6 +82,7 @@ EXPECTED_COUNTS = {
     "xstest_unsafe": 200,
     "advbench": 520,
     "harmbench": 320,
+    "harmbench_standard": 159,
     "strongreject": 313,
     "do_not_answer": 939,
 }
@@ -189,6 +190,11 @@ def test_safety_sets_categories_and_harmful_flags():
         assert row["ContextString"].strip() in prompt and prompt.endswith(row["Behavior"])
     standard = next(r for r in harm_rows if r["FunctionalCategory"] == "standard")
     assert harm[standard["BehaviorID"]].data["prompt"] == standard["Behavior"]
+    standard_rows = [r for r in harm_rows if r["FunctionalCategory"] == "standard"]
+    standard = load("harmbench_standard")
+    assert [i.id for i in standard] == [r["BehaviorID"] for r in standard_rows]
+    assert [i.data["prompt"] for i in standard] == [r["Behavior"] for r in standard_rows]
+    assert "copyright" not in {i.category for i in standard}
 
     strong = load("strongreject")
     assert len({i.category for i in strong}) == 6

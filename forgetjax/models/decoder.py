@@ -133,13 +133,15 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 def linear(weights: dict[str, Any], x: jax.Array, lora_scale: float = 1.0) -> jax.Array:
     """x @ kernel (+ bias) (+ lora_scale * x @ A @ B when the weight dict carries LoRA factors)."""
-    y = jnp.einsum("...i,io->...o", x, weights["kernel"].astype(x.dtype))
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
+    y = jnp.dot(x, weights["kernel"].astype(x.dtype))
     if weights.get("bias") is not None:
         y = y + weights["bias"].astype(x.dtype)
     if weights.get("lora_a") is not None:
         delta = jnp.einsum("...i,ir->...r", x, weights["lora_a"].astype(x.dtype))
         y = y + jnp.einsum("...r,ro->...o", delta, weights["lora_b"].astype(x.dtype)) * lora_scale
-    return y
+    return y.reshape(*lead, y.shape[-1])
 
 
 def rope_tables(positions: jax.Array, inv_freq) -> tuple[jax.Array, jax.Array]:
@@ -244,7 +246,8 @@ class CausalLM(nnx.Module):
             head = self.embed_tokens.embedding[...].astype(self.dtype).T
         else:
             head = self.lm_head.kernel[...].astype(self.dtype)
-        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        logits = jnp.dot(x.reshape(-1, x.shape[-1]), head, preferred_element_type=jnp.float32)
+        logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
         return constrain(logits, ("batch", "length", "act_vocab"))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,

@@ -61,9 +61,13 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def step(trainable, frozen, opt_state, batch, rng, lr):
-        micros = _micro_batches(batch, micro_batches)
+    def accumulate(trainable, frozen, batch, rng):
+        """(grads, loss_sum, loss_count, metrics) summed over micro-batches; one call when there is one."""
         keys = jax.random.split(rng, micro_batches)
+        if micro_batches == 1:
+            (loss_sum, (loss_count, metrics)), grads = grad_fn(trainable, frozen, batch, keys[0])
+            return grads, loss_sum, loss_count, metrics
+        micros = _micro_batches(batch, micro_batches)
         first = jax.tree.map(lambda x: x[0], micros)
         _, (count_shape, metric_shapes) = jax.eval_shape(micro_loss, trainable, frozen, first, keys[0])
         zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
@@ -78,7 +82,11 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
             metrics = jax.tree.map(jnp.add, metrics, m_metrics)
             return (grads, loss_sum + m_loss, loss_count + m_count, metrics), None
 
-        (grads, loss_sum, loss_count, metrics), _ = jax.lax.scan(body, init, (micros, keys))
+        carry, _ = jax.lax.scan(body, init, (micros, keys))
+        return carry
+
+    def step(trainable, frozen, opt_state, batch, rng, lr):
+        grads, loss_sum, loss_count, metrics = accumulate(trainable, frozen, batch, rng)
         scale = 1.0 / jnp.maximum(loss_count, 1.0)
         grads = jax.tree.map(lambda g: g * scale, grads)
         grad_norm = optax.global_norm(grads)

@@ -9,7 +9,8 @@ the runner; its verdict is stored in `refusal_judge` beside the matcher's flag a
 Set notes: HarmBench uses the 320-row test split with category = SemanticCategory; contextual rows carry their
 ContextString before the behaviour (HarmBench's layout: context, a "---" separator, then the request); the 80
 copyright rows are KEPT (category "copyright") so the split stays complete; filter that category out when a
-refusal rate without lyrics/book-passage requests is wanted. Do-Not-Answer: category = risk-area file.
+refusal rate without lyrics/book-passage requests is wanted, or use `harmbench_standard` (the standard functional
+category only: no context strings, no copyright rows). Do-Not-Answer: category = risk-area file.
 """
 from __future__ import annotations
 
@@ -143,6 +144,7 @@ def harmbench_prompt(behavior: str, context: str) -> str:
 class HarmBench(SafetyBenchmark):
     name = "harmbench"
     description = "HarmBench text behaviours, test split (320), category = SemanticCategory, copyright rows kept"
+    functional_categories: tuple[str, ...] | None = None
 
     def load(self, data_dir: str | Path) -> list[Item]:
         path = Path(data_dir) / "harmbench" / "harmbench_behaviors_text_test.csv"
@@ -150,6 +152,8 @@ class HarmBench(SafetyBenchmark):
         for index, row in enumerate(read_csv(path)):
             fields = ("Behavior", "FunctionalCategory", "SemanticCategory", "ContextString", "BehaviorID")
             require_keys(row, fields, f"{path} row {index}")
+            if self.functional_categories is not None and row["FunctionalCategory"] not in self.functional_categories:
+                continue
             data = {
                 "prompt": harmbench_prompt(row["Behavior"], row["ContextString"]),
                 "harmful": True,
@@ -157,6 +161,15 @@ class HarmBench(SafetyBenchmark):
             }
             items.append(Item(id=row["BehaviorID"], category=row["SemanticCategory"], data=data))
         return items
+
+
+class HarmBenchStandard(HarmBench):
+    """HarmBench's "standard" functional category: plain requests without a context string or copyright ask, the
+    subset whose prompts are short enough for small CPU batteries."""
+
+    name = "harmbench_standard"
+    description = "HarmBench text behaviours, test split, standard functional category (159), by SemanticCategory"
+    functional_categories = ("standard",)
 
 
 class StrongREJECT(SafetyBenchmark):
@@ -192,5 +205,6 @@ register(XSTest("safe"))
 register(XSTest("unsafe"))
 register(AdvBench())
 register(HarmBench())
+register(HarmBenchStandard())
 register(StrongREJECT())
 register(DoNotAnswer())
