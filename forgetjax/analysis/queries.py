@@ -37,6 +37,7 @@ import pyarrow as pa
 from scipy import stats as scipy_stats
 
 from forgetjax.io import write_bytes_atomic, write_text_atomic
+from forgetjax.study.domains import target_benchmarks
 
 from forgetjax.analysis.forgetting import (
     accuracy_delta,
@@ -73,12 +74,9 @@ DONE_STATUS = "done"
 CELL_REQUIRED_FIELDS = ("cell_id", "start_point", "model", "scale", "method", "seed", "status")
 CELL_OPTIONAL_FIELDS = ("domain", "budget", "metrics")
 
-DOMAIN_TARGET_BENCHMARKS: dict[str, tuple[str, ...]] = {
-    "math": ("gsm8k",),
-    "code": ("mbpp", "humaneval"),
-    "qa": ("nq_open",),
-}
-"""The held-out target task of each training domain: the x axis of the safety-capability Pareto front."""
+DOMAIN_TARGET_BENCHMARKS: dict[str, tuple[str, ...]] = target_benchmarks()
+"""The held-out target task of each training domain (from `configs/domains/`): the x axis of the safety-capability
+Pareto front."""
 
 ON_POLICY = "on_policy"
 OFF_POLICY_SFT = "off_policy_sft"

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from forgetjax.config import config_hash, to_dict
-from forgetjax.study.schema import DEFAULT_DOMAIN_SOURCES, StudyConfig, model_entry
+from forgetjax.study.schema import StudyConfig, model_entry, study_domains
 
 BASELINE = "baseline"
 
@@ -67,6 +67,7 @@ def _method_args(cfg: StudyConfig, method: str, scale: str) -> dict[str, Any]:
 def expand(cfg: StudyConfig) -> list[StudyCell]:
     """All cells: one baseline per (start point, scale) plus start x scale x method x domain x seed."""
     cells = []
+    domains = study_domains(cfg)
     for scale in cfg.scales:
         entry = model_entry(cfg, scale)
         for point in cfg.start_points:
@@ -77,7 +78,7 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                                    matched_base))
             for method in cfg.methods:
                 for domain in cfg.domains:
-                    domain_cfg = {"name": domain, **DEFAULT_DOMAIN_SOURCES[domain],
+                    domain_cfg = {"name": domain, **domains[domain].problem_source(),
                                   **cfg.domain_sources.get(domain, {})}
                     if cfg.data_dir:
                         domain_cfg.setdefault("data_dir", cfg.data_dir)

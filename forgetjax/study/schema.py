@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
+from forgetjax.study.domains import DomainSpec, domain_specs, load_domain
 from forgetjax.training.budget import BudgetConfig
 
 
@@ -55,6 +56,7 @@ class StudyConfig:
     budget: BudgetConfig = dataclasses.field(default_factory=lambda: BudgetConfig("tokens", 200_000))
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     method_args: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    domain_files: list[str] = dataclasses.field(default_factory=list)
     domain_sources: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     battery: str = "configs/eval/quick.yaml"
     eval_limit: int | None = None
@@ -81,13 +83,9 @@ class StudyConfig:
                     raise ValueError(f"models[{m.scale}].{point} is required for start point {point!r}")
         if not self.seeds:
             raise ValueError("seeds: at least one seed")
-
-
-DEFAULT_DOMAIN_SOURCES = {
-    "math": {"source": "gsm8k", "split": "train"},
-    "code": {"source": "mbpp", "split": "train"},
-    "qa": {"source": "efficientqa", "split": "train"},
-}
+        missing = sorted(set(self.domains) - set(study_domains(self)))
+        if missing:
+            raise ValueError(f"domains: {missing} have no domain config (configs/domains/ or domain_files)")
 
 
 def all_models(cfg: StudyConfig) -> list[ModelEntry]:
@@ -96,13 +94,27 @@ def all_models(cfg: StudyConfig) -> list[ModelEntry]:
 
     entries = list(cfg.models)
     for name in cfg.model_files:
-        path = Path(name)
-        if not path.is_file():
-            path = Path(__file__).resolve().parents[2] / name
-        if not path.is_file():
-            raise FileNotFoundError(f"model_files: {name} not found")
-        entries.append(load_config(ModelEntry, path))
+        entries.append(load_config(ModelEntry, _repo_path(name, "model_files")))
     return entries
+
+
+def study_domains(cfg: StudyConfig) -> dict[str, DomainSpec]:
+    """The shipped domain configs (`configs/domains/`), replaced by name by the files listed in `domain_files`."""
+    specs = domain_specs()
+    for name in cfg.domain_files:
+        spec = load_domain(_repo_path(name, "domain_files"))
+        specs[spec.name] = spec
+    return specs
+
+
+def _repo_path(name: str, field: str) -> Path:
+    """A config path as given (relative to the cwd) or relative to the repository root."""
+    path = Path(name)
+    if not path.is_file():
+        path = Path(__file__).resolve().parents[2] / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}: {name} not found")
+    return path
 
 
 def model_entry(cfg: StudyConfig, scale: str) -> ModelEntry:

@@ -1,0 +1,61 @@
+"""Training domains of the study, one YAML file each in `configs/domains/`: where a domain's training problems come
+from (a benchmark-data source or a records file, see `forgetjax.envs.load_problems`), which verifier scores them
+(the domain name: `forgetjax.verifiers.rewards` grades math, code and qa), and the held-out benchmarks of the
+evaluation battery that measure the target task (the x axis of the safety-capability Pareto front)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+DOMAINS_DIR = Path(__file__).resolve().parents[2] / "configs" / "domains"
+
+
+@dataclasses.dataclass
+class DomainSpec:
+    name: Literal["math", "code", "qa"] = "math"
+    description: str = ""
+    source: str = "gsm8k"
+    split: str = "train"
+    template: str | None = None
+    target_benchmarks: list[str] = dataclasses.field(default_factory=list)
+
+    def validate(self):
+        from forgetjax.eval.benchmarks.registry import list_benchmarks
+
+        unknown = sorted(set(self.target_benchmarks) - set(list_benchmarks()))
+        if unknown:
+            raise ValueError(f"target_benchmarks: unknown benchmarks {unknown}")
+        if not self.target_benchmarks:
+            raise ValueError("target_benchmarks: name at least one held-out benchmark of the target task")
+
+    def problem_source(self) -> dict[str, str]:
+        """The DomainConfig fields a training run reads (source, split and, when set, template)."""
+        fields = {"source": self.source, "split": self.split}
+        if self.template is not None:
+            fields["template"] = self.template
+        return fields
+
+
+def load_domain(path: str | Path) -> DomainSpec:
+    """A DomainSpec from a YAML file; its file name must match its `name`."""
+    from forgetjax.config import load_config
+
+    path = Path(path)
+    spec = load_config(DomainSpec, path)
+    if path.stem != spec.name:
+        raise ValueError(f"{path}: name {spec.name!r} does not match the file name {path.stem!r}")
+    return spec
+
+
+def domain_specs(directory: str | Path = DOMAINS_DIR) -> dict[str, DomainSpec]:
+    """Every domain file in `directory`, by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"domain configs: directory {directory} not found")
+    return {spec.name: spec for spec in map(load_domain, sorted(directory.glob("*.yaml")))}
+
+
+def target_benchmarks() -> dict[str, tuple[str, ...]]:
+    """{domain: held-out target benchmarks} from the shipped domain configs."""
+    return {name: tuple(spec.target_benchmarks) for name, spec in domain_specs().items()}

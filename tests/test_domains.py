@@ -1,0 +1,56 @@
+"""Domain configs (`configs/domains/`): each loads and names registered held-out target benchmarks; a study's cells
+take their training source from them; `domain_files` replaces a shipped domain; bad files fail with the file named."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forgetjax.config import ConfigError
+from forgetjax.study.domains import DOMAINS_DIR, domain_specs, load_domain
+from forgetjax.study.matrix import expand
+from forgetjax.study.schema import ModelEntry, StudyConfig
+from forgetjax.verifiers.rewards import DOMAINS
+
+
+def study(**fields) -> StudyConfig:
+    cfg = StudyConfig(models=[ModelEntry(scale="tiny", safe="some/model")], scales=["tiny"], start_points=["safe"],
+                      methods=["gt_sft"], **fields)
+    cfg.validate()
+    return cfg
+
+
+def test_shipped_domains_cover_every_verifier_family_with_held_out_targets():
+    specs = domain_specs()
+    assert sorted(specs) == sorted(DOMAINS)
+    assert {name: (spec.source, spec.split) for name, spec in specs.items()} == {
+        "math": ("gsm8k", "train"), "code": ("mbpp", "train"), "qa": ("efficientqa", "train")}
+    for spec in specs.values():
+        assert spec.target_benchmarks and spec.source not in ("", None)
+
+
+def test_cells_take_their_problem_source_from_the_domain_config_and_study_overrides_win(tmp_path):
+    cells = [c for c in expand(study(domains=["math", "qa"], domain_sources={"qa": {"limit": 5}})) if c.domain]
+    by_domain = {c.domain: c.run["domain"] for c in cells}
+    assert by_domain["math"] == {"name": "math", "source": "gsm8k", "split": "train"}
+    assert by_domain["qa"] == {"name": "qa", "source": "efficientqa", "split": "train", "limit": 5}
+
+    custom = tmp_path / "qa.yaml"
+    custom.write_text(yaml.safe_dump({"name": "qa", "source": "nq_open", "split": "validation",
+                                      "template": "Q: {question}", "target_benchmarks": ["nq_open"]}))
+    cell = next(c for c in expand(study(domains=["qa"], domain_files=[str(custom)])) if c.domain)
+    assert cell.run["domain"] == {"name": "qa", "source": "nq_open", "split": "validation",
+                                  "template": "Q: {question}"}
+
+
+def test_bad_domain_files_name_the_file_and_field(tmp_path):
+    wrong_name = tmp_path / "math.yaml"
+    wrong_name.write_text(yaml.safe_dump({"name": "qa", "target_benchmarks": ["nq_open"]}))
+    with pytest.raises(ValueError, match=r"math.yaml: name 'qa' does not match"):
+        load_domain(wrong_name)
+    unknown = tmp_path / "code.yaml"
+    unknown.write_text(yaml.safe_dump({"name": "code", "target_benchmarks": ["no_such_bench"]}))
+    with pytest.raises((ConfigError, ValueError), match="no_such_bench"):
+        load_domain(unknown)
+    with pytest.raises(FileNotFoundError, match="domain_files: nowhere.yaml"):
+        study(domain_files=["nowhere.yaml"])
+    assert (DOMAINS_DIR / "math.yaml").is_file() and isinstance(DOMAINS_DIR, Path)
