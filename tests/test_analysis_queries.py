@@ -607,3 +607,13 @@ def test_empty_results_dir_gives_empty_tables(tmp_path):
     analysis = queries.analyze(tmp_path, SETTINGS)
     assert analysis["forgetting"] == [] and analysis["pareto"] == []
     assert all(r["rho"] is None for r in analysis["correlations"])
+
+
+def test_every_registered_method_has_a_label_and_the_study_plan_data_regime():
+    from forgetjax.methods.registry import METHOD_MODULES
+
+    assert sorted(set(METHOD_MODULES) - set(queries.METHOD_INFO)) == []
+    on_policy = {m for m in METHOD_MODULES if queries.METHOD_INFO[m][1] == queries.ON_POLICY}
+    off_policy_sft = {m for m in METHOD_MODULES if queries.METHOD_INFO[m][1] == queries.OFF_POLICY_SFT}
+    assert on_policy == {"on_rl_grpo", "on_rl_drgrpo", "on_rl_frpo", "self_sdft", "self_spin", "pi_distill"}
+    assert off_policy_sft == {"gt_sft", "sf_sft", "cf_sft"}

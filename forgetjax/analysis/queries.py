@@ -90,6 +90,12 @@ METHOD_INFO: dict[str, tuple[str, str]] = {
     "self": ("SELF", ON_POLICY),
     "sdft": ("SELF", ON_POLICY),
     "spin": ("SELF", ON_POLICY),
+    "on_rl_grpo": ("ON-RL (GRPO)", ON_POLICY),
+    "on_rl_drgrpo": ("ON-RL (Dr.GRPO)", ON_POLICY),
+    "on_rl_frpo": ("ON-RL (FRPO)", ON_POLICY),
+    "self_sdft": ("SELF (SDFT)", ON_POLICY),
+    "self_spin": ("SELF (SPIN)", ON_POLICY),
+    "off_rl_dpo": ("OFF-RL (DPO)", OTHER_POLICY),
     "pi": ("PI", ON_POLICY),
     "pi_distill": ("PI", ON_POLICY),
     "distill": ("KD", OTHER_POLICY),
@@ -97,7 +103,8 @@ METHOD_INFO: dict[str, tuple[str, str]] = {
     "dpo": ("DPO", OTHER_POLICY),
     BASELINE_METHOD: ("baseline", OTHER_POLICY),
 }
-"""method id -> (display label, data regime). RQ5 compares ON_POLICY with OFF_POLICY_SFT; unknown ids are OTHER."""
+"""method id (every id of `forgetjax.methods.registry`, plus short aliases) -> (display label, data regime). RQ5
+compares ON_POLICY with OFF_POLICY_SFT; unknown ids are OTHER."""
 
 SAFETY_FAMILIES = ("safety_refusal", "over_refusal")
 NON_CAPABILITY_FAMILIES = (*SAFETY_FAMILIES, "ai_risk")
