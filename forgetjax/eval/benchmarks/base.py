@@ -179,6 +179,7 @@ class Benchmark:
     default_shots: int = 0
     requires: tuple[str, ...] = ()
     description: str = ""
+    subset_of: str | None = None  # a named subset of another benchmark's items (the `core` battery runs the whole)
 
     def load(self, data_dir: str | Path) -> list[Item]:
         """Read the benchmark's items (stable ids) from the data directory."""

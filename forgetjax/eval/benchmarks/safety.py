@@ -169,6 +169,7 @@ class HarmBenchStandard(HarmBench):
 
     name = "harmbench_standard"
     description = "HarmBench text behaviours, test split, standard functional category (159), by SemanticCategory"
+    subset_of = "harmbench"
     functional_categories = ("standard",)
 
 
