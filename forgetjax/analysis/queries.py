@@ -74,10 +74,6 @@ DONE_STATUS = "done"
 CELL_REQUIRED_FIELDS = ("cell_id", "start_point", "model", "scale", "method", "seed", "status")
 CELL_OPTIONAL_FIELDS = ("domain", "budget", "metrics")
 
-DOMAIN_TARGET_BENCHMARKS: dict[str, tuple[str, ...]] = target_benchmarks()
-"""The held-out target task of each training domain (from `configs/domains/`): the x axis of the safety-capability
-Pareto front."""
-
 ON_POLICY = "on_policy"
 OFF_POLICY_SFT = "off_policy_sft"
 OTHER_POLICY = "other"
@@ -1161,7 +1157,7 @@ def cell_summary_table(
             loss = mean_ci(pairs["pre"] - pairs["post"], settings)
             row.update(harmful_refusal_pre=float(pairs["pre"].mean()), safety_loss=loss["estimate"],
                        safety_loss_ci_low=loss["low"], safety_loss_ci_high=loss["high"])
-        targets = DOMAIN_TARGET_BENCHMARKS.get(cell.domain or "", ())
+        targets = target_benchmarks().get(cell.domain or "", ())
         row["target_benchmarks"] = ",".join(targets)
         row["target_accuracy"], row["n_target"] = _target_accuracy(study, cell, targets) if targets else (None, 0)
         representation = study.representations.get(cell.cell_id)
@@ -1179,13 +1175,14 @@ def pareto_table(study: Study, summary_rows: Sequence[Mapping[str, Any]]) -> lis
     `on_front` marks the points no other point of the group beats on both axes.
     """
     by_id = {row["cell_id"]: row for row in summary_rows}
+    domain_targets = target_benchmarks()
     groups: dict[tuple[str, str, str], list[Cell]] = {}
     for cell in study.post_cells:
-        if cell.domain in DOMAIN_TARGET_BENCHMARKS:
+        if cell.domain in domain_targets:
             groups.setdefault((cell.start_point, cell.scale, cell.domain), []).append(cell)
     out = []
     for (start_point, scale, domain), cells in sorted(groups.items()):
-        targets = DOMAIN_TARGET_BENCHMARKS[domain]
+        targets = domain_targets[domain]
         baseline = study.baselines[(start_point, scale)]
         points = []
         for cell in [baseline, *cells]:

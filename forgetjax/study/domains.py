@@ -5,6 +5,7 @@ evaluation battery that measure the target task (the x axis of the safety-capabi
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Literal
 
@@ -56,6 +57,8 @@ def domain_specs(directory: str | Path = DOMAINS_DIR) -> dict[str, DomainSpec]:
     return {spec.name: spec for spec in map(load_domain, sorted(directory.glob("*.yaml")))}
 
 
+@functools.lru_cache(maxsize=1)
 def target_benchmarks() -> dict[str, tuple[str, ...]]:
-    """{domain: held-out target benchmarks} from the shipped domain configs."""
+    """{domain: held-out target benchmarks} from the shipped domain configs (the x axis of the safety-capability
+    Pareto front); read once, on first use."""
     return {name: tuple(spec.target_benchmarks) for name, spec in domain_specs().items()}
