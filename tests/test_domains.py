@@ -54,3 +54,19 @@ def test_bad_domain_files_name_the_file_and_field(tmp_path):
     with pytest.raises(FileNotFoundError, match="domain_files: nowhere.yaml"):
         study(domain_files=["nowhere.yaml"])
     assert (DOMAINS_DIR / "math.yaml").is_file() and isinstance(DOMAINS_DIR, Path)
+
+
+def test_cells_carry_their_domain_files_targets_into_the_analysis():
+    from forgetjax.analysis.queries import parse_cell
+
+    demo_math = str(DOMAINS_DIR / "word_problems" / "math.yaml")
+    cell = next(c for c in expand(study(domains=["math"], domain_files=[demo_math])) if c.domain)
+    assert cell.run["domain"]["source"] == "word_problems"
+    assert cell.target_benchmarks == ("word_problems", "gsm8k")
+    record = {"cell_id": cell.cell_id, "start_point": "safe", "model": "m", "scale": "tiny", "method": "gt_sft",
+              "domain": "math", "seed": 0, "status": "done"}
+    assert parse_cell({**record, "target_benchmarks": list(cell.target_benchmarks)}).targets == (
+        "word_problems", "gsm8k")
+    assert parse_cell(record).targets == ("gsm8k",)
+    with pytest.raises(ValueError, match="target_benchmarks"):
+        parse_cell({**record, "target_benchmarks": "gsm8k"})

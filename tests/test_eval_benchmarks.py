@@ -66,6 +66,7 @@ def read_csv(path: Path) -> list[dict]:
 EXPECTED_COUNTS = {
     "gsm8k": 1319,
     "math500": 500,
+    "word_problems": 500,
     **{f"mgsm_{lang}": 250 for lang in ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")},
     "nq_open": 3610,
     "bbh": 6511,

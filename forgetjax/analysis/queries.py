@@ -208,6 +208,13 @@ class Cell:
     status: str
     budget: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    target_benchmarks: tuple[str, ...] = ()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The held-out benchmarks of this cell's target task: as its study's domain config named them, else the
+        shipped domain config's."""
+        return self.target_benchmarks or target_benchmarks().get(self.domain or "", ())
 
     @property
     def is_baseline(self) -> bool:
@@ -263,7 +270,11 @@ def parse_cell(data: Any, source: str = "<cell.json>") -> Cell:
         if not isinstance(value, Mapping):
             raise ValueError(f"{source}: field {name!r} must be a JSON object, got {type(value).__name__}")
         extras[name] = dict(value)
-    return Cell(start_point=start_point, domain=domain, seed=seed, **strings, **extras)
+    targets = data.get("target_benchmarks") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"{source}: field 'target_benchmarks' must be a list of benchmark names, got {targets!r}")
+    return Cell(start_point=start_point, domain=domain, seed=seed, target_benchmarks=tuple(targets), **strings,
+                **extras)
 
 
 def read_cell(path: str | os.PathLike[str]) -> Cell:
@@ -1157,7 +1168,7 @@ def cell_summary_table(
             loss = mean_ci(pairs["pre"] - pairs["post"], settings)
             row.update(harmful_refusal_pre=float(pairs["pre"].mean()), safety_loss=loss["estimate"],
                        safety_loss_ci_low=loss["low"], safety_loss_ci_high=loss["high"])
-        targets = target_benchmarks().get(cell.domain or "", ())
+        targets = cell.targets
         row["target_benchmarks"] = ",".join(targets)
         row["target_accuracy"], row["n_target"] = _target_accuracy(study, cell, targets) if targets else (None, 0)
         representation = study.representations.get(cell.cell_id)
@@ -1175,14 +1186,12 @@ def pareto_table(study: Study, summary_rows: Sequence[Mapping[str, Any]]) -> lis
     `on_front` marks the points no other point of the group beats on both axes.
     """
     by_id = {row["cell_id"]: row for row in summary_rows}
-    domain_targets = target_benchmarks()
-    groups: dict[tuple[str, str, str], list[Cell]] = {}
+    groups: dict[tuple[str, str, str, tuple[str, ...]], list[Cell]] = {}
     for cell in study.post_cells:
-        if cell.domain in domain_targets:
-            groups.setdefault((cell.start_point, cell.scale, cell.domain), []).append(cell)
+        if cell.targets:
+            groups.setdefault((cell.start_point, cell.scale, cell.domain, cell.targets), []).append(cell)
     out = []
-    for (start_point, scale, domain), cells in sorted(groups.items()):
-        targets = domain_targets[domain]
+    for (start_point, scale, domain, targets), cells in sorted(groups.items()):
         baseline = study.baselines[(start_point, scale)]
         points = []
         for cell in [baseline, *cells]:

@@ -7,20 +7,23 @@ question, and a worked solution where the data has one, for SFT and privileged-i
 
 Sources and splits (files under the data directory, see its README):
 
-==========  ===========  ==================================================  ========
-domain      source       split: file / rows                                  held out
-==========  ===========  ==================================================  ========
-math        gsm8k        train: gsm8k/train.jsonl (7,473)                    no
-math        gsm8k        test: gsm8k/test.jsonl (1,319)                      yes
-math        math500      test: math500/test.jsonl (500)                      yes
-code        mbpp         train: task ids 601-974 of mbpp/mbpp.jsonl (374)    no
-code        mbpp         validation: task ids 511-600 (90)                   no
-code        mbpp         test: task ids 11-510 (500)                         yes
-code        humaneval    test: humaneval/HumanEval.jsonl.gz (164)            yes
-qa          efficientqa  train: nq_open/NQ-open.efficientqa.{dev,test}.1.1   no
-                         .jsonl (1,800 + 1,769)
-qa          nq_open      dev: nq_open/NQ-open.dev.jsonl (3,610)              yes
-==========  ===========  ==================================================  ========
+==========  =============  ==================================================  ========
+domain      source         split: file / rows                                  held out
+==========  =============  ==================================================  ========
+math        gsm8k          train: gsm8k/train.jsonl (7,473)                    no
+math        gsm8k          test: gsm8k/test.jsonl (1,319)                      yes
+math        math500        test: math500/test.jsonl (500)                      yes
+math        word_problems  train: generated, no file (2,000; see               no
+                           forgetjax.envs.word_problems)
+math        word_problems  test: generated (500)                               yes
+code        mbpp           train: task ids 601-974 of mbpp/mbpp.jsonl (374)    no
+code        mbpp           validation: task ids 511-600 (90)                   no
+code        mbpp           test: task ids 11-510 (500)                         yes
+code        humaneval      test: humaneval/HumanEval.jsonl.gz (164)            yes
+qa          efficientqa    train: nq_open/NQ-open.efficientqa.{dev,test}.1.1   no
+                           .jsonl (1,800 + 1,769)
+qa          nq_open        dev: nq_open/NQ-open.dev.jsonl (3,610)              yes
+==========  =============  ==================================================  ========
 
 (MBPP's task ids 1-10 are the few-shot prompt split and belong to no split here.) ``source`` may also be the path of
 a local JSON-lines file in GEM's record format (math: problem/question + answer; code: problem/question + tests as
@@ -51,6 +54,7 @@ from forgetjax.eval.benchmarks.base import read_jsonl, require_file, require_key
 from forgetjax.eval.benchmarks.code import mbpp_task_text
 from forgetjax.eval.benchmarks.math import CHAT_INSTRUCTION, strip_calculator_annotations
 from forgetjax.eval.benchmarks.qa import question_mark
+from forgetjax.envs.word_problems import word_problems
 from forgetjax.verifiers.math import gsm8k_reference
 from forgetjax.verifiers.rewards import DOMAINS, Reference, normalize_reference
 
@@ -79,12 +83,13 @@ TEMPLATES = {"math": MATH_TEMPLATE, "code": CODE_TEMPLATE, "qa": QA_TEMPLATE}
 
 MBPP_SPLITS = {"train": range(601, 975), "validation": range(511, 601), "test": range(11, 511)}
 SOURCES: dict[str, dict[str, tuple[str, ...]]] = {
-    "math": {"gsm8k": ("train", "test"), "math500": ("test",)},
+    "math": {"gsm8k": ("train", "test"), "math500": ("test",), "word_problems": ("train", "test")},
     "code": {"mbpp": ("train", "validation", "test"), "humaneval": ("test",)},
     "qa": {"efficientqa": ("train",), "nq_open": ("dev",)},
 }
-HELD_OUT = frozenset({("gsm8k", "test"), ("math500", "test"), ("mbpp", "test"), ("humaneval", "test"),
-                      ("nq_open", "dev")})
+HELD_OUT = frozenset({("gsm8k", "test"), ("math500", "test"), ("word_problems", "test"), ("mbpp", "test"),
+                      ("humaneval", "test"), ("nq_open", "dev")})
+GENERATED = frozenset({"word_problems"})
 TRAIN_SPLIT = "train"
 
 
@@ -167,6 +172,11 @@ def _gsm8k(data_dir: Path, split: str) -> list[_Record]:
     return records
 
 
+def _word_problems(data_dir: Path, split: str) -> list[_Record]:
+    return [_Record(f"{split}-{index:04d}", row["question"], gsm8k_reference(row["answer"]),
+                    {"solution": row["answer"]}) for index, row in enumerate(word_problems(split))]
+
+
 def _math500(data_dir: Path, split: str) -> list[_Record]:
     path = require_file(data_dir / "math500" / "test.jsonl")
     records = []
@@ -232,6 +242,7 @@ def _nq_open(data_dir: Path, split: str) -> list[_Record]:
 _LOADERS: dict[str, Callable[[Path, str], list[_Record]]] = {
     "gsm8k": _gsm8k,
     "math500": _math500,
+    "word_problems": _word_problems,
     "mbpp": _mbpp,
     "humaneval": _humaneval,
     "efficientqa": _efficientqa,
@@ -345,7 +356,7 @@ def load_problems(
     else:
         _check_choice(source, tuple(SOURCES[domain]), f"source (domain {domain!r})")
         _check_choice(split, SOURCES[domain][source], f"split (source {source!r})")
-        if not data_dir.is_dir():
+        if source not in GENERATED and not data_dir.is_dir():
             raise FileNotFoundError(f"data_dir {data_dir} is not a directory (set FORGETJAX_DATA_DIR)")
         source_name = source
         records = _LOADERS[source](data_dir, split)

@@ -174,10 +174,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 
 def _layer_forward(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, cos, sin, mask,
-                   layer_cache: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
+                   cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
                    lora_scale: float = 1.0):
-    """One decoder layer. With `layer_cache` = (k, v) of shape [B, S, Hkv, D], the new keys/values are written at
-    slot `index` and attention runs over the whole cache; the updated (k, v) is returned beside the output."""
+    """One decoder layer. With `cache` = (k_all, v_all, layer), the whole stacked cache [L, B, S, Hkv, D] and this
+    layer's index, the new keys/values are written in place at (layer, slot `index`) and attention runs over the
+    layer's cache; the updated (k_all, v_all) is returned beside the output. Writing into the stacked cache (not a
+    per-layer copy written back) keeps a decode step's cache traffic to the new entries plus one read."""
     b, t, _ = x.shape
     h = rms_norm(x, w["input_layernorm"]["scale"], cfg.rms_norm_eps)
     attn_w = w["self_attn"]
@@ -185,12 +187,15 @@ def _layer_forward(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, cos, sin, 
     k = linear(attn_w["k_proj"], h, lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = linear(attn_w["v_proj"], h, lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if layer_cache is not None:
-        k_cache, v_cache = layer_cache
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        layer_cache = (k_cache, v_cache)
-        k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
+    updated = None
+    if cache is not None:
+        k_all, v_all, layer = cache
+        start = (layer, 0, index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+        updated = (k_all, v_all)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(x.dtype)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(x.dtype)
     attn = attend(q, k, v, mask)
     x = x + linear(attn_w["o_proj"], attn, lora_scale)
     x = constrain(x, ("batch", "length", "act_embed"))
@@ -198,7 +203,7 @@ def _layer_forward(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, cos, sin, 
     mlp_w = w["mlp"]
     gated = jax.nn.silu(linear(mlp_w["gate_proj"], h, lora_scale)) * linear(mlp_w["up_proj"], h, lora_scale)
     x = x + linear(mlp_w["down_proj"], gated, lora_scale)
-    return constrain(x, ("batch", "length", "act_embed")), layer_cache
+    return constrain(x, ("batch", "length", "act_embed")), updated
 
 
 def positions_from_mask(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -305,10 +310,7 @@ class CausalLM(nnx.Module):
         def cached_body(carry, xs):
             x, k_all, v_all = carry
             w, layer = xs
-            x, (k_layer, v_layer) = _layer_forward(cfg, w, x, cos, sin, mask, (k_all[layer], v_all[layer]), index,
-                                                   lora_scale)
-            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_layer, layer, 0)
-            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_layer, layer, 0)
+            x, (k_all, v_all) = _layer_forward(cfg, w, x, cos, sin, mask, (k_all, v_all, layer), index, lora_scale)
             return (x, k_all, v_all), (x if return_hidden else None)
 
         (x, k_all, v_all), layer_outputs = jax.lax.scan(

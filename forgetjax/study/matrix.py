@@ -22,6 +22,7 @@ class StudyCell:
     start_model: str
     run: dict[str, Any] | None
     matched: dict[str, Any]
+    target_benchmarks: tuple[str, ...] = ()
 
     @property
     def is_baseline(self) -> bool:
@@ -90,5 +91,6 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                         matched = {**matched_base, "budget": to_dict(cfg.budget), "domain": domain_cfg}
                         digest = config_hash({"run": run, "matched": matched})[:10]
                         cell_id = f"{point}-{scale}-{method}-{domain}-s{seed}-{digest}"
-                        cells.append(StudyCell(cell_id, point, scale, method, domain, seed, start, run, matched))
+                        cells.append(StudyCell(cell_id, point, scale, method, domain, seed, start, run, matched,
+                                               tuple(domains[domain].target_benchmarks)))
     return cells

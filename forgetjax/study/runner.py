@@ -92,7 +92,8 @@ class StudyRunner:
         data = {**previous, "cell_id": cell.cell_id, "start_point": cell.start_point,
                 "model": getattr(model, cell.start_point) or cell.start_model, "scale": cell.scale,
                 "method": cell.method, "domain": cell.domain, "seed": cell.seed, "status": status,
-                "start_model": cell.start_model, "matched": cell.matched, "run": cell.run, **extra}
+                "start_model": cell.start_model, "matched": cell.matched, "run": cell.run,
+                "target_benchmarks": list(cell.target_benchmarks), **extra}
         data.setdefault("budget", {})
         data.setdefault("metrics", {})
         write_json_atomic(path, data)

@@ -214,7 +214,30 @@ class MATH500(MathBenchmark):
         return items
 
 
+class WordProblems(MathBenchmark):
+    """The held-out test split of forgetjax's generated word problems (the demo's training task); category one_step
+    or two_step. Generated, so it needs no data files."""
+
+    name = "word_problems"
+    description = "Generated one- and two-step arithmetic word problems, test split (500)"
+    max_new_tokens = 256
+
+    def load(self, data_dir: str | Path) -> list[Item]:
+        from forgetjax.envs.word_problems import word_problems
+        from forgetjax.verifiers.math import gsm8k_reference
+
+        shots = tuple((r["question"], r["answer"].replace("#### ", "The answer is ")) for r in
+                      word_problems("train")[:MAX_SHOT_POOL])
+        items = []
+        for index, row in enumerate(word_problems("test")):
+            steps = row["answer"].count("\n")
+            data = {"question": row["question"], "reference": gsm8k_reference(row["answer"]), "shots": shots}
+            items.append(Item(id=f"test-{index:04d}", category="one_step" if steps == 1 else "two_step", data=data))
+        return items
+
+
 register(GSM8K())
 register(MATH500())
+register(WordProblems())
 for _language in MGSM_LANGUAGES:
     register(MGSM(_language))
