@@ -379,36 +379,13 @@ def fresh_smollm2():
     return forgetjax.load("smollm2-135m-instruct")
 
 
-def one_step_word_problems(path: Path, count: int, seed: int = 0) -> Path:
-    """GSM8K-style one-step word problems (question + answer records, the local-file format of load_problems).
-
-    SmolLM2-135M-Instruct solves ~2-3% of GSM8K items (measured: 1/64 and 2/64 on the easiest ones with <= 256 new
-    tokens), far too few verified-correct rollouts to form pairs in minutes on a CPU; it solves a good share of
-    these, so the same pipeline yields enough pairs."""
-    rng = np.random.default_rng(seed)
-    names = ("Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo")
-    rows = []
-    for i in range(count):
-        a, b = (int(x) for x in rng.integers(2, 20, size=2))
-        name = names[i % len(names)]
-        kind = i % 3
-        if kind == 0:
-            question, answer = f"{name} has {a} apples and buys {b} more. How many apples does {name} have now?", a + b
-        elif kind == 1:
-            question, answer = f"{name} had {a + b} stickers and gave {b} of them away. How many stickers are left?", a
-        else:
-            question, answer = f"A box holds {a} pencils. How many pencils are in {b} boxes?", a * b
-        rows.append({"id": f"word-{i:03d}", "question": question, "answer": str(answer)})
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_dpo_on_smollm2_word_problems_raises_heldout_margin(tmp_path):
     model, tok = fresh_smollm2()
-    source = one_step_word_problems(tmp_path / "word_problems.jsonl", 48)
-    domain = DomainConfig(name="math", source=str(source), split="train")
+    # SmolLM2-135M-Instruct solves ~2% of GSM8K, too few verified-correct rollouts to form pairs in minutes on a
+    # CPU; it solves about one in ten of the generated word problems, so the same pipeline yields pairs.
+    domain = DomainConfig(name="math", source="word_problems", split="train", limit=48)
     args = DPOArgs(beta=0.1, samples_per_prompt=6, temperature=0.8, max_new_tokens=160, max_pairs_per_prompt=2,
                    heldout_fraction=0.25, prompts_per_call=8, reference_batch=8, seed=0, epochs=4)
     method = OffRLDPO(args, domain)

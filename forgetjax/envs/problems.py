@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +54,7 @@ from forgetjax.eval.benchmarks.code import mbpp_task_text
 from forgetjax.eval.benchmarks.math import CHAT_INSTRUCTION, strip_calculator_annotations
 from forgetjax.eval.benchmarks.qa import question_mark
 from forgetjax.envs.word_problems import word_problems
+from forgetjax.paths import default_data_dir
 from forgetjax.verifiers.math import gsm8k_reference
 from forgetjax.verifiers.rewards import DOMAINS, Reference, normalize_reference
 
@@ -117,14 +117,6 @@ class _Record:
     question: str
     reference: Reference
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def default_data_dir() -> Path:
-    """``$FORGETJAX_DATA_DIR``, else ``../shared/data`` next to the repository."""
-    configured = os.environ.get("FORGETJAX_DATA_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def default_template(domain: str, source: str) -> str:

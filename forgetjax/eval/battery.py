@@ -35,8 +35,9 @@ from forgetjax.eval.benchmarks.base import MultipleChoiceOutput, ScoringContext,
 from forgetjax.eval.engine import Engine, Generation, GenerationRequest, LoglikelihoodResult
 from forgetjax.eval.records import EvalRecord, prompt_hash, read_metadata, read_records, write_records
 from forgetjax.io import write_text_atomic
+from forgetjax.paths import CONFIGS_DIR
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
+CONFIG_DIR = CONFIGS_DIR / "eval"
 RECORDS_FORMAT_VERSION = "1"
 SUMMARY_BASE_COLUMNS = ("benchmark", "family", "category", "n", "n_scored", "accuracy", "mean_score", "refusal_rate")
 

@@ -70,6 +70,7 @@ from forgetjax.eval.benchmarks import Item, get_benchmark
 from forgetjax.eval.benchmarks.base import LETTERS, log_softmax, read_jsonl, require_file, true_mass
 from forgetjax.eval.records import EvalRecord, prompt_hash, read_metadata, read_records, write_records
 from forgetjax.io import atomic_open, write_json_atomic, write_text_atomic
+from forgetjax.paths import REPO_ROOT, default_data_dir
 
 BACKEND = "lm-eval"
 RECORDS_FORMAT_VERSION = "1"
@@ -164,12 +165,6 @@ def _represent_text(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
 
 _TaskDumper.add_representer(FunctionRef, lambda dumper, ref: dumper.represent_scalar("!function", str(ref)))
 _TaskDumper.add_representer(str, _represent_text)
-
-
-def default_data_dir() -> Path:
-    """$FORGETJAX_DATA_DIR, else `../shared/data` next to the repository (the data pack's default layout)."""
-    env = os.environ.get("FORGETJAX_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def resolve_tasks(tasks: str | Sequence[str]) -> list[str]:
@@ -672,7 +667,7 @@ def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
     """This process's environment plus `extra`, with forgetjax importable even from an uninstalled checkout."""
     env = dict(os.environ)
     env.update(extra)
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(REPO_ROOT)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env
 

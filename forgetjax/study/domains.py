@@ -9,7 +9,9 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-DOMAINS_DIR = Path(__file__).resolve().parents[2] / "configs" / "domains"
+from forgetjax.paths import CONFIGS_DIR
+
+DOMAINS_DIR = CONFIGS_DIR / "domains"
 
 
 @dataclasses.dataclass

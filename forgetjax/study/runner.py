@@ -17,6 +17,7 @@ from typing import Any
 
 from forgetjax.config import config_hash, dump_yaml, to_dict
 from forgetjax.io import write_json_atomic, write_jsonl_atomic
+from forgetjax.paths import REPO_ROOT
 from forgetjax.study.matrix import StudyCell, expand, safety_stage_id
 from forgetjax.study.schema import StudyConfig, model_entry
 
@@ -25,7 +26,7 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers"
 
 
 def code_version() -> str:
-    root = Path(__file__).resolve().parents[2]
+    root = REPO_ROOT
     try:
         out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
                              text=True, timeout=10)

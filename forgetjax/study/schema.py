@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
+from forgetjax.paths import REPO_ROOT
 from forgetjax.study.domains import DomainSpec, domain_specs, load_domain
 from forgetjax.training.budget import BudgetConfig
 
@@ -111,7 +112,7 @@ def _repo_path(name: str, field: str) -> Path:
     """A config path as given (relative to the cwd) or relative to the repository root."""
     path = Path(name)
     if not path.is_file():
-        path = Path(__file__).resolve().parents[2] / name
+        path = REPO_ROOT / name
     if not path.is_file():
         raise FileNotFoundError(f"{field}: {name} not found")
     return path
