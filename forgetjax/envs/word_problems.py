@@ -18,7 +18,7 @@ SPLIT_SIZES = {"train": 2000, "test": 500}
 NAMES = ("Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Isla", "Jack", "Kira", "Leo", "Maya",
          "Noah", "Olive", "Paul", "Quinn", "Rosa", "Sam", "Tara")
 ITEMS = ("apples", "stickers", "marbles", "pencils", "cookies", "books", "shells", "stamps", "cards", "balloons")
-CONTAINERS = ("box", "bag", "jar", "basket", "crate", "tray")
+CONTAINERS = ("carton", "bag", "jar", "basket", "crate", "tray")  # each made plural by adding "s"
 
 Problem = tuple[str, str, int]  # (question, worked solution without the final line, answer)
 

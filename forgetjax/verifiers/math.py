@@ -554,7 +554,9 @@ class MathGrader:
             if worker.wait_ready(self.startup_timeout_s):
                 return worker
             self._discard(worker)
-            raise RuntimeError(f"MathGrader worker did not start within {self.startup_timeout_s} s")
+            raise RuntimeError(f"MathGrader worker did not start within {self.startup_timeout_s} s (workers are spawned "
+                               "and re-import __main__: a script that does its work at import time needs an "
+                               "`if __name__ == '__main__':` guard)")
 
     def _grade_in_worker(self, prediction: str, reference: str) -> bool | None:
         """One attempt in a worker: the verdict, False on timeout, or None if the worker died."""
