@@ -6,9 +6,11 @@ temperature, KL weight (so both keep a reference model), clip range, optimiser a
 math verifier (forgetjax's RewardPool; TRL calls it synchronously inside its reward function). A step is timed from
 the start of one step to the start of the next (forgetjax: between consecutive batch requests of the trainer; TRL:
 on_step_begin -> on_step_end callbacks), the first `--warmup` steps (compilation / allocator warm-up) are dropped,
-and the best and median of the rest are reported with the ratio and forgetjax's time split. Completion lengths
-differ between samples, so generated tokens per step are reported beside the times. Each framework runs in its own
-process (separate memory and thread pools); TRL runs offline on the CPU.
+and the best and median of the rest are reported with the ratio and forgetjax's time split. The floor printed
+beside them is the step's model FLOPs (sampling, reference and update passes over the real tokens) at the JAX matmul
+peak measured in the same run: TRL's median over that floor bounds the speed-up any JAX implementation can reach.
+Completion lengths differ between samples, so generated tokens per step are reported beside the times. Each framework
+runs in its own process (separate memory and thread pools); TRL runs offline on the CPU.
 
     .venv/bin/python benchmarks/grpo_step.py --steps 4 --warmup 1 --out runs/bench/grpo_step.json
 """
@@ -81,7 +83,8 @@ def run_forgetjax(args, problems_path: Path, out_dir: Path) -> dict:
     logged = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     split = [{"rollout_s": m["rollout_s"], "reward_wait_s": m["reward_wait_s"], "reward_s": m["reward_s"],
               "reference_s": m["reference_s"], "update_s": m["step_seconds"],
-              "generated_tokens": m["response_length"] * cfg.batch_size, "reward_mean": m["reward_mean"]}
+              "generated_tokens": m["response_length"] * cfg.batch_size, "reward_mean": m["reward_mean"],
+              "model_flops": m["train_flops"] + m["prepare_flops"]}
              for m in logged]
     return {"step_s": steps, "split": split}
 
@@ -236,6 +239,9 @@ def main() -> None:
     for key in ("rollout_s", "reward_wait_s", "reward_s", "reference_s", "update_s", "generated_tokens"):
         print(f"  {key:17s} median {statistics.median(s[key] for s in kept):8.2f}")
     print(f"  jax f32 matmul peak {ours['jax_f32_matmul_flops'] / 1e9:.0f} GFLOP/s")
+    floor_s = statistics.median(s["model_flops"] for s in kept) / ours["jax_f32_matmul_flops"]
+    result["floor_s"] = floor_s
+    print(f"  floor {floor_s:.1f} s: the step's model FLOPs (sampling, reference and update passes) at that peak")
     if "trl" in result:
         theirs = raw["trl"]
         result["speedup_median"] = result["trl"]["median_s"] / result["forgetjax"]["median_s"]
@@ -244,6 +250,9 @@ def main() -> None:
               f"generated tokens/step median {statistics.median(theirs['generated_tokens'][args.warmup:] or [0])}")
         print(f"  torch f32 matmul peak {theirs['torch_f32_matmul_flops'] / 1e9:.0f} GFLOP/s")
         print(f"speed-up (TRL / forgetjax): median {result['speedup_median']:.2f}x, best {result['speedup_best']:.2f}x")
+        print(f"TRL median / floor: {result['trl']['median_s'] / floor_s:.2f}x, the largest speed-up any JAX "
+              f"implementation could reach on this machine (decoding at small batch is memory-bound, so the true "
+              f"limit is lower)")
     if args.out:
         write_json_atomic(args.out, result)
 

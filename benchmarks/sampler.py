@@ -3,7 +3,8 @@
 Greedy decoding of exactly `--new-tokens` tokens (stop tokens disabled on both sides) from the same chat prompt
 repeated `batch` times, for each batch size. Each peer runs in its own process per round (rounds alternate the
 order) and the best of N is kept (the compile is done once before timing); the measured f32 matmul peak of each
-framework is printed beside the numbers.
+framework is printed beside the numbers, and so is the decode floor: the tokens/s a decoder would reach if each step
+cost only its weight matmuls at that batch (`common.jax_decode_matmul_floor`), the physical limit a ratio is judged by.
 Throughput counts generated tokens only: batch x new_tokens / wall time (prefill included in the wall time).
 HF runs with each torch thread count given (default 1 and 2) and is credited with the best of them.
 """
@@ -17,7 +18,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
 
-from common import alternate_processes, best_time, export_embedded_for_torch, jax_matmul_peak, torch_matmul_peak  # noqa: E402
+from common import (  # noqa: E402
+    alternate_processes, best_time, decode_matmul_flops, export_embedded_for_torch, jax_decode_matmul_floor,
+    jax_matmul_peak, torch_matmul_peak)
 
 PROMPT = "Write a short story about a robot who learns to paint, in the style of a fairy tale."
 NEVER_STOP = (-1,)  # a token id no model emits: decoding runs for the whole budget
@@ -71,7 +74,11 @@ def run_side(args) -> None:
         sampler = Sampler(model, tokenizer)
         prompt_ids = sampler.encode_chat([{"role": "user", "content": PROMPT}])
         peers = {"forgetjax": lambda batch: forgetjax_runner(sampler, prompt_ids, batch, args.new_tokens)}
-        result = {"peak": jax_matmul_peak(), "devices": jax.device_count(), "prompt_tokens": len(prompt_ids)}
+        result = {"peak": jax_matmul_peak(), "devices": jax.device_count(), "prompt_tokens": len(prompt_ids),
+                  "floor_seconds": {str(batch): jax_decode_matmul_floor(model.config, batch)
+                                    for batch in args.batch_sizes},
+                  "floor_flops": {str(batch): decode_matmul_flops(model.config, batch) for batch in args.batch_sizes}}
+        del model
     else:
         model, tokenizer, torch_model = export_embedded_for_torch()
         prompt_ids = Sampler(model, tokenizer).encode_chat([{"role": "user", "content": PROMPT}])
@@ -114,18 +121,27 @@ def main() -> None:
                 seconds[key] = min(seconds.get(key, float("inf")), value)
     ours = rounds["forgetjax"][0]
     jax_peak = max(r["peak"] for r in rounds["forgetjax"])
+    floor_seconds = {batch: min(r["floor_seconds"][str(batch)] for r in rounds["forgetjax"])
+                     for batch in args.batch_sizes}
     torch_peak = max(r["peak"] for r in rounds["hf_torch"])
     print(f"SmolLM2-135M greedy decode, prompt {ours['prompt_tokens']} tokens, {args.new_tokens} new tokens, "
           f"float32, {ours['devices']} JAX device(s); best of {args.rounds} alternating rounds, one process per peer")
     print(f"matmul peak GFLOP/s: forgetjax {jax_peak / 1e9:.1f}, hf_torch {torch_peak / 1e9:.1f}")
     threads_header = " ".join(f"{f'hf t={t} tok/s':>14}" for t in args.torch_threads)
-    print(f"{'batch':>5} {'forgetjax tok/s':>16} {threads_header} {'ratio':>6}  (ratio: forgetjax / best HF)")
+    print(f"{'batch':>5} {'forgetjax tok/s':>16} {threads_header} {'ratio':>6} {'floor tok/s':>12} "
+          f"{'floor GFLOP/s':>14} {'floor / HF':>11}")
     for batch in args.batch_sizes:
         tokens = batch * args.new_tokens
         ours_rate = tokens / seconds[f"forgetjax/{batch}"]
         hf_rates = [tokens / seconds[f"hf_torch_t{t}/{batch}"] for t in args.torch_threads]
         hf_cells = " ".join(f"{rate:>14.1f}" for rate in hf_rates)
-        print(f"{batch:>5} {ours_rate:>16.1f} {hf_cells} {ours_rate / max(hf_rates):>5.2f}x", flush=True)
+        floor_rate = batch / floor_seconds[batch]
+        floor_gflops = ours['floor_flops'][str(batch)] / floor_seconds[batch] / 1e9
+        print(f"{batch:>5} {ours_rate:>16.1f} {hf_cells} {ours_rate / max(hf_rates):>5.2f}x {floor_rate:>12.1f} "
+              f"{floor_gflops:>14.1f} {floor_rate / max(hf_rates):>10.2f}x", flush=True)
+    print("ratio: forgetjax / best HF. floor: tokens/s if a decode step cost only its weight matmuls at that batch "
+          "(no attention, norms, sampling or prefill), measured with XLA in the forgetjax process; floor / HF is the "
+          "largest ratio any JAX decoder could reach here.")
 
 
 if __name__ == "__main__":

@@ -261,5 +261,6 @@ class Trainer:
         usage.add(batch.tokens, batch.examples, train_flops + batch.extra_flops)
         values.update({"lr": lr, "tokens": batch.tokens, "examples": batch.examples,
                        "tokens_per_s": batch.tokens / seconds, "step_seconds": seconds,
-                       "mfu": train_flops / seconds / peak, "budget_used": usage.amount(self.cfg.budget.kind)})
+                       "mfu": train_flops / seconds / peak, "budget_used": usage.amount(self.cfg.budget.kind),
+                       "train_flops": train_flops, "prepare_flops": batch.extra_flops})
         return values
