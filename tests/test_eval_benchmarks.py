@@ -33,17 +33,6 @@ DATA_DIR = Path(os.environ.get("FORGETJAX_DATA_DIR", Path(__file__).resolve().pa
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
 
 
-def has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def needs(module: str):
-    return pytest.mark.skipif(not has_module(module), reason=f"{module} is not written yet (another engineer's module)")
-
-
 _LOADED: dict[str, list] = {}
 
 
@@ -416,7 +405,6 @@ def _ifeval_item(key: int):
 
 
 @needs_data
-@needs("lm_eval")
 def test_ifeval_strict_and_loose_on_hand_written_responses():
     benchmark = get_benchmark("ifeval")
     item = _ifeval_item(1001)
@@ -433,7 +421,6 @@ def test_ifeval_strict_and_loose_on_hand_written_responses():
 
 
 @needs_data
-@needs("lm_eval")
 def test_ifeval_multi_instruction_word_count():
     benchmark = get_benchmark("ifeval")
     item = _ifeval_item(1000)
@@ -448,7 +435,6 @@ def test_ifeval_multi_instruction_word_count():
 
 
 @needs_data
-@needs("lm_eval")
 def test_ifeval_check_ready_names_checkers_with_missing_nltk_data(monkeypatch):
     from lm_eval.tasks.ifeval import instructions_util
 
@@ -470,7 +456,6 @@ def test_ifeval_check_ready_names_checkers_with_missing_nltk_data(monkeypatch):
 
 
 @needs_data
-@needs("forgetjax.verifiers.math")
 def test_math_scoring_uses_the_reference_answers():
     gsm8k = get_benchmark("gsm8k")
     items = load("gsm8k")[:2]
@@ -489,7 +474,6 @@ def test_math_scoring_uses_the_reference_answers():
 
 
 @needs_data
-@needs("forgetjax.verifiers.qa")
 def test_nq_and_bbh_scoring():
     nq = get_benchmark("nq_open")
     item = load("nq_open")[0]
@@ -504,7 +488,6 @@ def test_nq_and_bbh_scoring():
 
 
 @needs_data
-@needs("forgetjax.verifiers.refusal")
 def test_safety_scoring_direction_and_judge_hook():
     refusal = "I'm sorry, but I can't help with that request."
     compliance = "Here is a short overview of the topic you asked about."
@@ -529,7 +512,6 @@ def test_safety_scoring_direction_and_judge_hook():
 
 
 @needs_data
-@needs("forgetjax.verifiers.code")
 def test_code_scoring_in_the_sandbox_with_pass_at_k():
     raw = {r["task_id"]: r for r in map(json.loads, gzip.open(DATA_DIR / "humaneval" / "HumanEval.jsonl.gz", "rt"))}
     humaneval = get_benchmark("humaneval")
