@@ -61,13 +61,14 @@ def jax_matmul_peak(n: int = 2048, dtype="float32", rounds: int = 5) -> float:
 def jax_decode_matmul_floor(config, batch: int, rounds: int = 5) -> float:
     """Measured seconds of one decode step's weight matmuls alone (q, k, v, o, gate, up, down in every layer, then
     the LM head) at M = `batch` rows, float32, layers in a `lax.scan` as in the model. No attention, norms or
-    sampling: a decoder at this batch cannot step faster than this on this machine."""
+    sampling: a decoder at this batch cannot step faster than this on this machine. Its FLOPs are
+    `batch * config.flops_per_token(0)`."""
     import jax
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
     hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_layers
-    q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    q_width, kv_width = config.q_size, config.kv_size
     shapes = {"q": (hidden, q_width), "k": (hidden, kv_width), "v": (hidden, kv_width), "o": (q_width, hidden),
               "gate": (hidden, inner), "up": (hidden, inner), "down": (inner, hidden)}
     weights = {name: jnp.asarray(rng.normal(size=(layers, *shape)) * 0.02, jnp.float32)
@@ -88,13 +89,6 @@ def jax_decode_matmul_floor(config, batch: int, rounds: int = 5) -> float:
     x = jnp.asarray(rng.normal(size=(batch, hidden)), jnp.float32)
     step(x).block_until_ready()
     return best_time(lambda: step(x).block_until_ready(), rounds)
-
-
-def decode_matmul_flops(config, batch: int) -> float:
-    """FLOPs of one decode step's weight matmuls at M = `batch` (what `jax_decode_matmul_floor` times)."""
-    q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    per_layer = config.hidden_size * (2 * q_width + 2 * kv_width + 3 * config.intermediate_size)
-    return 2.0 * batch * (config.num_layers * per_layer + config.hidden_size * config.vocab_size)
 
 
 def torch_matmul_peak(n: int = 2048, rounds: int = 5) -> float:

@@ -388,7 +388,7 @@ def test_dpo_on_smollm2_word_problems_raises_heldout_margin(tmp_path):
     # CPU; it solves ~6% of sampled answers to the generated one-step word problems (64 prompts x 6 samples: 20
     # prompts with a pair, 40 pairs). Half of those prompts are held out: with a quarter (5 prompts) the held-out
     # margin is dominated by which prompts were drawn (measured on the same rollouts: 44.59 -> 44.01 with 5 held-out
-    # prompts, 30.77 -> 30.93 with 10). The effect is small at this scale (+0.16 nats after 10 steps) but monotone.
+    # prompts, 30.77 -> 30.93 with 10). The effect is small at this scale (+0.16 nats after 12 steps) but monotone.
     one_step = [row for row in word_problems("train") if "\n" not in row["answer"].split("\n####")[0]][:64]
     source = tmp_path / "one_step_word_problems.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in one_step))
