@@ -265,11 +265,12 @@ def _check_results_dir(path: str | Path) -> Path:
 
 def cmd_report(args) -> int:
     _check_at_least("--resamples", args.resamples, 1)
-    _check_results_dir(args.results_dir)
+    for results_dir in args.results_dirs:
+        _check_results_dir(results_dir)
     _check_output_dir("--out", args.out)
     from forgetjax.report import build_report
 
-    index = build_report(args.results_dir, args.out, n_resamples=args.resamples, seed=args.seed)
+    index = build_report(args.results_dirs, args.out, n_resamples=args.resamples, seed=args.seed)
     print(f"wrote report to {index}")
     return 0
 
@@ -477,10 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("report", help="write the study report (HTML, Markdown, CSV) from a results directory",
+    p = sub.add_parser("report", help="write the study report (HTML, Markdown, CSV) from results directories",
                        description="Analyse the per-item records of a study (forgetting, policy, safety, "
-                                   "representation) and write a self-contained index.html plus report.md and tables.")
-    p.add_argument("results_dir", help="study results directory (holds cells/<cell_id>/...)")
+                                   "representation) and write a self-contained index.html plus report.md and tables. "
+                                   "Several results directories (e.g. one per phase or model scale) make one report "
+                                   "over all their cells.")
+    p.add_argument("results_dirs", nargs="+", metavar="results_dir",
+                   help="study results directory (holds cells/<cell_id>/...); give several to merge phases")
     p.add_argument("--out", default="report", help="output directory (default %(default)s)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for confidence intervals")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")

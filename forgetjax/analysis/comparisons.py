@@ -1,14 +1,20 @@
-"""Group comparisons for the research questions: a statistic over the items of a group of cells (seeds, domains)
-and the paired difference between two groups, with item-bootstrap intervals."""
+"""Group comparisons for the research questions: a statistic over the items of a group of cells (seeds, domains),
+the paired difference between two groups and between every pair of several groups (Holm-corrected), its trend over
+model scales, and how a group's output policy moved from its baselines, with item-bootstrap intervals."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+import re
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from forgetjax.analysis.estimates import BootstrapSettings, mean_ci
 from forgetjax.analysis.loading import Study
-from forgetjax.analysis.stats import paired_bootstrap_ci
+from forgetjax.analysis.policy import repetition_rate
+from forgetjax.analysis.stats import multiple_comparison, paired_bootstrap_ci
+from forgetjax.analysis.tables import NO_EXTRACTION_FAMILIES, REPETITION_N
 
 
 _SCORED = "pre_value IS NOT NULL AND post_value IS NOT NULL"
@@ -78,3 +84,147 @@ def compare_groups(
     result.update(mean_a=float(a.mean()), mean_b=float(b.mean()), difference=ci.estimate, low=ci.low, high=ci.high,
                   significant=bool(ci.low > 0 or ci.high < 0))
     return result
+
+
+def pairwise_differences(
+    study: Study, groups: Mapping[str, Sequence[str]], statistic: str,
+    settings: BootstrapSettings = BootstrapSettings(), alpha: float = 0.05,
+) -> list[dict[str, Any]]:
+    """Every pair (a, b) of the named groups (in the given order, a before b): b - a on their shared items with the
+    paired item-bootstrap interval (`compare_groups`), a two-sided paired t-test p over the per-item differences and
+    its Holm adjustment across all pairs (`p_holm`, `reject_holm` at alpha). Pairs sharing no items get None."""
+    names = list(groups)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            row = {"a": a, "b": b, **compare_groups(study, groups[a], groups[b], statistic, settings),
+                   "p": None, "p_holm": None, "reject_holm": None}
+            if row["n_items"] >= 2:
+                values_a = item_means(study, groups[a], statistic)
+                values_b = item_means(study, groups[b], statistic)
+                shared = sorted(set(values_a) & set(values_b))
+                row["p"] = paired_t_pvalue([values_a[k] for k in shared], [values_b[k] for k in shared])
+            rows.append(row)
+    tested = [row for row in rows if row["p"] is not None]
+    if tested:
+        holm = multiple_comparison([row["p"] for row in tested], "holm", alpha)
+        for row, adjusted, reject in zip(tested, holm.adjusted, holm.reject):
+            row.update(p_holm=float(adjusted), reject_holm=bool(reject))
+    return rows
+
+
+def paired_t_pvalue(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided paired t-test p of mean(b - a) = 0; identical pairs give 1, a constant nonzero difference 0."""
+    differences = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    if np.ptp(differences) == 0:
+        return 1.0 if differences[0] == 0 else 0.0
+    return float(scipy_stats.ttest_rel(b, a).pvalue)
+
+
+_SCALE_UNITS = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def scale_parameters(scale: str) -> float | None:
+    """The parameter count a scale name states ("135m" -> 1.35e8, "1.5b" -> 1.5e9); None when it states none."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmbt])\s*", str(scale), flags=re.I)
+    return float(match.group(1)) * _SCALE_UNITS[match.group(2).lower()] if match else None
+
+
+def scaling_trend(
+    study: Study, cells_by_scale: Mapping[str, Sequence[str]], statistic: str,
+    settings: BootstrapSettings = BootstrapSettings(),
+) -> dict[str, Any]:
+    """The statistic per scale (`group_estimate`) and its least-squares slope against log10(parameters) on the items
+    every scale shares, per tenfold increase in parameters. The slope is linear in the per-scale means, so it is the
+    mean over items of each item's own slope, and its interval is the item bootstrap of that mean (`mean_ci`).
+    Scales whose name states no parameter count are left out (listed in `unparsed`)."""
+    sizes = {scale: scale_parameters(scale) for scale in cells_by_scale}
+    usable = sorted((s for s in sizes if sizes[s] is not None), key=lambda s: sizes[s])
+    result: dict[str, Any] = {
+        "scales": [{"scale": s, "parameters": sizes[s], **group_estimate(study, cells_by_scale[s], statistic, settings)}
+                   for s in usable],
+        "unparsed": sorted(s for s in sizes if sizes[s] is None),
+        "slope": None, "low": None, "high": None, "n": 0, "significant": None,
+    }
+    if len(usable) < 2:
+        return result
+    values = [item_means(study, cells_by_scale[s], statistic) for s in usable]
+    shared = sorted(set.intersection(*(set(v) for v in values)))
+    if not shared:
+        return result
+    x = np.log10([sizes[s] for s in usable])
+    weights = (x - x.mean()) / np.sum((x - x.mean()) ** 2)
+    per_item = np.array([[v[key] for v in values] for key in shared]) @ weights
+    ci = mean_ci(per_item, settings)
+    result.update(slope=ci["estimate"], low=ci["low"], high=ci["high"], n=ci["n"],
+                  significant=bool(ci["low"] > 0 or ci["high"] < 0))
+    return result
+
+
+POLICY_SHIFT_METRICS: dict[str, str] = {
+    "length": "output length in tokens",
+    "repetition": f"repeated {REPETITION_N}-gram share per output",
+    "format": "share of open-generation outputs with an extracted answer",
+    "confidence": "multiple-choice confidence in the chosen option",
+    "harmful_refusal": "refusal rate on harmful prompts",
+    "safe_refusal": "refusal rate on safe prompts (over-refusal)",
+}
+"""The per-item policy measures `policy_shift` compares between a cell and its baseline."""
+
+
+def _policy_values(row: Mapping[str, Any], side: str) -> dict[str, float]:
+    """The policy measures one record (side "pre" or "post" of a paired row) has."""
+    out: dict[str, float] = {}
+    if row[f"{side}_tokens"] is not None:
+        out["length"] = float(row[f"{side}_tokens"])
+    if row[f"{side}_output"] is not None:
+        repetition = repetition_rate(row[f"{side}_output"], REPETITION_N)
+        if math.isfinite(repetition):
+            out["repetition"] = repetition
+    if row["kind"] == "generate" and row["family"] not in NO_EXTRACTION_FAMILIES:
+        out["format"] = float(row[f"{side}_answer"])
+    if row["kind"] == "multiple_choice" and row[f"{side}_confidence"] is not None:
+        out["confidence"] = float(row[f"{side}_confidence"])
+    if row[f"{side}_refusal"] is not None and row["harmful"] is not None:
+        out["harmful_refusal" if row["harmful"] else "safe_refusal"] = float(row[f"{side}_refusal"])
+    return out
+
+
+def policy_shift(
+    study: Study, cell_ids: Sequence[str], settings: BootstrapSettings = BootstrapSettings()
+) -> dict[str, dict[str, Any]]:
+    """Per POLICY_SHIFT_METRICS measure: the baseline (`pre`) and post-trained (`post`) mean and post - pre with its
+    item-bootstrap interval, over the items both sides measure (per item averaged over the cells first, as in
+    `group_estimate`). Measures no item has are absent."""
+    if not cell_ids:
+        return {}
+    rows = study.rows(
+        """
+        SELECT post.benchmark, post.item_id, pre.family, pre.kind, pre.harmful,
+               pre.output_tokens AS pre_tokens, post.output_tokens AS post_tokens,
+               pre.output AS pre_output, post.output AS post_output,
+               pre.extracted_answer IS NOT NULL AS pre_answer, post.extracted_answer IS NOT NULL AS post_answer,
+               pre.confidence AS pre_confidence, post.confidence AS post_confidence,
+               pre.refusal AS pre_refusal, post.refusal AS post_refusal
+        FROM cells c
+        JOIN records pre ON pre.cell_id = c.baseline_id
+        JOIN records post ON post.cell_id = c.cell_id AND post.benchmark = pre.benchmark AND post.item_id = pre.item_id
+        WHERE list_contains(?, c.cell_id)
+        """,
+        [list(cell_ids)],
+    )
+    per_item: dict[str, dict[tuple[str, str], list[tuple[float, float]]]] = {}
+    for row in rows:
+        pre, post = _policy_values(row, "pre"), _policy_values(row, "post")
+        for metric in pre.keys() & post.keys():
+            per_item.setdefault(metric, {}).setdefault((row["benchmark"], row["item_id"]), []).append(
+                (pre[metric], post[metric]))
+    out = {}
+    for metric in POLICY_SHIFT_METRICS:
+        if metric not in per_item:
+            continue
+        means = np.array([np.mean(pairs, axis=0) for _, pairs in sorted(per_item[metric].items())])
+        shift = mean_ci(means[:, 1] - means[:, 0], settings)
+        out[metric] = {"pre": float(means[:, 0].mean()), "post": float(means[:, 1].mean()), **shift,
+                       "significant": bool(shift["low"] > 0 or shift["high"] < 0)}
+    return out

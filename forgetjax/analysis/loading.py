@@ -1,6 +1,10 @@
 """A study's results loaded into DuckDB: the analysable cells, every record joined with its benchmark's family and
 kind, and every post-trained cell's items paired with its baseline's.
 
+Several results directories (the phases of one study, e.g. one per model scale) load as one study: their cells are
+merged by id. Cell ids embed a hash of the resolved config, so the same id in two directories must be the same cell:
+identical content (cell.json, records, representation.json) is loaded once, different content is a UserError.
+
 Only cells with status "done" that hold records are analysed; every skipped cell is listed in `Study.issues`.
 Pairing: every post-trained cell's items are inner-joined with its baseline's items on (benchmark, item_id); items
 present on one side only are counted in the pairing table, never imputed. Per paired item the compared value is
@@ -9,6 +13,7 @@ both sides have a finite one (continuous: delta only); unscored items are droppe
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +23,13 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from forgetjax.errors import UserError
 from forgetjax.results import (
     DONE_STATUS,
     Cell,
     Representation,
     cell_eval_dir,
+    cell_file,
     discover_cells,
     read_representation,
     record_files,
@@ -35,13 +42,13 @@ NON_CAPABILITY_FAMILIES = (*SAFETY_FAMILIES, "ai_risk")
 
 @dataclass
 class Study:
-    """The analysed cells of a results directory with their records loaded into DuckDB.
+    """The analysed cells of one or several results directories with their records loaded into DuckDB.
 
     DuckDB tables: `cells` (Cell columns + baseline_id), `records` (every record + cell_id, family, kind,
     harmful) and `paired` (one row per post-trained cell x item present in the cell and its baseline).
     """
 
-    results_dir: Path
+    results_dirs: tuple[Path, ...]
     connection: duckdb.DuckDBPyConnection
     cells: list[Cell]
     baselines: dict[tuple[str, str], Cell]
@@ -145,8 +152,58 @@ JOIN records post ON post.cell_id = c.cell_id AND post.benchmark = pre.benchmark
 """
 
 
+def results_dir_list(results_dirs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> tuple[Path, ...]:
+    """One results directory or several as a tuple of paths (each must exist; a directory named twice is an error)."""
+    if isinstance(results_dirs, (str, os.PathLike)):
+        results_dirs = [results_dirs]
+    paths = tuple(Path(p) for p in results_dirs)
+    if not paths:
+        raise UserError("results_dir: give at least one results directory")
+    for path in paths:
+        if not path.is_dir():
+            raise FileNotFoundError(f"results_dir {path} is not a directory")
+    resolved = [p.resolve() for p in paths]
+    for index, path in enumerate(resolved):
+        if path in resolved[:index]:
+            raise UserError(f"results_dir {paths[index]} is given twice")
+    return paths
+
+
+def _cell_content(results_dir: Path, cell_id: str) -> dict[str, str]:
+    """sha256 of every file the analysis reads from a cell (cell.json, eval records, representation.json)."""
+    files = [cell_file(results_dir, cell_id), *record_files(results_dir, cell_id),
+             representation_file(results_dir, cell_id)]
+    root = cell_file(results_dir, cell_id).parent
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in files if path.is_file()}
+
+
+def _merge_cells(results_dirs: Sequence[Path], issues: list[str]) -> tuple[list[Cell], dict[str, Path]]:
+    """Every directory's cells merged by id with the directory each is read from; an id found twice with different
+    content is a UserError naming both directories."""
+    cells: dict[str, Cell] = {}
+    homes: dict[str, Path] = {}
+    for results_dir in results_dirs:
+        found, notes = discover_cells(results_dir)
+        issues.extend(notes if len(results_dirs) == 1 else [f"{results_dir}: {note}" for note in notes])
+        for cell in found:
+            if cell.cell_id not in homes:
+                cells[cell.cell_id], homes[cell.cell_id] = cell, results_dir
+                continue
+            first = homes[cell.cell_id]
+            mine, theirs = _cell_content(first, cell.cell_id), _cell_content(results_dir, cell.cell_id)
+            if mine != theirs:
+                differing = sorted(name for name in set(mine) | set(theirs) if mine.get(name) != theirs.get(name))
+                raise UserError(
+                    f"cell {cell.cell_id!r} is in both {first} and {results_dir} with different content "
+                    f"({', '.join(differing)}); a cell id names one run, so keep one of the two")
+            issues.append(f"cell {cell.cell_id!r} is in both {first} and {results_dir} with identical content; "
+                          f"loaded once")
+    return sorted(cells.values(), key=lambda c: c.cell_id), homes
+
+
 def _select_cells(
-    results_dir: Path, cells: Sequence[Cell], issues: list[str]
+    homes: Mapping[str, Path], cells: Sequence[Cell], issues: list[str]
 ) -> tuple[list[Cell], dict[str, list[Path]], dict[tuple[str, str], Cell]]:
     """Keep done cells with records and a baseline; note every cell left out and why."""
     files: dict[str, list[Path]] = {}
@@ -155,9 +212,9 @@ def _select_cells(
         if cell.status != DONE_STATUS:
             issues.append(f"cell {cell.cell_id!r} skipped: status {cell.status!r}")
             continue
-        paths = record_files(results_dir, cell.cell_id)
+        paths = record_files(homes[cell.cell_id], cell.cell_id)
         if not paths:
-            where = cell_eval_dir(results_dir, cell.cell_id)
+            where = cell_eval_dir(homes[cell.cell_id], cell.cell_id)
             issues.append(f"cell {cell.cell_id!r} skipped: no record files under {where}")
             continue
         files[cell.cell_id] = paths
@@ -182,13 +239,15 @@ def _select_cells(
     return analysed, files, baselines
 
 
-def load_study(results_dir: str | os.PathLike[str], threads: int = 2) -> Study:
-    """Read every cell.json, load the records of the analysable cells into DuckDB and pair them with baselines."""
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise FileNotFoundError(f"results_dir {results_dir} is not a directory")
-    all_cells, issues = discover_cells(results_dir)
-    cells, files, baselines = _select_cells(results_dir, all_cells, issues)
+def load_study(
+    results_dirs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], threads: int = 2
+) -> Study:
+    """Read every cell.json of one or several results directories, load the records of the analysable cells into
+    DuckDB and pair them with baselines."""
+    dirs = results_dir_list(results_dirs)
+    issues: list[str] = []
+    all_cells, homes = _merge_cells(dirs, issues)
+    cells, files, baselines = _select_cells(homes, all_cells, issues)
     con = duckdb.connect()
     con.execute(f"SET threads TO {max(1, int(threads))}")
     con.register("cells_source", _cells_table(cells, baselines))
@@ -218,7 +277,7 @@ def load_study(results_dir: str | os.PathLike[str], threads: int = 2) -> Study:
     con.execute(_PAIRED_SQL)
     representations = {}
     for cell in cells:
-        path = representation_file(results_dir, cell.cell_id)
+        path = representation_file(homes[cell.cell_id], cell.cell_id)
         if path.is_file():
             representations[cell.cell_id] = read_representation(path)
-    return Study(results_dir, con, cells, baselines, representations, issues)
+    return Study(dirs, con, cells, baselines, representations, issues)

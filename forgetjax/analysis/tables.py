@@ -513,9 +513,12 @@ class StudyAnalysis:
         return self.tables[name]
 
 
-def analyze(results_dir: str | os.PathLike[str], settings: BootstrapSettings = BootstrapSettings()) -> StudyAnalysis:
-    """Load a results directory and compute every table."""
-    study = load_study(results_dir)
+def analyze(
+    results_dirs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    settings: BootstrapSettings = BootstrapSettings(),
+) -> StudyAnalysis:
+    """Load one results directory, or several merged into one study (`load_study`), and compute every table."""
+    study = load_study(results_dirs)
     forgetting = forgetting_table(study, settings)
     safety = safety_table(study, settings)
     summary = cell_summary_table(study, forgetting, settings)

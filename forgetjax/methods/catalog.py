@@ -1,5 +1,5 @@
 """The method catalog: every post-training method's id, the module that registers it, its display label, its data
-regime and the teacher it needs. The registry imports a method's module from here, the study matrix fills in
+regime, its signal source and the teacher it needs. The registry imports a method's module from here, the study matrix fills in
 teachers from here, and the analysis and report label and group methods from here. Import-light (no JAX)."""
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ OTHER_POLICY = "other"
 
 Teacher = Literal["same_family", "cross_family"]
 
+SIGNAL_SOURCES: dict[str, str] = {
+    "GT": "ground-truth solutions from the dataset",
+    "SF": "a same-family teacher's generations",
+    "CF": "a cross-family teacher's generations",
+    "SELF": "the model's own generations (no reward, no teacher)",
+    "RL": "a reward on sampled outputs (online GRPO variants or offline DPO preference pairs)",
+    "PI": "the model itself as teacher with privileged information (the answer) in its prompt",
+}
+"""Where a method's training signal comes from, in report order. π-Distill is its own source PI: its teacher is
+neither external (SF/CF) nor the plain model (SELF), and its reward-weighted loss is not only RL."""
+
 
 @dataclasses.dataclass(frozen=True)
 class MethodEntry:
@@ -22,34 +33,36 @@ class MethodEntry:
     module: str
     label: str
     regime: str
+    source: str
     teacher: Teacher | None = None
 
 
 METHODS: dict[str, MethodEntry] = {
-    "gt_sft": MethodEntry("forgetjax.methods.sft", "GT-SFT", OFF_POLICY_SFT),
-    "sf_sft": MethodEntry("forgetjax.methods.distill", "SF-SFT", OFF_POLICY_SFT, teacher="same_family"),
-    "cf_sft": MethodEntry("forgetjax.methods.distill", "CF-SFT", OFF_POLICY_SFT, teacher="cross_family"),
-    "self_spin": MethodEntry("forgetjax.methods.spin", "SELF (SPIN)", ON_POLICY),
-    "self_sdft": MethodEntry("forgetjax.methods.sdft", "SELF (SDFT)", ON_POLICY),
-    "off_rl_dpo": MethodEntry("forgetjax.methods.dpo", "OFF-RL (DPO)", OTHER_POLICY),
-    "on_rl_grpo": MethodEntry("forgetjax.methods.grpo", "ON-RL (GRPO)", ON_POLICY),
-    "on_rl_drgrpo": MethodEntry("forgetjax.methods.grpo", "ON-RL (Dr.GRPO)", ON_POLICY),
-    "on_rl_frpo": MethodEntry("forgetjax.methods.grpo", "ON-RL (FRPO)", ON_POLICY),
-    "pi_distill": MethodEntry("forgetjax.methods.pi_distill", "PI", ON_POLICY),
+    "gt_sft": MethodEntry("forgetjax.methods.sft", "GT-SFT", OFF_POLICY_SFT, "GT"),
+    "sf_sft": MethodEntry("forgetjax.methods.distill", "SF-SFT", OFF_POLICY_SFT, "SF", teacher="same_family"),
+    "cf_sft": MethodEntry("forgetjax.methods.distill", "CF-SFT", OFF_POLICY_SFT, "CF", teacher="cross_family"),
+    "self_spin": MethodEntry("forgetjax.methods.spin", "SELF (SPIN)", ON_POLICY, "SELF"),
+    "self_sdft": MethodEntry("forgetjax.methods.sdft", "SELF (SDFT)", ON_POLICY, "SELF"),
+    "off_rl_dpo": MethodEntry("forgetjax.methods.dpo", "OFF-RL (DPO)", OTHER_POLICY, "RL"),
+    "on_rl_grpo": MethodEntry("forgetjax.methods.grpo", "ON-RL (GRPO)", ON_POLICY, "RL"),
+    "on_rl_drgrpo": MethodEntry("forgetjax.methods.grpo", "ON-RL (Dr.GRPO)", ON_POLICY, "RL"),
+    "on_rl_frpo": MethodEntry("forgetjax.methods.grpo", "ON-RL (FRPO)", ON_POLICY, "RL"),
+    "pi_distill": MethodEntry("forgetjax.methods.pi_distill", "PI", ON_POLICY, "PI"),
 }
 
-SHORT_IDS: dict[str, tuple[str, str]] = {
-    "on_rl": ("ON-RL", ON_POLICY),
-    "grpo": ("ON-RL", ON_POLICY),
-    "self": ("SELF", ON_POLICY),
-    "sdft": ("SELF", ON_POLICY),
-    "spin": ("SELF", ON_POLICY),
-    "pi": ("PI", ON_POLICY),
-    "distill": ("KD", OTHER_POLICY),
-    "kd": ("KD", OTHER_POLICY),
-    "dpo": ("DPO", OTHER_POLICY),
+SHORT_IDS: dict[str, tuple[str, str, str | None]] = {
+    "on_rl": ("ON-RL", ON_POLICY, "RL"),
+    "grpo": ("ON-RL", ON_POLICY, "RL"),
+    "self": ("SELF", ON_POLICY, "SELF"),
+    "sdft": ("SELF", ON_POLICY, "SELF"),
+    "spin": ("SELF", ON_POLICY, "SELF"),
+    "pi": ("PI", ON_POLICY, "PI"),
+    "distill": ("KD", OTHER_POLICY, None),
+    "kd": ("KD", OTHER_POLICY, None),
+    "dpo": ("DPO", OTHER_POLICY, "RL"),
 }
-"""Short method ids results may use, with their (label, regime); they name no runnable method."""
+"""Short method ids results may use, with their (label, regime, signal source or None when the teacher is unknown);
+they name no runnable method."""
 
 
 def method_entry(name: str) -> MethodEntry:
@@ -68,11 +81,18 @@ def method_label(method: str) -> str:
     """Display label of a method id (the id itself when unknown, e.g. "baseline")."""
     if method in METHODS:
         return METHODS[method].label
-    return SHORT_IDS.get(method, (method, OTHER_POLICY))[0]
+    return SHORT_IDS.get(method, (method, OTHER_POLICY, None))[0]
 
 
 def method_regime(method: str) -> str:
     """ON_POLICY, OFF_POLICY_SFT or OTHER_POLICY (unknown ids)."""
     if method in METHODS:
         return METHODS[method].regime
-    return SHORT_IDS.get(method, (method, OTHER_POLICY))[1]
+    return SHORT_IDS.get(method, (method, OTHER_POLICY, None))[1]
+
+
+def method_source(method: str) -> str | None:
+    """The SIGNAL_SOURCES key of a method id; None for the baseline and ids whose source is unknown."""
+    if method in METHODS:
+        return METHODS[method].source
+    return SHORT_IDS.get(method, (method, OTHER_POLICY, None))[2]

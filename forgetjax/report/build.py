@@ -176,7 +176,8 @@ def _overview(analysis: StudyAnalysis) -> list[str]:
     study = analysis.study
     post = study.post_cells
     lines = [
-        f"Results directory: {study.results_dir}",
+        f"Results director{'y' if len(study.results_dirs) == 1 else 'ies'}: "
+        f"{', '.join(str(d) for d in study.results_dirs)}",
         f"Analysed cells: {len(study.cells)} ({len(study.baselines)} baseline(s), {len(post)} post-trained); "
         f"methods: {', '.join(sorted({method_label(c.method) for c in post})) or 'none'}; domains: "
         f"{', '.join(sorted({str(c.domain) for c in post})) or 'none'}; start points: "
@@ -241,20 +242,20 @@ def render_markdown(analysis: StudyAnalysis, answers: Sequence[Answer],
 
 
 def build_report(
-    results_dir: str | os.PathLike[str],
+    results_dirs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
     *,
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> Path:
-    """Analyse RESULTS_DIR and write out_dir/index.html, out_dir/report.md, out_dir/figures/*.png and
+    """Analyse RESULTS_DIR (or several, e.g. one per phase or model scale, merged into one study) and write out_dir/index.html, out_dir/report.md, out_dir/figures/*.png and
     out_dir/tables/*.csv; returns the path of index.html. Only the writer process builds it (in multi-process runs
     the others return the same path at once)."""
     if not is_writer():
         return Path(out_dir) / "index.html"
     settings = BootstrapSettings(n_resamples=n_resamples, confidence=confidence, seed=seed)
-    analysis = analyze(results_dir, settings)
+    analysis = analyze(results_dirs, settings)
     out_dir = Path(out_dir)
     write_tables(analysis, out_dir / "tables")
     sections = all_figures(analysis)

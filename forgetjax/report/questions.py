@@ -1,4 +1,4 @@
-"""The study's six research questions answered as text from the analysis numbers, with their confidence intervals.
+"""The study's research questions answered as text from the analysis numbers, with their confidence intervals.
 
 Every answer states the estimate, its paired item-bootstrap interval and what the interval allows one to claim;
 when the cells needed are missing the answer says "Not enough data: ..." and why, and claims nothing.
@@ -11,9 +11,23 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from forgetjax.analysis.comparisons import compare_groups, group_estimate
+from forgetjax.analysis.comparisons import (
+    POLICY_SHIFT_METRICS,
+    compare_groups,
+    group_estimate,
+    pairwise_differences,
+    policy_shift,
+    scaling_trend,
+)
 from forgetjax.analysis.tables import StudyAnalysis
-from forgetjax.methods.catalog import OFF_POLICY_SFT, ON_POLICY, method_label, method_regime
+from forgetjax.methods.catalog import (
+    OFF_POLICY_SFT,
+    ON_POLICY,
+    SIGNAL_SOURCES,
+    method_label,
+    method_regime,
+    method_source,
+)
 from forgetjax.results import Cell
 
 QUESTIONS = (
@@ -25,6 +39,12 @@ QUESTIONS = (
             "(GT-SFT, SF/CF-SFT)?"),
     ("RQ6", "Is forgetting visible in representations (CKA drift, refusal-direction attenuation) and does it track "
             "the behavioural forgetting?"),
+    ("RQ7", "Does the source of the training signal (ground truth GT, same-family teacher SF, cross-family teacher "
+            "CF, the model's own outputs SELF, a reward RL, privileged-information self-teacher PI) change how much "
+            "is forgotten? Every pair of sources compared."),
+    ("RQ8", "How does forgetting scale with model size?"),
+    ("RQ9", "How does each method shape the output policy (length, repetition, answer format, confidence, "
+            "refusals), and which shifts it most?"),
 )
 DOMAINS = ("math", "code", "qa")
 NOT_ENOUGH = "Not enough data: "
@@ -361,10 +381,130 @@ def answer_rq6(analysis: StudyAnalysis) -> tuple[str, ...]:
     return (" ".join(parts),)
 
 
-ANSWERERS = (answer_rq1, answer_rq2, answer_rq3, answer_rq4, answer_rq5, answer_rq6)
+def _p_text(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.3g}"
+
+
+@_per_scope
+def answer_rq7(analysis: StudyAnalysis, scope: str, start_point: str, scale: str, cells: list[Cell]) -> str:
+    """Forgetting per signal source and every pairwise difference, Holm-corrected over the pairs of the scope."""
+    study, settings = analysis.study, analysis.settings
+    groups = {source: [c for c in cells if method_source(c.method) == source] for source in SIGNAL_SOURCES}
+    estimates = {source: group_estimate(study, _ids(members), "forgetting", settings)
+                 for source, members in groups.items() if members}
+    usable = [source for source, estimate in estimates.items() if estimate["estimate"] is not None]
+    absent = [source for source in SIGNAL_SOURCES if source not in usable]
+    missing_text = f" No usable cells for {', '.join(absent)}, so those sources are not compared." if absent else ""
+    if len(usable) < 2:
+        return (f"{scope} {NOT_ENOUGH}only the signal source(s) {', '.join(usable) or 'none'} have post-trained cells "
+                f"with paired capability items; a comparison needs at least two.{missing_text}")
+    listing = "; ".join(
+        f"{source} ({', '.join(sorted({method_label(c.method) for c in groups[source]}))}) "
+        f"{with_ci(estimates[source], pct, settings.confidence)}" for source in usable)
+    pairs = pairwise_differences(study, {source: _ids(groups[source]) for source in usable}, "forgetting", settings)
+    compared = [row for row in pairs if row["difference"] is not None]
+    pair_text = "; ".join(
+        f"{row['b']} - {row['a']} = {with_ci(row, pp, settings.confidence)}, Holm p = {_p_text(row['p_holm'])}"
+        f"{' (significant)' if row['reject_holm'] else ''}" for row in compared)
+    significant = [row for row in compared if row["reject_holm"]]
+    verdict = (f"{len(significant)} of {len(compared)} pairwise difference(s) are significant at the 0.05 level after "
+               f"Holm's correction (paired t-test over items)." if compared else
+               "No two sources share paired items, so no difference can be estimated.")
+    domains = {source: sorted({str(c.domain) for c in groups[source]}) for source in usable}
+    confound = ("" if len({tuple(d) for d in domains.values()}) == 1 else
+                " The sources were trained in different domains (" +
+                ", ".join(f"{source}: {'/'.join(d)}" for source, d in domains.items()) +
+                "), so source and domain effects are mixed.")
+    return (f"{scope} Overall capability forgetting F by signal source: {listing}. Pairwise differences (later - "
+            f"earlier source): {pair_text}. {verdict}{confound}{missing_text}")
+
+
+def _scaling_paragraph(analysis: StudyAnalysis, start_point: str, cells: Sequence[Cell]) -> str:
+    settings = analysis.settings
+    scope = f"[{start_point.upper()} start]"
+    scales = sorted({c.scale for c in cells})
+    sentences = []
+    for method, members in _by_method(cells).items():
+        by_scale = {scale: _ids([c for c in members if c.scale == scale]) for scale in sorted({c.scale for c in members})}
+        trend = scaling_trend(analysis.study, by_scale, "forgetting", settings)
+        points = [row for row in trend["scales"] if row["estimate"] is not None]
+        per_scale = ", ".join(f"{row['scale']} {with_ci(row, pct, settings.confidence)}" for row in points)
+        unparsed = (f" (scale name(s) {', '.join(trend['unparsed'])} state no parameter count, left out)"
+                    if trend["unparsed"] else "")
+        if len(points) < 2 or trend["slope"] is None:
+            sentences.append(f"{method_label(method)}: {NOT_ENOUGH.lower()}results at "
+                             f"{len(points)} scale(s) ({per_scale or 'none'}){unparsed}, a trend needs two")
+            continue
+        if trend["significant"]:
+            direction = "grows" if trend["slope"] > 0 else "shrinks"
+            verdict = f"forgetting {direction} with model size (the interval excludes zero)"
+        else:
+            verdict = "no significant trend (the interval includes zero)"
+        sentences.append(
+            f"{method_label(method)}: F = {per_scale}; slope {pp(trend['slope'])} per tenfold parameters "
+            f"({int(round(100 * settings.confidence))}% CI {pp(trend['low'])} to {pp(trend['high'])}, "
+            f"n={trend['n']} items shared by every scale): {verdict}{unparsed}")
+    if len(scales) < 2:
+        return (f"{scope} {NOT_ENOUGH}every post-trained cell is at scale {scales[0]}; pass the results directories "
+                f"of several phases to `forgetjax report DIR [DIR ...]` to compare model sizes.")
+    return f"{scope} Scales {', '.join(scales)}. " + "; ".join(sentences) + "."
+
+
+def answer_rq8(analysis: StudyAnalysis) -> tuple[str, ...]:
+    """Per start point and method: F at every scale and its slope against log10(parameters) over shared items."""
+    post_cells = analysis.study.post_cells
+    if not post_cells:
+        return _no_cells()
+    return tuple(_scaling_paragraph(analysis, start_point, [c for c in post_cells if c.start_point == start_point])
+                 for start_point in sorted({c.start_point for c in post_cells}))
+
+
+def _policy_value(metric: str, value: float | None, signed: bool = False) -> str:
+    if metric == "length":
+        return "n/a" if value is None else (f"{value:+.1f} tokens" if signed else f"{value:.1f}")
+    return (pp if signed else pct)(value)
+
+
+@_per_scope
+def answer_rq9(analysis: StudyAnalysis, scope: str, start_point: str, scale: str, cells: list[Cell]) -> str:
+    """Per method: each policy measure baseline -> post with the paired shift; the largest shift per measure."""
+    settings = analysis.settings
+    shifts = {method: policy_shift(analysis.study, _ids(members), settings)
+              for method, members in _by_method(cells).items()}
+    shifts = {method: shift for method, shift in shifts.items() if shift}
+    if not shifts:
+        return f"{scope} {NOT_ENOUGH}no post-trained cell has outputs, answers or refusals paired with its baseline."
+    level = int(round(100 * settings.confidence))
+    sentences = []
+    for method, shift in shifts.items():
+        parts = [
+            f"{metric.replace('_', ' ')} {_policy_value(metric, s['pre'])} -> {_policy_value(metric, s['post'])} "
+            f"({_policy_value(metric, s['estimate'], True)}, {level}% CI {_policy_value(metric, s['low'], True)} to "
+            f"{_policy_value(metric, s['high'], True)}, n={s['n']}{', significant' if s['significant'] else ''})"
+            for metric, s in shift.items()]
+        sentences.append(f"{method_label(method)}: " + "; ".join(parts))
+    most = []
+    for metric in POLICY_SHIFT_METRICS:
+        measured = {m: shift[metric] for m, shift in shifts.items() if metric in shift}
+        if len(measured) >= 2:
+            top = max(measured, key=lambda m: abs(measured[m]["estimate"]))
+            if measured[top]["estimate"] == 0:
+                most.append(f"{metric.replace('_', ' ')}: no method moves it")
+                continue
+            most.append(f"{metric.replace('_', ' ')}: {method_label(top)} "
+                        f"({_policy_value(metric, measured[top]['estimate'], True)})")
+    ranking = (" Largest shift per measure: " + "; ".join(most) + "." if most else
+               " Only one method has policy measures, so no method is ranked.")
+    return (f"{scope} Baseline -> post-trained on the same items (" +
+            "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in POLICY_SHIFT_METRICS.items()) + "). " +
+            ". ".join(sentences) + "." + ranking)
+
+
+ANSWERERS = (answer_rq1, answer_rq2, answer_rq3, answer_rq4, answer_rq5, answer_rq6, answer_rq7, answer_rq8,
+             answer_rq9)
 
 
 def answer_all(analysis: StudyAnalysis) -> list[Answer]:
-    """The six answers in order."""
+    """Every answer in QUESTIONS order."""
     return [Answer(key, question, tuple(answer(analysis)))
             for (key, question), answer in zip(QUESTIONS, ANSWERERS)]
