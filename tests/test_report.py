@@ -144,7 +144,7 @@ def _cells(**where) -> list[str]:
 def test_research_question_numbers_match_independent_computation(built):
     synthetic, index = built
     markdown = (index.parent / "report.md").read_text()
-    for key in ("RQ1", "RQ2", "RQ3", "RQ4", "RQ5", "RQ6"):
+    for key in ("RQ1", "RQ2", "RQ3", "RQ4", "RQ5", "RQ6", "RQ7", "RQ8", "RQ9"):
         assert f"### {key}: " in markdown
     rq1 = answer_paragraphs(markdown, "RQ1")
     base_rq1 = [p for p in rq1.strip().split("\n\n") if p.startswith("[BASE start")][0]
@@ -186,7 +186,7 @@ def test_missing_data_gives_honest_sentences_not_crashes(tmp_path):
     (tmp_path / "empty" / "cells").mkdir(parents=True)
     empty_index = build_report(tmp_path / "empty", tmp_path / "empty_report", n_resamples=50)
     empty = (tmp_path / "empty_report" / "report.md").read_text()
-    assert all("Not enough data" in answer_paragraphs(empty, f"RQ{i}") for i in range(1, 7))
+    assert all("Not enough data" in answer_paragraphs(empty, f"RQ{i}") for i in range(1, 10))
     assert parse(empty_index).images == []
     with pytest.raises(FileNotFoundError, match="results_dir"):
         build_report(tmp_path / "absent", tmp_path / "absent_report")

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from forgetjax.analysis.comparisons import group_estimate
+from forgetjax.analysis.comparisons import group_estimate, scaling_trend
 from forgetjax.analysis.loading import NON_CAPABILITY_FAMILIES
 from forgetjax.analysis.tables import StudyAnalysis
 from forgetjax.methods.catalog import method_label
@@ -416,6 +416,59 @@ def attenuation_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
     return figures or [_no_cells_figure("attenuation", "Refusal-direction attenuation")]
 
 
+def scaling_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """Per start point: overall capability forgetting against model parameters (log axis), one line per method with
+    results at two or more scales, with item-bootstrap intervals."""
+    figures = []
+    colors = method_colors(_all_methods(analysis))
+    level = int(round(100 * analysis.settings.confidence))
+    for start_point in sorted({c.start_point for c in analysis.study.post_cells}):
+        cells = [c for c in analysis.study.post_cells if c.start_point == start_point]
+        lines = {}
+        for method in sorted({c.method for c in cells}, key=method_label):
+            members = [c for c in cells if c.method == method]
+            by_scale = {scale: [c.cell_id for c in members if c.scale == scale] for scale in {c.scale for c in members}}
+            points = [row for row in scaling_trend(analysis.study, by_scale, "forgetting", analysis.settings)["scales"]
+                      if row["estimate"] is not None]
+            if len(points) >= 2:
+                lines[method] = points
+        key = _slug("scaling", start_point)
+        title = f"Forgetting vs model size: start point {start_point.upper()}"
+        if not lines:
+            figures.append(ReportFigure(key, title, "", "", missing=(
+                f"not enough data: no method of the {start_point.upper()} start has results at two or more scales "
+                f"with a parameter count in the name (e.g. 135m, 1.5b)")))
+            continue
+        figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+        axes = figure.add_subplot()
+        for method, points in lines.items():
+            x = np.array([row["parameters"] for row in points])
+            y = np.array([100 * row["estimate"] for row in points])
+            error = np.vstack([np.maximum(y - 100 * np.array([row["low"] for row in points]), 0),
+                               np.maximum(100 * np.array([row["high"] for row in points]) - y, 0)])
+            axes.errorbar(x, y, yerr=error, marker="o", capsize=3, label=method_label(method),
+                          color=colors.get(method, "grey"))
+        axes.set_xscale("log")
+        scales = sorted({(row["parameters"], row["scale"]) for points in lines.values() for row in points})
+        axes.set_xticks([p for p, _ in scales], [name for _, name in scales])
+        axes.minorticks_off()
+        axes.set_xlabel("model parameters (log scale)")
+        axes.set_ylabel("capability items forgotten F (%)")
+        axes.legend(fontsize=8)
+        axes.set_title(f"Forgetting vs model size, start point {start_point.upper()}", fontsize=10)
+        figures.append(ReportFigure(
+            key, title,
+            caption=(f"Overall capability forgetting F (share of capability items correct at the baseline and wrong "
+                     f"after post-training) at each model scale, one line per method with results at two or more "
+                     f"scales; per-item shares are averaged over seeds and domains, error bars are {level}% item-"
+                     f"bootstrap intervals. Start point {start_point.upper()}."),
+            alt=(f"Line chart of forgetting against model size for {len(lines)} method(s) over the scales "
+                 f"{', '.join(name for _, name in scales)}."),
+            png=render_png(figure),
+        ))
+    return figures or [_no_cells_figure("scaling", "Forgetting vs model size")]
+
+
 FIGURE_SECTIONS = (
     ("Forgetting heatmaps", heatmap_figures),
     ("Category deltas per method", radar_figures),
@@ -423,6 +476,7 @@ FIGURE_SECTIONS = (
     ("Safety vs target-task Pareto front", pareto_figures),
     ("Representation similarity (CKA) by layer", cka_figures),
     ("Refusal-direction attenuation", attenuation_figures),
+    ("Forgetting vs model size", scaling_figures),
 )
 
 
