@@ -24,6 +24,7 @@ from forgetjax.errors import UserError
 from forgetjax.eval.records import EvalRecord, write_records
 from forgetjax.methods.catalog import METHODS, SIGNAL_SOURCES, method_source
 from forgetjax.report import build_report
+from test_report import PROBE_BODY, PROBE_HEAD, find_chromium, run_chromium
 
 SETTINGS = BootstrapSettings(n_resamples=200, seed=1)
 N_MATH, N_MC, N_HARMFUL = 40, 20, 10
@@ -283,3 +284,22 @@ def test_cli_report_accepts_several_results_directories(phases, tmp_path):
                           str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "nothing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.skipif(find_chromium() is None,
+                    reason="chromium not installed (apt-get update && apt-get install -y chromium)")
+def test_two_phase_report_renders_in_headless_chromium(phases, tmp_path):
+    base, _, _ = phases
+    index = build_report([base / "phase_135m", base / "phase_1.5b"], tmp_path / "report", n_resamples=20)
+    pngs = sorted((index.parent / "figures").glob("*.png"))
+    assert any(p.name == "scaling_base.png" for p in pngs)
+    probe = tmp_path / "probe.html"
+    html_text = index.read_text(encoding="utf-8")
+    probe.write_text(html_text.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_BODY + "</body>", 1))
+    stdout, stderr = run_chromium(find_chromium(), probe, tmp_path / "profile")
+    match = re.search(r'<pre id="probe-result">(.*?)</pre>', stdout, flags=re.S)
+    assert match and match.group(1).strip(), f"probe did not run; chromium stderr:\n{stderr[-2000:]}"
+    result = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert len(result["images"]) == len(pngs)
+    assert all(image["complete"] and image["w"] > 0 and image["bw"] > 0 for image in result["images"])
+    assert result["errors"] == []
