@@ -203,6 +203,7 @@ def test_one_report_over_two_phases_answers_the_scaling_question(phases, tmp_pat
     y = [len(gt_forgotten[s]) / len(CAPABILITY) for s in SCALES]
     assert f"GT-SFT: F = 135m {100 * y[0]:.1f}% (95% CI" in rq8
     assert f"slope {100 * np.polyfit(x, y, 1)[0]:+.1f} pp per tenfold parameters" in rq8
+    assert "[BASE start] Scales 135m, 1.5b." in rq8  # ordered by parameters, not by name
     assert "forgetting shrinks with model size" in rq8
     assert "SELF (SDFT): F = " in rq8 and "no significant trend" in rq8
     assert (index.parent / "figures" / "scaling_base.png").is_file()
@@ -268,6 +269,11 @@ def test_a_cell_in_two_directories_merges_when_identical_and_is_refused_when_dif
     with pytest.raises(UserError, match=r"cell 'gt-135m' is in both .*phase_135m and .*copy with different "
                                          r"content \(cell.json\)"):
         load_study([base / "phase_135m", copy])
+    other = tmp_path / "other_baseline"
+    write_cell(other, "baseline-135m-rerun", "baseline", scale="135m", seed=1)
+    with pytest.raises(UserError, match=r"two baseline cells .*'baseline-135m' in .*phase_135m and "
+                                        r"'baseline-135m-rerun' in .*other_baseline"):
+        load_study([base / "phase_135m", other])
     with pytest.raises(UserError, match="given twice"):
         load_study([base / "phase_135m", base / "phase_135m"])
 
@@ -295,7 +301,8 @@ def test_two_phase_report_renders_in_headless_chromium(phases, tmp_path):
     assert any(p.name == "scaling_base.png" for p in pngs)
     probe = tmp_path / "probe.html"
     html_text = index.read_text(encoding="utf-8")
-    probe.write_text(html_text.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_BODY + "</body>", 1))
+    probe.write_text(html_text.replace("<head>", "<head>" + PROBE_HEAD, 1)
+                     .replace("</body>", PROBE_BODY + "</body>", 1))
     stdout, stderr = run_chromium(find_chromium(), probe, tmp_path / "profile")
     match = re.search(r'<pre id="probe-result">(.*?)</pre>', stdout, flags=re.S)
     assert match and match.group(1).strip(), f"probe did not run; chromium stderr:\n{stderr[-2000:]}"

@@ -223,9 +223,10 @@ def _select_cells(
     for cell in ready:
         if cell.is_baseline:
             if cell.baseline_key in baselines:
-                raise ValueError(
-                    f"two baseline cells for (start_point, scale) = {cell.baseline_key}: "
-                    f"{baselines[cell.baseline_key].cell_id!r} and {cell.cell_id!r}; keep one"
+                other = baselines[cell.baseline_key].cell_id
+                raise UserError(
+                    f"two baseline cells for (start_point, scale) = {cell.baseline_key}: {other!r} in {homes[other]} "
+                    f"and {cell.cell_id!r} in {homes[cell.cell_id]}; keep one"
                 )
             baselines[cell.baseline_key] = cell
     analysed = []

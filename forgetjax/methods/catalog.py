@@ -1,6 +1,7 @@
 """The method catalog: every post-training method's id, the module that registers it, its display label, its data
-regime, its signal source and the teacher it needs. The registry imports a method's module from here, the study matrix fills in
-teachers from here, and the analysis and report label and group methods from here. Import-light (no JAX)."""
+regime, its signal source and the teacher it needs. The registry imports a method's module from here, the study
+matrix fills in teachers from here, and the analysis and report label and group methods from here. Import-light
+(no JAX)."""
 from __future__ import annotations
 
 import dataclasses

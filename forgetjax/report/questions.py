@@ -17,6 +17,7 @@ from forgetjax.analysis.comparisons import (
     group_estimate,
     pairwise_differences,
     policy_shift,
+    scale_parameters,
     scaling_trend,
 )
 from forgetjax.analysis.tables import StudyAnalysis
@@ -422,18 +423,25 @@ def answer_rq7(analysis: StudyAnalysis, scope: str, start_point: str, scale: str
 def _scaling_paragraph(analysis: StudyAnalysis, start_point: str, cells: Sequence[Cell]) -> str:
     settings = analysis.settings
     scope = f"[{start_point.upper()} start]"
-    scales = sorted({c.scale for c in cells})
+    scales = sorted({c.scale for c in cells}, key=lambda s: (scale_parameters(s) is None, scale_parameters(s) or 0, s))
+    if len(scales) < 2:
+        return (f"{scope} {NOT_ENOUGH}every post-trained cell is at scale {scales[0]}; pass the results directories "
+                f"of several phases to `forgetjax report DIR [DIR ...]` to compare model sizes.")
     sentences = []
     for method, members in _by_method(cells).items():
-        by_scale = {scale: _ids([c for c in members if c.scale == scale]) for scale in sorted({c.scale for c in members})}
+        by_scale = {scale: _ids([c for c in members if c.scale == scale]) for scale in {c.scale for c in members}}
         trend = scaling_trend(analysis.study, by_scale, "forgetting", settings)
         points = [row for row in trend["scales"] if row["estimate"] is not None]
         per_scale = ", ".join(f"{row['scale']} {with_ci(row, pct, settings.confidence)}" for row in points)
         unparsed = (f" (scale name(s) {', '.join(trend['unparsed'])} state no parameter count, left out)"
                     if trend["unparsed"] else "")
-        if len(points) < 2 or trend["slope"] is None:
+        if len(points) < 2:
             sentences.append(f"{method_label(method)}: {NOT_ENOUGH.lower()}results at "
                              f"{len(points)} scale(s) ({per_scale or 'none'}){unparsed}, a trend needs two")
+            continue
+        if trend["slope"] is None:
+            sentences.append(f"{method_label(method)}: F = {per_scale}; {NOT_ENOUGH.lower()}no capability item was "
+                             f"evaluated at every scale, so no slope over the same items{unparsed}")
             continue
         if trend["significant"]:
             direction = "grows" if trend["slope"] > 0 else "shrinks"
@@ -444,9 +452,6 @@ def _scaling_paragraph(analysis: StudyAnalysis, start_point: str, cells: Sequenc
             f"{method_label(method)}: F = {per_scale}; slope {pp(trend['slope'])} per tenfold parameters "
             f"({int(round(100 * settings.confidence))}% CI {pp(trend['low'])} to {pp(trend['high'])}, "
             f"n={trend['n']} items shared by every scale): {verdict}{unparsed}")
-    if len(scales) < 2:
-        return (f"{scope} {NOT_ENOUGH}every post-trained cell is at scale {scales[0]}; pass the results directories "
-                f"of several phases to `forgetjax report DIR [DIR ...]` to compare model sizes.")
     return f"{scope} Scales {', '.join(scales)}. " + "; ".join(sentences) + "."
 
 
