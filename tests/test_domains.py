@@ -95,7 +95,8 @@ def test_in_domain_rule_covers_targets_families_and_listed_benchmarks():
 def test_bad_in_domain_fields_name_the_file_and_field(tmp_path):
     path = tmp_path / "code.yaml"
     path.write_text(yaml.safe_dump({"name": "code", "target_benchmarks": ["mbpp"], "in_domain_families": ["coding"]}))
-    with pytest.raises((ConfigError, ValueError), match=r"code.yaml: in_domain_families: unknown families \['coding'\]"):
+    with pytest.raises((ConfigError, ValueError),
+                       match=r"code.yaml: in_domain_families: unknown families \['coding'\]"):
         study(domain_files=[str(path)])
     path.write_text(yaml.safe_dump({"name": "code", "target_benchmarks": ["mbpp"], "in_domain_benchmarks": ["apps*"]}))
     with pytest.raises((ConfigError, ValueError), match=r"code.yaml: in_domain_benchmarks: \['apps\*'\] match no"):

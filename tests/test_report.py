@@ -22,8 +22,9 @@ from test_analysis_queries import OFF_TARGET, SPECS, CellSpec, Synthetic, build_
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N_RESAMPLES = 200
-EXPECTED_FIGURES = 12  # heatmaps 3 (base math, base qa, safe math) + 2 x (transitions, pareto, cka, attenuation) + radar
-# of the base scope (the safe scope's math cells have 2 off-target families, a radar needs 3)
+# heatmaps 3 (base math, base qa, safe math) + 2 x (transitions, pareto, cka, attenuation) + the base scope's radar
+# (the safe scope's math cells have 2 off-target families, a radar needs 3)
+EXPECTED_FIGURES = 12
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync")
 

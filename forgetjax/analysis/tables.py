@@ -533,8 +533,8 @@ def weight_delta_table(study: Study) -> list[dict[str, Any]]:
     return rows
 
 
-TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest", "cell_summary",
-               "pareto", "correlations", "representation", "weight_delta", "issues")
+TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest",
+               "cell_summary", "pareto", "correlations", "representation", "weight_delta", "issues")
 
 
 @dataclass

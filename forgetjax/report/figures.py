@@ -220,7 +220,8 @@ def _configs(analysis: StudyAnalysis, start_point: str, scale: str) -> dict[tupl
 
 
 def transition_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
-    """Per scope: forgetting (1->0) and backward-transfer (0->1) shares of off-target capability items with bootstrap CIs."""
+    """Per scope: forgetting (1->0) and backward-transfer (0->1) shares of off-target capability items with
+    bootstrap CIs."""
     figures = []
     for start_point, scale in _scopes(analysis):
         configs = _configs(analysis, start_point, scale)
@@ -234,7 +235,8 @@ def transition_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
         title = f"Transitions: {_scope_label(start_point, scale)}"
         if not estimates:
             figures.append(ReportFigure(key, title, "", "", missing=(
-                f"not enough data: no binary off-target capability items paired for {_scope_label(start_point, scale)}")))
+                f"not enough data: no binary off-target capability items paired for "
+                f"{_scope_label(start_point, scale)}")))
             continue
         figure = Figure(figsize=(max(5.0, 1.1 * len(estimates) + 2), 3.8), layout="constrained")
         axes = figure.add_subplot()
