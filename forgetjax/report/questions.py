@@ -59,11 +59,11 @@ def with_ci(estimate: Mapping[str, Any], fmt: Callable[[float | None], str], con
     n = estimate.get("n", estimate.get("n_items"))
     value = estimate.get("estimate", estimate.get("difference"))
     if "seeds_a" in estimate:
-        seeds = f"{seeds_text(estimate['seeds_a'])} vs {seeds_text(estimate['seeds_b'])}"
+        seeds = f", {seeds_text(estimate['seeds_a'])} vs {seeds_text(estimate['seeds_b'])}"
     else:
-        seeds = seeds_text(estimate)
+        seeds = f", {seeds_text(estimate)}" if "min_seeds" in estimate else ""
     return (f"{fmt(value)} ({int(round(100 * confidence))}% CI {fmt(estimate['low'])} to {fmt(estimate['high'])}, "
-            f"n={n} items, {seeds})")
+            f"n={n} items{seeds})")
 
 
 def seeds_text(counts: Mapping[str, Any]) -> str:
@@ -335,7 +335,7 @@ def answer_rq4(analysis: StudyAnalysis) -> tuple[str, ...]:
                 family_text = (f" The family whose forgetting changes most is {per_family[0][0]}: SAFE - BASE = "
                                f"{with_ci(per_family[0][1], pp, settings.confidence)}." if per_family else "")
                 comparison_text = (
-                    f"On the {len(shared)} configuration(s) run from both starts, capability forgetting is "
+                    f"On the {len(shared)} configuration(s) run from both starts, off-target capability forgetting is "
                     f"{pct(comparison['mean_a'])} from BASE and {pct(comparison['mean_b'])} from SAFE; SAFE - BASE = "
                     f"{with_ci(comparison, pp, settings.confidence)}: {significance(comparison, settings.confidence)}."
                     f"{family_text}")
