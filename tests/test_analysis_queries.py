@@ -31,6 +31,8 @@ BENCHMARKS = {
     "xstest_safe": ("over_refusal", [("homonyms", 8)]),
 }
 CAPABILITY = ("gsm8k", "nq_open", "mmlu", "bbh")
+OFF_TARGET = {"math": ("nq_open", "mmlu", "bbh"), "qa": ("gsm8k", "mmlu", "bbh")}
+"""Capability benchmarks outside each domain: gsm8k is math (math family), nq_open is the QA domain's target."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class CellSpec:
     status: str = "done"
     drop_items: tuple[tuple[str, str], ...] = ()
     representation: bool = True
+    forget_only: tuple[str, ...] | None = None  # benchmarks whose items may be forgotten (None: every one)
 
 
 SPECS = (
@@ -148,7 +151,8 @@ def _post_outcomes(rng: np.random.Generator, baseline: dict[str, dict[str, Outco
                 refused = bool(rng.random() < 0.3)
                 new[item_id] = Outcome(before.category, int(not refused), refusal=refused)
             else:
-                flip = spec.forget if before.correct else spec.gain
+                forget = spec.forget if spec.forget_only is None or benchmark in spec.forget_only else 0.0
+                flip = forget if before.correct else spec.gain
                 correct = 1 - before.correct if rng.random() < flip else before.correct
                 new[item_id] = Outcome(before.category, correct)
         out[benchmark] = new
@@ -345,27 +349,37 @@ def test_category_rows_and_macro_delta(synthetic, analysis):
     assert not [r for r in analysis["forgetting"] if r["level"] == "category" and r["benchmark"] == "gsm8k"]
 
 
-def test_family_and_overall_rows_pool_items(synthetic, analysis):
+def test_family_and_overall_rows_pool_off_target_items(synthetic, analysis):
+    """QA cell: nq_open (its target) is in-domain, so the knowledge family and the overall row hold mmlu, gsm8k and
+    bbh only; nq_open gets its own in_domain / target rows."""
     cell_id = "base-sf_sft-qa-s0"
-    knowledge = expected_transitions(*pooled(synthetic, cell_id, ("nq_open", "mmlu")))
-    row = row_for(analysis["forgetting"], cell_id=cell_id, level="family", family="knowledge")
-    assert row["n"] == 40
-    assert row["forgetting"] == pytest.approx(knowledge["F"])
     nq = expected_transitions(*synthetic.pairs(cell_id, "nq_open")[1:])
     mmlu = expected_transitions(*synthetic.pairs(cell_id, "mmlu")[1:])
-    assert row["delta_macro"] == pytest.approx((nq["delta"] + mmlu["delta"]) / 2)
-    # mixed k: the mmlu items are chance-adjusted with k=4, the open-generation items are not
-    spurious = (1 - mmlu["acc_pre"]) * (1 - mmlu["acc_post"]) / 3
-    expected_adj = (24 * max(mmlu["F"] - spurious, 0) + 16 * nq["F"]) / 40
-    assert row["forgetting_adj"] == pytest.approx(expected_adj)
-    overall = expected_transitions(*pooled(synthetic, cell_id, CAPABILITY))
     math_family = expected_transitions(*synthetic.pairs(cell_id, "gsm8k")[1:])
     reasoning = expected_transitions(*synthetic.pairs(cell_id, "bbh")[1:])
+    row = row_for(analysis["forgetting"], cell_id=cell_id, level="family", family="knowledge")
+    assert row["n"] == 24 and row["in_domain"] is False
+    assert row["forgetting"] == pytest.approx(mmlu["F"])
+    assert row_for(analysis["forgetting"], cell_id=cell_id, level="benchmark", benchmark="nq_open")["in_domain"]
+    assert not row_for(analysis["forgetting"], cell_id=cell_id, level="benchmark", benchmark="gsm8k")["in_domain"]
+    overall = expected_transitions(*pooled(synthetic, cell_id, OFF_TARGET["qa"]))
     row = row_for(analysis["forgetting"], cell_id=cell_id, level="overall")
-    assert row["n"] == 70
+    assert row["n"] == 54
     assert row["forgetting"] == pytest.approx(overall["F"])
     assert row["delta"] == pytest.approx(overall["delta"])
-    assert row["delta_macro"] == pytest.approx((knowledge["delta"] + math_family["delta"] + reasoning["delta"]) / 3)
+    assert row["delta_macro"] == pytest.approx((mmlu["delta"] + math_family["delta"] + reasoning["delta"]) / 3)
+    # mixed k: the mmlu items are chance-adjusted with k=4, the open-generation items (gsm8k, bbh) are not
+    spurious = (1 - mmlu["acc_pre"]) * (1 - mmlu["acc_post"]) / 3
+    expected_adj = (24 * max(mmlu["F"] - spurious, 0) + 20 * math_family["F"] + 10 * reasoning["F"]) / 54
+    assert row["forgetting_adj"] == pytest.approx(expected_adj)
+    for level in ("in_domain", "target"):
+        row = row_for(analysis["forgetting"], cell_id=cell_id, level=level)
+        assert row["n"] == 16 and row["forgetting"] == pytest.approx(nq["F"]) and row["in_domain"] is True
+    target = row_for(analysis["target"], cell_id=cell_id)
+    assert target["target_benchmarks"] == "nq_open"
+    assert (target["acc_pre"], target["acc_post"]) == (pytest.approx(nq["acc_pre"]), pytest.approx(nq["acc_post"]))
+    assert target["gain"] == pytest.approx(nq["delta"])
+    assert target["gain_ci_low"] <= nq["delta"] <= target["gain_ci_high"]
 
 
 def test_delta_interval_matches_numpy_resampling(synthetic, analysis):
@@ -497,7 +511,7 @@ def test_safety_loss_and_forgetting_correlation(synthetic, analysis):
     summary = {r["cell_id"]: r for r in analysis["cell_summary"]}
     forgetting, loss = [], []
     for cell_id in synthetic.post_ids():
-        overall = expected_transitions(*pooled(synthetic, cell_id, CAPABILITY))
+        overall = expected_transitions(*pooled(synthetic, cell_id, OFF_TARGET[synthetic.specs[cell_id].domain]))
         _, pre, post = synthetic.pairs(cell_id, "harmbench")
         drop = np.mean([float(p.refusal) - float(q.refusal) for p, q in zip(pre, post)])
         assert summary[cell_id]["capability_forgetting"] == pytest.approx(overall["F"])
@@ -531,12 +545,13 @@ def test_group_comparison_is_the_mean_per_item_difference(synthetic, analysis):
     per_item = {}
     for cells, slot in ((a, 0), (b, 1)):
         for cell_id in cells:
-            for benchmark in CAPABILITY:
+            for benchmark in OFF_TARGET["math"]:
                 ids, pre, post = synthetic.pairs(cell_id, benchmark)
                 for item_id, p, q in zip(ids, pre, post):
                     per_item.setdefault((benchmark, item_id), ([], []))[slot].append(p.correct * (1 - q.correct))
     shared = [v for v in per_item.values() if v[0] and v[1]]
-    assert result["n_items"] == len(shared) == 69
+    assert result["n_items"] == len(shared) == 50
+    assert (result["seeds_a"]["n_seeds"], result["seeds_b"]["n_seeds"]) == (1, 2)
     assert result["difference"] == pytest.approx(np.mean([np.mean(v[1]) - np.mean(v[0]) for v in shared]))
     assert result["low"] <= result["difference"] <= result["high"]
     assert result["significant"] == (result["low"] > 0 or result["high"] < 0)
@@ -546,15 +561,16 @@ def test_group_comparison_is_the_mean_per_item_difference(synthetic, analysis):
 
 @pytest.mark.parametrize("confidence", [0.95, 0.8])
 def test_group_comparison_interval_width_matches_scipy_and_the_t_interval(synthetic, analysis, confidence):
-    """The paired item-bootstrap interval of B - A against scipy.stats.bootstrap (percentile) and the t interval on
-    the same per-item differences: same level, width within 10% (15% for t), endpoints within a tenth of it."""
+    """With one seed per side the interval of B - A is the paired item bootstrap's: against scipy.stats.bootstrap
+    (percentile) and the t interval on the same per-item differences: same level, width within 10% (15% for t),
+    endpoints within a tenth of it."""
     from scipy import stats
 
-    a, b = ["base-on_rl-math-s0"], ["base-gt_sft-math-s0", "base-gt_sft-math-s1"]
+    a, b = ["base-on_rl-math-s0"], ["base-gt_sft-math-s0"]
     per_item = {}
     for cells, slot in ((a, 0), (b, 1)):
         for cell_id in cells:
-            for benchmark in CAPABILITY:
+            for benchmark in OFF_TARGET["math"]:
                 ids, pre, post = synthetic.pairs(cell_id, benchmark)
                 for item_id, p, q in zip(ids, pre, post):
                     per_item.setdefault((benchmark, item_id), ([], []))[slot].append(p.correct * (1 - q.correct))

@@ -72,3 +72,32 @@ def test_cells_carry_their_domain_files_targets_into_the_analysis():
     assert parse_cell(record).targets == ("gsm8k",)
     with pytest.raises(ValueError, match="target_benchmarks"):
         parse_cell({**record, "target_benchmarks": "gsm8k"})
+
+
+def test_in_domain_rule_covers_targets_families_and_listed_benchmarks():
+    from forgetjax.eval.benchmarks import get_benchmark
+    from forgetjax.tasks.domains import is_in_domain
+
+    family = {name: get_benchmark(name).category for name in list_benchmarks()}
+    assert family["mgsm_de"] == "multilingual" and family["gsm8k"] == "math"
+
+    def in_domain(domain, targets=()):
+        return sorted(b for b, f in family.items() if is_in_domain(domain, targets, b, f))
+
+    mgsm = sorted(b for b in family if b.startswith("mgsm_"))
+    assert in_domain("math") == sorted(["gsm8k", "math500", "word_problems", *mgsm])
+    assert in_domain("code") == ["humaneval", "mbpp"]
+    assert in_domain("qa") == ["nq_open"]  # MMLU and GPQA (knowledge family) stay off-target
+    assert in_domain("qa", ("nq_open", "bbh")) == ["bbh", "nq_open"]  # a cell's own targets always count
+    assert in_domain(None, ("gsm8k",)) == [] and in_domain("unshipped", ("bbh",)) == ["bbh"]
+
+
+def test_bad_in_domain_fields_name_the_file_and_field(tmp_path):
+    path = tmp_path / "code.yaml"
+    path.write_text(yaml.safe_dump({"name": "code", "target_benchmarks": ["mbpp"], "in_domain_families": ["coding"]}))
+    with pytest.raises((ConfigError, ValueError),
+                       match=r"code.yaml: in_domain_families: unknown families \['coding'\]"):
+        study(domain_files=[str(path)])
+    path.write_text(yaml.safe_dump({"name": "code", "target_benchmarks": ["mbpp"], "in_domain_benchmarks": ["apps*"]}))
+    with pytest.raises((ConfigError, ValueError), match=r"code.yaml: in_domain_benchmarks: \['apps\*'\] match no"):
+        study(domain_files=[str(path)])

@@ -18,11 +18,13 @@ import pytest
 
 from forgetjax.analysis.tables import TABLE_NAMES
 from forgetjax.report import build_report
-from test_analysis_queries import CAPABILITY, SPECS, CellSpec, Synthetic, build_synthetic_study
+from test_analysis_queries import OFF_TARGET, SPECS, CellSpec, Synthetic, build_synthetic_study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N_RESAMPLES = 200
-EXPECTED_FIGURES = 13  # heatmaps 3 (base math, base qa, safe math) + 2 x (radar, transitions, pareto, cka, attenuation)
+# heatmaps 3 (base math, base qa, safe math) + 2 x (transitions, pareto, cka, attenuation) + the base scope's radar
+# (the safe scope's math cells have 2 off-target families, a radar needs 3)
+EXPECTED_FIGURES = 12
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
@@ -126,10 +128,10 @@ def test_html_is_self_contained_and_every_figure_has_caption_and_alt(built):
 
 
 def _overall_forgetting(synthetic: Synthetic, cell_ids: list[str]) -> dict[tuple[str, str], float]:
-    """(benchmark, item) -> mean over the cells of the 1->0 indicator, capability items only."""
+    """(benchmark, item) -> mean over the cells of the 1->0 indicator, off-target capability items only."""
     per_item: dict[tuple[str, str], list[float]] = {}
     for cell_id in cell_ids:
-        for benchmark in CAPABILITY:
+        for benchmark in OFF_TARGET[synthetic.specs[cell_id].domain]:
             ids, pre, post = synthetic.pairs(cell_id, benchmark)
             for item_id, p, q in zip(ids, pre, post):
                 per_item.setdefault((benchmark, item_id), []).append(p.correct * (1 - q.correct))
@@ -339,8 +341,9 @@ def test_radar_lines_match_the_family_deltas(drawn):
                 expected = {r["family"]: 100 * r["delta_mean"] for r in table
                             if (r["start_point"], r["scale"], r["method"], r["domain"]) ==
                             (start_point, scale, method, line.get_label())}
-                assert sorted(families) == sorted(f for f in expected if f not in ("safety_refusal", "over_refusal"))
-                np.testing.assert_allclose(line.get_ydata()[:-1], [expected[f] for f in families])
+                # a domain's own family (math for math cells) is in-domain: no off-target value, a gap in its line
+                assert set(expected) - {"safety_refusal", "over_refusal"} <= set(families)
+                np.testing.assert_allclose(line.get_ydata()[:-1], [expected.get(f, np.nan) for f in families])
 
 
 def test_transition_bars_match_independent_item_means(drawn):
@@ -357,7 +360,7 @@ def test_transition_bars_match_independent_item_means(drawn):
             expected_f = np.mean(list(_overall_forgetting(synthetic, cells).values()))
             gained = {}
             for cell_id in cells:
-                for benchmark in CAPABILITY:
+                for benchmark in OFF_TARGET[synthetic.specs[cell_id].domain]:
                     ids, pre, post = synthetic.pairs(cell_id, benchmark)
                     for item_id, p, q in zip(ids, pre, post):
                         gained.setdefault((benchmark, item_id), []).append((1 - p.correct) * q.correct)

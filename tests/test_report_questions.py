@@ -35,10 +35,10 @@ def pre_tokens(index: int) -> int:
     return 5 + index % 4
 
 
-def write_cell(root: Path, cell_id: str, method: str, scale: str = "135m", domain: str | None = "math",
+def write_cell(root: Path, cell_id: str, method: str, scale: str = "135m", domain: str | None = "code",
                seed: int = 0, forgotten: frozenset = frozenset(), longer: int = 0, refuses: int = N_HARMFUL) -> None:
-    """A done cell: every capability item correct at the baseline; `forgotten` (benchmark, item) pairs wrong after
-    post-training; math outputs `longer` tokens longer on every item whose index is divisible by 3; the first
+    """A done cell (code domain by default, so gsm8k and mmlu are off-target): every capability item correct at the
+    baseline; `forgotten` (benchmark, item) pairs wrong after post-training; math outputs `longer` tokens longer on every item whose index is divisible by 3; the first
     `refuses` harmful prompts refused."""
     records = {}
     for index, (benchmark, item_id) in enumerate(CAPABILITY):

@@ -1,10 +1,11 @@
 """Estimates with paired item-bootstrap intervals: the forgetting statistics of a group of paired items, means with
-intervals, Spearman correlations and the Pareto front. Items are the resampling unit throughout."""
+intervals, Spearman correlations and the Pareto front. Items are the resampling unit of one cell's statistics;
+statistics over groups of cells resample seeds, then items (`two_stage_bootstrap`)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -16,7 +17,7 @@ from forgetjax.analysis.forgetting import (
     relative_drift,
     transition_rates,
 )
-from forgetjax.analysis.stats import mcnemar_exact, paired_bootstrap_ci
+from forgetjax.analysis.stats import mcnemar_exact, paired_bootstrap_ci, resample_index_blocks
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,77 @@ def mean_ci(values: Sequence[float], settings: BootstrapSettings) -> dict[str, A
         np.zeros_like(array), array, "delta", settings.n_resamples, settings.confidence, settings.seed
     )
     return {"estimate": ci.estimate, "low": ci.low, "high": ci.high, "n": int(array.size)}
+
+
+def _seed_weights(strata: Sequence[Hashable], n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_resamples, n_cells] times each cell is drawn when every configuration's seeds are resampled with
+    replacement: per configuration (first-appearance order) with m cells, one `rng.integers(0, m, size=(n_resamples,
+    m))` draw, row b for resample b."""
+    weights = np.zeros((n_resamples, len(strata)))
+    for stratum in dict.fromkeys(strata):
+        columns = np.array([index for index, s in enumerate(strata) if s == stratum])
+        draws = rng.integers(0, columns.size, size=(n_resamples, columns.size))
+        for position, column in enumerate(columns):
+            weights[:, column] = (draws == position).sum(axis=1)
+    return weights
+
+
+def two_stage_bootstrap(
+    groups: Sequence[np.ndarray], strata: Sequence[Sequence[Hashable]], signs: Sequence[float],
+    settings: BootstrapSettings,
+) -> dict[str, Any]:
+    """The signed sum over groups of (mean over items of the per-item mean over the group's cells), with a two-stage
+    (cluster) bootstrap interval: seeds within each configuration, then items.
+
+    groups[g] is [cells, items] (NaN where a cell lacks an item; every item needs a value in every group), with the
+    same item columns in every group; strata[g] gives each cell's configuration (cells of one configuration are its
+    seed replicates). A resample draws each group's seeds with replacement within every configuration
+    (`_seed_weights`, generator `np.random.default_rng([settings.seed, 1])`, groups in order), then the items with
+    replacement from `resample_index_blocks(n_items, n_resamples, settings.seed)`, one draw shared by the groups so
+    differences stay paired on items; its value is the mean over drawn items of the signed sum of each group's
+    seed-weighted per-item means (items no drawn cell has are skipped). With one seed per configuration the seed
+    stage is a no-op and the interval is exactly the item bootstrap's. Percentile interval.
+    """
+    if not (len(groups) == len(strata) == len(signs)) or not groups:
+        raise ValueError("groups, strata and signs need one entry per group, at least one group")
+    values = [np.asarray(g, dtype=np.float64) for g in groups]
+    n_items = values[0].shape[1]
+    for index, (matrix, cells) in enumerate(zip(values, strata)):
+        if matrix.ndim != 2 or matrix.shape[1] != n_items or matrix.shape[0] != len(cells) or not len(cells):
+            raise ValueError(f"group {index}: values {matrix.shape} do not match {len(cells)} cells x {n_items} items")
+        if n_items and not np.all(np.isfinite(matrix).any(axis=0)):
+            raise ValueError(f"group {index}: some items have no value in any cell")
+    result: dict[str, Any] = {"estimate": None, "low": None, "high": None, "n_items": n_items}
+    if n_items == 0:
+        return result
+    present = [np.isfinite(m).astype(np.float64) for m in values]
+    filled = [np.where(np.isfinite(m), m, 0.0) for m in values]
+    per_item = sum(sign * f.sum(axis=0) / p.sum(axis=0) for sign, f, p in zip(signs, filled, present))
+    seed_rng = np.random.default_rng([settings.seed, 1])
+    weights = [_seed_weights(list(cells), settings.n_resamples, seed_rng) for cells in strata]
+    replicates, start = [], 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for block in resample_index_blocks(n_items, settings.n_resamples, settings.seed):
+            rows = slice(start, start + block.shape[0])
+            start += block.shape[0]
+            combined = sum(sign * (w[rows] @ f) / (w[rows] @ p)
+                           for sign, w, f, p in zip(signs, weights, filled, present))
+            replicates.append(np.nanmean(np.take_along_axis(combined, block, axis=1), axis=1))
+    tail = (1.0 - settings.confidence) / 2.0
+    low, high = np.nanquantile(np.concatenate(replicates), [tail, 1.0 - tail])
+    result.update(estimate=float(per_item.mean()), low=float(low), high=float(high))
+    return result
+
+
+def seed_counts(strata: Sequence[Hashable], seeds: Sequence[int]) -> dict[str, Any]:
+    """How many seeds a group of cells rests on: distinct seeds, configurations, and the fewest / most seeds of a
+    configuration."""
+    per_config: dict[Hashable, set[int]] = {}
+    for stratum, seed in zip(strata, seeds):
+        per_config.setdefault(stratum, set()).add(seed)
+    sizes = [len(s) for s in per_config.values()]
+    return {"n_seeds": len(set(seeds)), "n_configs": len(per_config), "min_seeds": min(sizes, default=0),
+            "max_seeds": max(sizes, default=0)}
 
 
 def _chance_adjusted(pre: np.ndarray, post: np.ndarray, k: np.ndarray) -> dict[str, float]:

@@ -10,6 +10,9 @@ Pairing: every post-trained cell's items are inner-joined with its baseline's it
 present on one side only are counted in the pairing table, never imputed. Per paired item the compared value is
 `correct` when both sides have one (binary: forgetting / backward transfer / McNemar apply), else `score` when
 both sides have a finite one (continuous: delta only); unscored items are dropped.
+Each paired row says whether its benchmark is in-domain for the cell (`forgetjax.tasks.domains.is_in_domain`) and
+whether it is one of the cell's target benchmarks; capability forgetting is measured on the off-target capability
+items (OFF_TARGET_SQL).
 """
 from __future__ import annotations
 
@@ -35,9 +38,12 @@ from forgetjax.results import (
     record_files,
     representation_file,
 )
+from forgetjax.tasks.domains import is_in_domain
 
 SAFETY_FAMILIES = ("safety_refusal", "over_refusal")
 NON_CAPABILITY_FAMILIES = (*SAFETY_FAMILIES, "ai_risk")
+OFF_TARGET_SQL = "is_capability AND NOT in_domain"
+"""The paired-table condition of the items capability forgetting is measured on: capability, not in-domain."""
 
 
 @dataclass
@@ -45,7 +51,8 @@ class Study:
     """The analysed cells of one or several results directories with their records loaded into DuckDB.
 
     DuckDB tables: `cells` (Cell columns + baseline_id), `records` (every record + cell_id, family, kind,
-    harmful) and `paired` (one row per post-trained cell x item present in the cell and its baseline).
+    harmful) and `paired` (one row per post-trained cell x item present in the cell and its baseline, with
+    `in_domain` and `is_target` from `benchmark_scope`: one row per post-trained cell x benchmark of its baseline).
     """
 
     results_dirs: tuple[Path, ...]
@@ -145,10 +152,12 @@ SELECT c.cell_id, c.start_point, c.scale, c.method, c.domain, c.seed,
        CASE WHEN pre.correct IS NOT NULL AND post.correct IS NOT NULL THEN post.correct::DOUBLE
             WHEN isfinite(pre.score) AND isfinite(post.score) THEN post.score END AS post_value,
        pre.refusal AS pre_refusal, post.refusal AS post_refusal, pre.harmful,
-       pre.prompt_hash <> post.prompt_hash AS prompt_changed
+       pre.prompt_hash <> post.prompt_hash AS prompt_changed,
+       s.in_domain, s.is_target
 FROM cells c
 JOIN records pre ON pre.cell_id = c.baseline_id
 JOIN records post ON post.cell_id = c.cell_id AND post.benchmark = pre.benchmark AND post.item_id = pre.item_id
+JOIN benchmark_scope s ON s.cell_id = c.cell_id AND s.benchmark = pre.benchmark
 """
 
 
@@ -200,6 +209,24 @@ def _merge_cells(results_dirs: Sequence[Path], issues: list[str]) -> tuple[list[
             issues.append(f"cell {cell.cell_id!r} is in both {first} and {results_dir} with identical content; "
                           f"loaded once")
     return sorted(cells.values(), key=lambda c: c.cell_id), homes
+
+
+def _benchmark_scope(con: duckdb.DuckDBPyConnection, cells: Sequence[Cell]) -> pa.Table:
+    """(cell_id, benchmark, in_domain, is_target) for every post-trained cell and benchmark of its baseline."""
+    benchmarks: dict[str, list[tuple[str, str]]] = {}
+    for cell_id, benchmark, family in con.execute(
+            "SELECT DISTINCT c.cell_id, r.benchmark, r.family FROM cells c JOIN records r ON r.cell_id = c.baseline_id "
+            "ORDER BY ALL").fetchall():
+        benchmarks.setdefault(cell_id, []).append((benchmark, family))
+    rows = []
+    for cell in cells:
+        for benchmark, family in benchmarks.get(cell.cell_id, []):
+            rows.append({"cell_id": cell.cell_id, "benchmark": benchmark,
+                         "in_domain": is_in_domain(cell.domain, cell.targets, benchmark, family),
+                         "is_target": benchmark in cell.targets})
+    schema = pa.schema([("cell_id", pa.string()), ("benchmark", pa.string()), ("in_domain", pa.bool_()),
+                        ("is_target", pa.bool_())])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def _select_cells(
@@ -275,6 +302,9 @@ def load_study(
     if duplicates:
         listed = "; ".join(f"cell {c!r} {b}/{i} x{n}" for c, b, i, n in duplicates)
         raise ValueError(f"duplicate records for the same (cell, benchmark, item_id): {listed}")
+    con.register("scope_source", _benchmark_scope(con, cells))
+    con.execute("CREATE TABLE benchmark_scope AS SELECT * FROM scope_source")
+    con.unregister("scope_source")
     con.execute(_PAIRED_SQL)
     representations = {}
     for cell in cells:

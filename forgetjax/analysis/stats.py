@@ -77,7 +77,7 @@ def _check_confidence(confidence: float) -> None:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
 
 
-def _resample_index_blocks(n_items: int, n_resamples: int, seed: int):
+def resample_index_blocks(n_items: int, n_resamples: int, seed: int):
     """Yield blocks of resampled item indices; row b is the b-th successive `rng.integers(0, n, size=n)` draw."""
     rng = np.random.default_rng(seed)
     rows_per_block = max(1, _RESAMPLE_BLOCK_ENTRIES // n_items)
@@ -105,14 +105,14 @@ def paired_bootstrap_distribution(
         pre_array, post_array = paired_arrays(pre, post, binary=False)
         replicates = [
             float(statistic(pre_array[indices], post_array[indices]))
-            for block in _resample_index_blocks(pre_array.size, n_resamples, seed)
+            for block in resample_index_blocks(pre_array.size, n_resamples, seed)
             for indices in block
         ]
         return np.asarray(replicates, dtype=np.float64)
     contributions = item_contributions(pre, post, statistic)
     blocks = [
         contributions[block].mean(axis=1)
-        for block in _resample_index_blocks(contributions.size, n_resamples, seed)
+        for block in resample_index_blocks(contributions.size, n_resamples, seed)
     ]
     return np.concatenate(blocks)
 

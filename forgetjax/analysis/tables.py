@@ -1,8 +1,11 @@
 """Every table of a study analysis, computed from the loaded study (`analyze` builds them all).
 
 Aggregation levels of the forgetting table: "category" (benchmark x item category, when a benchmark has several),
-"benchmark", "family" (the benchmark's capability family, e.g. knowledge) and "overall" (every capability item:
-families outside NON_CAPABILITY_FAMILIES). Means are item-weighted (pooled) unless a column says macro.
+"benchmark" (every benchmark, `in_domain` says whether it is in-domain for the cell), "family" (the benchmark family's
+off-target items, e.g. knowledge), "overall" (every off-target capability item: families outside
+NON_CAPABILITY_FAMILIES, benchmarks not in-domain; this is the F of the summary, the correlations and the report),
+"in_domain" (every in-domain capability item) and "target" (the cell's target benchmarks: the target-task gain,
+also the `target` table). Means are item-weighted (pooled) unless a column says macro.
 """
 from __future__ import annotations
 
@@ -87,8 +90,8 @@ def _cell_paired_arrays(study: Study, cell_id: str) -> dict[str, np.ndarray]:
     """The scored paired items of one cell as arrays (k NaN for open generation)."""
     data = study.arrays(
         """
-        SELECT benchmark, family, category, item_id, is_capability, is_binary, pre_value, post_value,
-               coalesce(k, 'nan'::DOUBLE) AS k
+        SELECT benchmark, family, category, item_id, is_capability, in_domain, is_target, is_binary, pre_value,
+               post_value, coalesce(k, 'nan'::DOUBLE) AS k
         FROM paired WHERE cell_id = ? AND pre_value IS NOT NULL AND post_value IS NOT NULL
         ORDER BY benchmark, category, item_id
         """,
@@ -101,11 +104,12 @@ def _cell_paired_arrays(study: Study, cell_id: str) -> dict[str, np.ndarray]:
 
 def _group_row(
     cell: Cell, level: str, benchmark: str | None, family: str, category: str, data: dict[str, np.ndarray],
-    mask: np.ndarray, macro_labels: np.ndarray | None, settings: BootstrapSettings,
+    mask: np.ndarray, macro_labels: np.ndarray | None, settings: BootstrapSettings, in_domain: bool,
 ) -> dict[str, Any]:
     """One forgetting-table row over the items selected by `mask`."""
     pre, post = data["pre_value"][mask], data["post_value"][mask]
-    row = {**cell.meta(), "level": level, "benchmark": benchmark, "family": family, "category": category}
+    row = {**cell.meta(), "level": level, "benchmark": benchmark, "family": family, "category": category,
+           "in_domain": in_domain}
     row.update(paired_statistics(pre, post, data["is_binary"][mask], data["k"][mask], settings))
     if macro_labels is not None:
         row["delta_macro"] = macro_delta(macro_labels[mask], pre, post)
@@ -116,25 +120,30 @@ def _cell_forgetting_rows(cell: Cell, data: dict[str, np.ndarray], settings: Boo
     """Forgetting rows of one cell at every level."""
     rows = []
     benchmarks, families, categories = data["benchmark"], data["family"], data["category"]
+    in_domain = data["in_domain"].astype(bool)
     for benchmark in np.unique(benchmarks):
         in_benchmark = benchmarks == benchmark
         family = str(families[in_benchmark][0])
-        rows.append(
-            _group_row(cell, "benchmark", str(benchmark), family, "ALL", data, in_benchmark, categories, settings)
-        )
+        flag = bool(in_domain[in_benchmark][0])
+        rows.append(_group_row(cell, "benchmark", str(benchmark), family, "ALL", data, in_benchmark, categories,
+                               settings, flag))
         bench_categories = np.unique(categories[in_benchmark])
         if bench_categories.size > 1:
             for category in bench_categories:
                 mask = in_benchmark & (categories == category)
-                rows.append(
-                    _group_row(cell, "category", str(benchmark), family, str(category), data, mask, None, settings)
-                )
-    for family in np.unique(families):
-        mask = families == family
-        rows.append(_group_row(cell, "family", None, str(family), str(family), data, mask, benchmarks, settings))
+                rows.append(_group_row(cell, "category", str(benchmark), family, str(category), data, mask, None,
+                                       settings, flag))
+    for family in np.unique(families[~in_domain]):
+        mask = (families == family) & ~in_domain
+        rows.append(_group_row(cell, "family", None, str(family), str(family), data, mask, benchmarks, settings,
+                               False))
     capability = data["is_capability"].astype(bool)
-    if capability.any():
-        rows.append(_group_row(cell, "overall", None, "capability", "capability", data, capability, families, settings))
+    pooled = (("overall", "capability", capability & ~in_domain, False),
+              ("in_domain", "in_domain", capability & in_domain, True),
+              ("target", "target", data["is_target"].astype(bool), True))
+    for level, label, mask, flag in pooled:
+        if mask.any():
+            rows.append(_group_row(cell, level, None, label, label, data, mask, families, settings, flag))
     return rows
 
 
@@ -154,9 +163,10 @@ def _add_multiple_comparisons(rows: list[dict[str, Any]], alpha: float = 0.05) -
 
 
 def forgetting_table(study: Study, settings: BootstrapSettings = BootstrapSettings()) -> list[dict[str, Any]]:
-    """Forgetting statistics per (cell, benchmark, category), benchmark, family and overall, with corrections.
+    """Forgetting statistics per (cell, benchmark, category), benchmark, off-target family, off-target overall,
+    in-domain and target items, with corrections.
 
-    Columns: the cell's identifying columns, level, benchmark, family, category, FORGETTING_STAT_COLUMNS, and
+    Columns: the cell's identifying columns, level, benchmark, family, category, in_domain, FORGETTING_STAT_COLUMNS, and
     p_holm / p_bh / reject_holm / reject_bh (McNemar p adjusted across every cell of the same level).
     """
     rows = []
@@ -193,6 +203,7 @@ def forgetting_over_seeds(forgetting_rows: Sequence[Mapping[str, Any]]) -> list[
             raise ValueError(
                 f"cells {sorted(m['cell_id'] for m in members)} share a seed for {dict(zip(names[:4], key))}: "
                 f"results of different study configs in one results directory; keep one config's cells")
+        row["in_domain"] = members[0]["in_domain"]
         row["n_seeds"] = len({m["seed"] for m in members})
         row["seeds"] = ",".join(str(s) for s in sorted({m["seed"] for m in members}))
         row["cell_ids"] = ",".join(sorted(m["cell_id"] for m in members))
@@ -366,16 +377,37 @@ def _target_accuracy(study: Study, cell: Cell, targets: Sequence[str]) -> tuple[
     return (rows[0]["acc"], rows[0]["n"]) if rows and rows[0]["n"] else (None, 0)
 
 
+TARGET_COLUMNS = ("n", "acc_pre", "acc_post", "delta", "delta_ci_low", "delta_ci_high", "forgetting",
+                  "backward_transfer")
+
+
+def target_table(forgetting_rows: Sequence[Mapping[str, Any]], study: Study) -> list[dict[str, Any]]:
+    """Per post-trained cell: target-task accuracy on its target benchmarks' paired items before (baseline) and after,
+    and the gain (delta) with its paired item-bootstrap interval; cells without paired target items get None."""
+    target = {r["cell_id"]: r for r in forgetting_rows if r["level"] == "target"}
+    rows = []
+    for cell in study.post_cells:
+        row = {**cell.meta(), "target_benchmarks": ",".join(cell.targets)}
+        found = target.get(cell.cell_id)
+        row.update({("gain" if c == "delta" else c.replace("delta", "gain")): found[c] if found else None
+                    for c in TARGET_COLUMNS})
+        rows.append(row)
+    return rows
+
+
 def cell_summary_table(
     study: Study, forgetting_rows: Sequence[Mapping[str, Any]], settings: BootstrapSettings = BootstrapSettings()
 ) -> list[dict[str, Any]]:
-    """One row per analysed cell: overall capability forgetting, harmful-prompt refusal and safety loss, XSTest
-    over-refusal, the domain's target-task accuracy and the representation summaries.
+    """One row per analysed cell: off-target capability forgetting (capability_*: the forgetting table's "overall"
+    level), harmful-prompt refusal and safety loss, XSTest over-refusal, the domain's target-task accuracy
+    (target_accuracy, n_target: every record of the target benchmarks; target_acc_pre / target_gain with its interval:
+    the paired items) and the representation summaries.
 
     safety_loss = baseline refusal rate - post refusal rate on the paired harmful prompts of every safety benchmark
     (pooled); positive = safety lost.
     """
     overall = {r["cell_id"]: r for r in forgetting_rows if r["level"] == "overall"}
+    target = {r["cell_id"]: r for r in forgetting_rows if r["level"] == "target"}
     rows = []
     for cell in study.cells:
         row: dict[str, Any] = {**cell.meta(), "method_label": method_label(cell.method),
@@ -384,6 +416,10 @@ def cell_summary_table(
         for column in ("forgetting", "forgetting_ci_low", "forgetting_ci_high", "forgetting_adj", "backward_transfer",
                        "delta", "delta_ci_low", "delta_ci_high", "acc_pre", "acc_post"):
             row[f"capability_{column}"] = capability[column] if capability else None
+        paired_target = target.get(cell.cell_id)
+        for column, name in (("acc_pre", "target_acc_pre"), ("acc_post", "target_acc_post"), ("delta", "target_gain"),
+                             ("delta_ci_low", "target_gain_ci_low"), ("delta_ci_high", "target_gain_ci_high")):
+            row[name] = paired_target[column] if paired_target else None
         harmful = study.rows(
             "SELECT avg(refusal::DOUBLE) AS rate, count(*) AS n FROM records WHERE cell_id = ? AND harmful",
             [cell.cell_id],
@@ -497,8 +533,8 @@ def weight_delta_table(study: Study) -> list[dict[str, Any]]:
     return rows
 
 
-TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "policy", "safety", "xstest", "cell_summary",
-               "pareto", "correlations", "representation", "weight_delta", "issues")
+TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest",
+               "cell_summary", "pareto", "correlations", "representation", "weight_delta", "issues")
 
 
 @dataclass
@@ -528,6 +564,7 @@ def analyze(
         "pairing": pairing_table(study),
         "forgetting": forgetting,
         "forgetting_seeds": forgetting_over_seeds(forgetting),
+        "target": target_table(forgetting, study),
         "policy": policy_table(study),
         "safety": safety,
         "xstest": xstest_table(safety),

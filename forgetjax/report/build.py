@@ -39,6 +39,11 @@ OVERALL_COLUMNS = (
     ("forgetting_mean", "F mean"), ("forgetting_std", "F std"), ("forgetting_adj_mean", "F adj."),
     ("backward_transfer_mean", "BT mean"), ("delta_mean", "Δ acc"), ("delta_std", "Δ std"),
 )
+TARGET_COLUMNS = (
+    ("start_point", "start"), ("method", "method"), ("domain", "domain"), ("seed", "seed"),
+    ("target_benchmarks", "target benchmarks"), ("n", "n"), ("acc_pre", "baseline acc"), ("acc_post", "post acc"),
+    ("gain", "gain"), ("gain_ci_low", "CI low"), ("gain_ci_high", "CI high"),
+)
 POLICY_COLUMNS = (
     ("start_point", "start"), ("method", "method"), ("domain", "domain"), ("seed", "seed"), ("length_mean", "length"),
     ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("self_bleu", "self-BLEU"),
@@ -120,12 +125,19 @@ def _sections(analysis: StudyAnalysis) -> list[TableSection]:
     pairing = [r for r in analysis["pairing"] if r["n_missing_in_cell"] or r["n_missing_in_baseline"]
                or r["n_prompt_changed"]]
     return [
-        ("Overall capability forgetting per configuration", overall, OVERALL_COLUMNS,
-         "F: share of capability items correct at the baseline and wrong after post-training; F adj.: chance-adjusted "
+        ("Off-target capability forgetting per configuration", overall, OVERALL_COLUMNS,
+         "F (off-target): share of capability items outside the training domain (the domain's target benchmarks and "
+         "the benchmarks its config marks in-domain left out; see the target-task table) correct at the baseline and "
+         "wrong after post-training; F adj.: chance-adjusted "
          "for k-option guessing; BT: wrong-to-correct share; Δ acc: post - baseline accuracy; mean and sample std "
          "over seeds (nan std with one seed). Full table: tables/forgetting.csv (per benchmark, category and family, "
          "with bootstrap CIs, McNemar p and Holm/BH corrections).",
          "Not enough data: no post-trained cell has capability items paired with its baseline."),
+        ("Target-task accuracy per cell", analysis["target"], TARGET_COLUMNS,
+         "Accuracy on the training domain's target benchmarks, paired items: baseline, post-trained, and the gain "
+         "(post - baseline) with its paired item-bootstrap interval. In-domain benchmarks are left out of F; per "
+         "benchmark rows (with an in_domain flag): tables/forgetting.csv.",
+         "Not enough data: no post-trained cell has target-benchmark items paired with its baseline."),
         ("Policy metrics per cell", policy, POLICY_COLUMNS,
          "Output length in tokens; distinct-n over pooled outputs; self-BLEU (macro over benchmarks, higher = less "
          "diverse); rep-4: share of repeated 4-grams per output; ECE on multiple choice (10 bins); refusal: share of "

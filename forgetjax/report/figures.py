@@ -142,7 +142,8 @@ def heatmap_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
             key=_slug("heatmap", start_point, scale, domain),
             title=f"Forgetting heatmap: {_scope_label(start_point, scale)}, domain {domain}",
             caption=(f"Forgetting F (% of items correct at the baseline and wrong after post-training) per method "
-                     f"(rows) and benchmark family (columns), mean over seeds (max {int(seeds.max())} seed(s)); "
+                     f"(rows) and benchmark family (columns; off-target items only, the training domain's own "
+                     f"benchmarks left out), mean over seeds (max {int(seeds.max())} seed(s)); "
                      f"{_scope_label(start_point, scale)}, training domain {domain}. For the safety families "
                      f"(safety_refusal, over_refusal) F is the share of prompts handled safely at the baseline and "
                      f"unsafely after. n/a: no binary items."),
@@ -197,7 +198,8 @@ def radar_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
         worst = min(members, key=lambda r: r["delta_mean"])
         figures.append(ReportFigure(
             key, title,
-            caption=(f"Change in accuracy (post - baseline, percentage points, mean over seeds) per capability family; "
+            caption=(f"Change in accuracy (post - baseline, percentage points, mean over seeds) per capability family "
+                     f"(off-target items only); "
                      f"one radar per method, one line per training domain; the dashed circle is zero change. "
                      f"{_scope_label(start_point, scale)}."),
             alt=(f"{len(methods)} radar chart(s) over the families {', '.join(families)}. The largest drop is "
@@ -218,7 +220,8 @@ def _configs(analysis: StudyAnalysis, start_point: str, scale: str) -> dict[tupl
 
 
 def transition_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
-    """Per scope: forgetting (1->0) and backward-transfer (0->1) shares of capability items with bootstrap CIs."""
+    """Per scope: forgetting (1->0) and backward-transfer (0->1) shares of off-target capability items with
+    bootstrap CIs."""
     figures = []
     for start_point, scale in _scopes(analysis):
         configs = _configs(analysis, start_point, scale)
@@ -232,7 +235,8 @@ def transition_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
         title = f"Transitions: {_scope_label(start_point, scale)}"
         if not estimates:
             figures.append(ReportFigure(key, title, "", "", missing=(
-                f"not enough data: no binary capability items paired for {_scope_label(start_point, scale)}")))
+                f"not enough data: no binary off-target capability items paired for "
+                f"{_scope_label(start_point, scale)}")))
             continue
         figure = Figure(figsize=(max(5.0, 1.1 * len(estimates) + 2), 3.8), layout="constrained")
         axes = figure.add_subplot()
@@ -247,17 +251,18 @@ def transition_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
             axes.bar(positions + offset, heights, width, yerr=error, capsize=3, label=name, color=color)
         labels = [f"{method_label(m)}\n{d}\n({n} seed{'s' if n > 1 else ''})" for m, d, n, _, _ in estimates]
         axes.set_xticks(positions, labels, fontsize=7)
-        axes.set_ylabel("share of capability items (%)")
+        axes.set_ylabel("share of off-target capability items (%)")
         axes.legend(fontsize=8)
         axes.set_title(f"Item transitions vs baseline, {_scope_label(start_point, scale)}", fontsize=10)
         worst = max(estimates, key=lambda e: e[3]["estimate"])
         level = int(round(100 * analysis.settings.confidence))
         figures.append(ReportFigure(
             key, title,
-            caption=(f"Share of capability items that flip from correct to wrong (1→0, forgetting) and from wrong to "
-                     f"correct (0→1, backward transfer) after post-training, per method and training domain; "
-                     f"per-item shares are averaged over seeds, error bars are {level}% "
-                     f"paired item-bootstrap intervals. {_scope_label(start_point, scale)}."),
+            caption=(f"Share of off-target capability items (benchmarks outside the training domain) that flip from "
+                     f"correct to wrong (1→0, forgetting) and from wrong to correct (0→1, backward transfer) after "
+                     f"post-training, per method and training domain; per-item shares are averaged over seeds, error "
+                     f"bars are {level}% two-stage bootstrap intervals (seeds, then items; items only with one "
+                     f"seed). {_scope_label(start_point, scale)}."),
             alt=(f"Grouped bar chart of 1→0 and 0→1 shares for {len(estimates)} method/domain configuration(s); "
                  f"the largest forgetting is {percent(worst[3]['estimate'])} for {method_label(worst[0])} "
                  f"({worst[1]})."),

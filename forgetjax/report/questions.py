@@ -1,9 +1,13 @@
 """The study's research questions answered as text from the analysis numbers, with their confidence intervals.
 
-Every answer states the estimate, its paired item-bootstrap interval and what the interval allows one to claim;
-when the cells needed are missing the answer says "Not enough data: ..." and why, and claims nothing.
-Forgetting here is F = share of capability items correct at the baseline and wrong after post-training, averaged
-per item over the cells of a group (seeds, domains) before averaging over items, so items are the resampling unit.
+Every answer states the estimate, its two-stage bootstrap interval (seeds within each configuration, then items),
+how many items and seeds it rests on, and what the interval allows one to claim; with a single seed for a
+configuration the interval reflects items only and the answer says it is not a significance claim across seeds.
+When the cells needed are missing the answer says "Not enough data: ..." and why, and claims nothing.
+Forgetting here is off-target F = share of capability items outside the cell's training domain (benchmarks not
+in-domain, `forgetjax.tasks.domains.is_in_domain`) correct at the baseline and wrong after post-training, averaged
+per item over the cells of a group (seeds, domains) before averaging over items. The target task (the domain's target
+benchmarks) is reported apart as the accuracy gain.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from forgetjax.analysis.comparisons import (
     scale_parameters,
     scaling_trend,
 )
+from forgetjax.analysis.loading import OFF_TARGET_SQL
 from forgetjax.analysis.tables import StudyAnalysis
 from forgetjax.methods.catalog import (
     OFF_POLICY_SFT,
@@ -71,16 +76,39 @@ def pp(value: float | None) -> str:
 
 
 def with_ci(estimate: Mapping[str, Any], fmt: Callable[[float | None], str], confidence: float) -> str:
-    """"12.0% (95% CI 8.0% to 16.0%, n=250 items)"."""
+    """"12.0% (95% CI 8.0% to 16.0%, n=250 items, 2 seeds)"; a comparison names both sides' seeds."""
     n = estimate.get("n", estimate.get("n_items"))
     value = estimate.get("estimate", estimate.get("difference"))
+    if "seeds_a" in estimate:
+        seeds = f", {seeds_text(estimate['seeds_a'])} vs {seeds_text(estimate['seeds_b'])}"
+    else:
+        seeds = f", {seeds_text(estimate)}" if "min_seeds" in estimate else ""
     return (f"{fmt(value)} ({int(round(100 * confidence))}% CI {fmt(estimate['low'])} to {fmt(estimate['high'])}, "
-            f"n={n} items)")
+            f"n={n} items{seeds})")
+
+
+def seeds_text(counts: Mapping[str, Any]) -> str:
+    """"2 seeds", "1 seed per configuration x 3 configurations" or "1-3 seeds per configuration, 4 configurations"."""
+    low, high, configs = counts["min_seeds"], counts["max_seeds"], counts["n_configs"]
+    if configs <= 1:
+        return f"{high} seed{'s' if high != 1 else ''}"
+    if low == high:
+        return f"{low} seed{'s' if low != 1 else ''} per configuration x {configs} configurations"
+    return f"{low}-{high} seeds per configuration, {configs} configurations"
+
+
+SINGLE_SEED = "single seed: not a significance claim across seeds"
 
 
 def significance(comparison: Mapping[str, Any], confidence: float) -> str:
-    """Whether the paired bootstrap interval of a difference excludes zero."""
+    """Whether the two-stage bootstrap interval of a difference excludes zero; with a single seed for some
+    configuration of either side the interval reflects items only, and the sentence says so."""
     level = int(round(100 * confidence))
+    single = min(comparison["seeds_a"]["min_seeds"], comparison["seeds_b"]["min_seeds"]) <= 1
+    if single:
+        side = "the interval" if comparison["significant"] is None else (
+            f"the {level}% interval {'excludes' if comparison['significant'] else 'includes'} zero")
+        return f"{side} over items, but some configuration rests on one seed ({SINGLE_SEED})"
     if comparison["significant"]:
         return f"the {level}% interval excludes zero, so the difference is significant at that level"
     return f"the {level}% interval includes zero, so the difference is not significant"
@@ -135,9 +163,22 @@ def _seed_spread(analysis: StudyAnalysis, start_point: str, scale: str, method: 
     return f"; mean ± std of per-cell F: {', '.join(parts)}" if parts else ""
 
 
+def target_gain_text(analysis: StudyAnalysis, groups: Mapping[str, Sequence[Cell]]) -> str:
+    """" Target-task gain (...): GT-SFT +5.0 pp (95% CI ...); ..." over the groups with paired target items."""
+    parts = []
+    for label, members in groups.items():
+        estimate = group_estimate(analysis.study, _ids(members), "delta", analysis.settings, scope="target")
+        if estimate["estimate"] is not None:
+            parts.append(f"{label} {with_ci(estimate, pp, analysis.settings.confidence)}")
+    if not parts:
+        return " Target-task gain: not measured (no paired items of the domains' target benchmarks)."
+    return (" Target-task gain (post - baseline accuracy on the training domain's target benchmarks, reported apart "
+            f"from F): {'; '.join(parts)}.")
+
+
 @_per_scope
 def answer_rq1(analysis: StudyAnalysis, scope: str, start_point: str, scale: str, cells: list[Cell]) -> str:
-    """Rank methods by overall capability forgetting and test the most vs least forgetting method."""
+    """Rank methods by off-target capability forgetting and test the most vs least forgetting method."""
     study, settings = analysis.study, analysis.settings
     estimates = {}
     for method, members in _by_method(cells).items():
@@ -145,7 +186,7 @@ def answer_rq1(analysis: StudyAnalysis, scope: str, start_point: str, scale: str
         if estimate["estimate"] is not None:
             estimates[method] = (estimate, members)
     if not estimates:
-        return f"{scope} {NOT_ENOUGH}no binary capability items are paired with the baseline."
+        return f"{scope} {NOT_ENOUGH}no binary off-target capability items are paired with the baseline."
     ranked = sorted(estimates, key=lambda m: estimates[m][0]["estimate"], reverse=True)
     listing = "; ".join(
         f"{method_label(m)} {with_ci(estimates[m][0], pct, settings.confidence)}"
@@ -154,28 +195,31 @@ def answer_rq1(analysis: StudyAnalysis, scope: str, start_point: str, scale: str
     tested = [r for r in analysis["forgetting"] if r["level"] == "overall" and r["start_point"] == start_point
               and r["scale"] == scale and r["reject_holm"] is not None]
     rejected = sum(1 for r in tested if r["reject_holm"] and r["n10"] > r["n01"])
-    holm = (f" Per cell, {rejected} of {len(tested)} cell(s) lose significantly more capability items than they "
-            f"gain (exact McNemar, Holm-corrected across cells).") if tested else ""
+    holm = (f" Per cell, {rejected} of {len(tested)} cell(s) lose significantly more off-target capability items "
+            f"than they gain (exact McNemar within the cell, Holm-corrected across cells).") if tested else ""
+    target = target_gain_text(analysis, {method_label(m): members for m, members in _by_method(cells).items()})
     if len(ranked) < 2:
         only = ranked[0]
         return (
             f"{scope} {NOT_ENOUGH}only one post-training method ({method_label(only)}) has results, so no method "
-            f"can be ranked against another. Its overall capability forgetting is F = "
+            f"can be ranked against another. Its off-target capability forgetting is F = "
             f"{with_ci(estimates[only][0], pct, settings.confidence)}"
-            f"{_seed_spread(analysis, start_point, scale, only)}.{holm}")
+            f"{_seed_spread(analysis, start_point, scale, only)}.{holm}{target}")
     most, least = ranked[0], ranked[-1]
     comparison = compare_groups(study, _ids(estimates[least][1]), _ids(estimates[most][1]), "forgetting", settings)
     return (
-        f"{scope} Overall capability forgetting F by method: {listing}. {method_label(most)} forgets the most and "
+        f"{scope} Off-target capability forgetting F (benchmarks outside the training domain) by method: {listing}. "
+        f"{method_label(most)} forgets the most and "
         f"{method_label(least)} the least; on the {comparison['n_items']} items both were evaluated on, the "
         f"difference ({method_label(most)} - {method_label(least)}) is "
-        f"{with_ci(comparison, pp, settings.confidence)}: {significance(comparison, settings.confidence)}.{holm}")
+        f"{with_ci(comparison, pp, settings.confidence)}: {significance(comparison, settings.confidence)}.{holm}"
+        f"{target}")
 
 
 def _capability_families(analysis: StudyAnalysis, cell_ids: Sequence[str]) -> list[str]:
-    """Families with binary capability items among the cells' paired items."""
+    """Families with binary off-target capability items among the cells' paired items."""
     rows = analysis.study.rows(
-        "SELECT DISTINCT family FROM paired WHERE list_contains(?, cell_id) AND is_capability AND is_binary "
+        f"SELECT DISTINCT family FROM paired WHERE list_contains(?, cell_id) AND {OFF_TARGET_SQL} AND is_binary "
         "AND pre_value IS NOT NULL AND post_value IS NOT NULL ORDER BY family",
         [list(cell_ids)],
     )
@@ -230,16 +274,17 @@ def answer_rq3(analysis: StudyAnalysis, scope: str, start_point: str, scale: str
     estimates = {d: group_estimate(study, _ids(groups[d]), "forgetting", settings) for d in domains}
     usable = [d for d in domains if estimates[d]["estimate"] is not None]
     if len(usable) < 2:
-        return f"{scope} {NOT_ENOUGH}fewer than two domains have paired binary capability items."
+        return f"{scope} {NOT_ENOUGH}fewer than two domains have paired binary off-target capability items."
     ranked = sorted(usable, key=lambda d: estimates[d]["estimate"], reverse=True)
     listing = "; ".join(f"{d} {with_ci(estimates[d], pct, settings.confidence)}" for d in ranked)
     comparison = compare_groups(study, _ids(groups[ranked[-1]]), _ids(groups[ranked[0]]), "forgetting", settings)
     missing_text = f" No cells for {', '.join(absent)}, so those domains are not compared." if absent else ""
     return (
         f"{scope} Using the method(s) trained in every domain ({', '.join(method_label(m) for m in common)}), "
-        f"overall capability forgetting by training domain is: {listing}. Training on {ranked[0]} forgets more "
-        f"than on {ranked[-1]} by {with_ci(comparison, pp, settings.confidence)}: "
-        f"{significance(comparison, settings.confidence)}.{missing_text}")
+        f"off-target capability forgetting (each domain's own benchmarks left out) by training domain is: {listing}. "
+        f"Training on {ranked[0]} forgets more than on {ranked[-1]} by {with_ci(comparison, pp, settings.confidence)}"
+        f": {significance(comparison, settings.confidence)}.{missing_text}"
+        f"{target_gain_text(analysis, {d: groups[d] for d in usable})}")
 
 
 def _safety_loss_text(analysis: StudyAnalysis, cells: Sequence[Cell], label: str) -> str:
@@ -253,7 +298,10 @@ def _safety_loss_text(analysis: StudyAnalysis, cells: Sequence[Cell], label: str
         estimate = group_estimate(study, _ids(members), "refusal_drop", settings)
         if estimate["estimate"] is not None:
             per_method.append(f"{method_label(method)} {with_ci(estimate, pp, settings.confidence)}")
-    if pooled["low"] > 0:
+    if pooled["min_seeds"] <= 1:
+        verdict = (f"the interval {'excludes' if pooled['low'] > 0 or pooled['high'] < 0 else 'includes'} zero over "
+                   f"items, but some configuration rests on one seed ({SINGLE_SEED})")
+    elif pooled["low"] > 0:
         verdict = "a significant loss of safety"
     elif pooled["high"] < 0:
         verdict = "a significant gain in refusals"
@@ -308,7 +356,7 @@ def answer_rq4(analysis: StudyAnalysis) -> tuple[str, ...]:
                 family_text = (f" The family whose forgetting changes most is {per_family[0][0]}: SAFE - BASE = "
                                f"{with_ci(per_family[0][1], pp, settings.confidence)}." if per_family else "")
                 comparison_text = (
-                    f"On the {len(shared)} configuration(s) run from both starts, capability forgetting is "
+                    f"On the {len(shared)} configuration(s) run from both starts, off-target capability forgetting is "
                     f"{pct(comparison['mean_a'])} from BASE and {pct(comparison['mean_b'])} from SAFE; SAFE - BASE = "
                     f"{with_ci(comparison, pp, settings.confidence)}: {significance(comparison, settings.confidence)}."
                     f"{family_text}")
@@ -335,17 +383,18 @@ def answer_rq5(analysis: StudyAnalysis, scope: str, start_point: str, scale: str
     off_cells = [c for c in off if c.domain in domains]
     comparison = compare_groups(study, _ids(off_cells), _ids(on_cells), "forgetting", settings)
     if comparison["difference"] is None:
-        return f"{scope} {NOT_ENOUGH}the two regimes share no paired binary capability items."
+        return f"{scope} {NOT_ENOUGH}the two regimes share no paired binary off-target capability items."
     verdict = ("on-policy methods forget less" if comparison["difference"] < 0
                else "on-policy methods do not forget less")
     return (
         f"{scope} In the domain(s) {', '.join(str(d) for d in domains)}, on-policy cells "
         f"({', '.join(sorted({method_label(c.method) for c in on_cells}))}; {len(on_cells)} cell(s)) forget "
-        f"F = {pct(comparison['mean_b'])} of capability items and off-policy SFT cells "
+        f"F = {pct(comparison['mean_b'])} of off-target capability items and off-policy SFT cells "
         f"({', '.join(sorted({method_label(c.method) for c in off_cells}))}; {len(off_cells)} cell(s)) "
         f"F = {pct(comparison['mean_a'])}; on-policy - off-policy = "
         f"{with_ci(comparison, pp, settings.confidence)}. "
-        f"Point estimate: {verdict}; {significance(comparison, settings.confidence)}.")
+        f"Point estimate: {verdict}; {significance(comparison, settings.confidence)}."
+        f"{target_gain_text(analysis, {'on-policy': on_cells, 'off-policy SFT': off_cells})}")
 
 
 def answer_rq6(analysis: StudyAnalysis) -> tuple[str, ...]:

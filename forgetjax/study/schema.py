@@ -6,6 +6,7 @@ change that alters what a cell computes gives it a new id instead of silently mi
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,7 +103,9 @@ def all_models(cfg: StudyConfig) -> list[ModelEntry]:
 
 def study_domains(cfg: StudyConfig) -> dict[str, DomainSpec]:
     """The shipped domain configs (`configs/domains/`), replaced by name by the files listed in `domain_files`; their
-    target benchmarks must be registered evaluation benchmarks."""
+    target benchmarks and in-domain benchmark patterns must name registered evaluation benchmarks, their in-domain
+    families known benchmark families."""
+    from forgetjax.eval.benchmarks.base import FAMILIES
     from forgetjax.eval.benchmarks.registry import list_benchmarks
 
     specs = domain_specs()
@@ -116,6 +119,12 @@ def study_domains(cfg: StudyConfig) -> dict[str, DomainSpec]:
         unknown = sorted(set(spec.target_benchmarks) - registered)
         if unknown:
             raise ValueError(f"{sources[name]}: target_benchmarks: unknown benchmarks {unknown}")
+        unknown = sorted(set(spec.in_domain_families) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"{sources[name]}: in_domain_families: unknown families {unknown}; known: {FAMILIES}")
+        unmatched = [p for p in spec.in_domain_benchmarks if not fnmatch.filter(registered, p)]
+        if unmatched:
+            raise ValueError(f"{sources[name]}: in_domain_benchmarks: {unmatched} match no registered benchmark")
     return specs
 
 

@@ -2,13 +2,21 @@
 benchmark-data source or a records file, see `forgetjax.envs.load_problems`), which verifier scores them (the domain
 name: `forgetjax.verifiers.rewards` grades math, code and qa), and the held-out benchmarks of the evaluation battery
 that measure the target task (the x axis of the safety-capability Pareto front). The study checks those names
-against the benchmark registry (`forgetjax.study.schema.study_domains`)."""
+against the benchmark registry (`forgetjax.study.schema.study_domains`).
+
+In-domain benchmarks (`is_in_domain`, the one rule): a benchmark is in-domain for a cell trained in a domain when it
+is one of the cell's target benchmarks, one of the domain config's `target_benchmarks`, matches one of its
+`in_domain_benchmarks` (names or fnmatch patterns, e.g. "mgsm_*") or belongs to one of its `in_domain_families`
+(benchmark families, `forgetjax.eval.benchmarks.FAMILIES`). Forgetting is measured off-target: the analysis leaves
+in-domain items out of every pooled capability statistic and reports the target task separately.
+"""
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from forgetjax.paths import CONFIGS_DIR
 
@@ -23,6 +31,8 @@ class DomainSpec:
     split: str = "train"
     template: str | None = None
     target_benchmarks: list[str] = dataclasses.field(default_factory=list)
+    in_domain_families: list[str] = dataclasses.field(default_factory=list)
+    in_domain_benchmarks: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self):
         if not self.target_benchmarks:
@@ -56,7 +66,27 @@ def domain_specs(directory: str | Path = DOMAINS_DIR) -> dict[str, DomainSpec]:
 
 
 @functools.lru_cache(maxsize=1)
+def _shipped_domains() -> dict[str, DomainSpec]:
+    """The shipped domain configs, read once on first use."""
+    return domain_specs()
+
+
 def target_benchmarks() -> dict[str, tuple[str, ...]]:
     """{domain: held-out target benchmarks} from the shipped domain configs (the x axis of the safety-capability
-    Pareto front); read once, on first use."""
-    return {name: tuple(spec.target_benchmarks) for name, spec in domain_specs().items()}
+    Pareto front)."""
+    return {name: tuple(spec.target_benchmarks) for name, spec in _shipped_domains().items()}
+
+
+def is_in_domain(domain: str | None, targets: Sequence[str], benchmark: str, family: str) -> bool:
+    """True when `benchmark` (of benchmark family `family`) measures what a cell trained in `domain` with target
+    benchmarks `targets` was trained toward (the rule in the module docstring). The families and extra benchmarks
+    come from the shipped domain config of that name; a cell without a domain has no in-domain benchmarks."""
+    if domain is None:
+        return False
+    if benchmark in targets:
+        return True
+    spec = _shipped_domains().get(domain)
+    if spec is None:
+        return False
+    return (benchmark in spec.target_benchmarks or family in spec.in_domain_families
+            or any(fnmatch.fnmatchcase(benchmark, pattern) for pattern in spec.in_domain_benchmarks))

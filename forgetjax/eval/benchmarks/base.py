@@ -23,6 +23,7 @@ FORMATS = ("chat", "fewshot")
 KINDS = ("generate", "multiple_choice", "safety")
 FAMILIES = (
     "math",
+    "multilingual",
     "code",
     "knowledge",
     "reasoning",

@@ -159,7 +159,11 @@ class GSM8K(MathBenchmark):
 
 
 class MGSM(MathBenchmark):
-    """One language of MGSM: tab-separated question and integer answer, read with quoting off."""
+    """One language of MGSM: tab-separated question and integer answer, read with quoting off. Family
+    "multilingual", not "math": it measures the other languages, so a math-trained cell's forgetting of it is
+    in-domain only because the math domain config lists it (`in_domain_benchmarks`)."""
+
+    category = "multilingual"
 
     def __init__(self, language: str) -> None:
         self.language = language
