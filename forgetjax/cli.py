@@ -276,15 +276,11 @@ def cmd_report(args) -> int:
 
 
 def _check_study_inputs(cfg, source: str) -> None:
-    """What a local study run reads first: the battery, the data directory and the start models."""
-    from forgetjax.eval.battery import resolve_battery
+    """What a local study run reads first beyond its config (whose files loading checked): the data directory and
+    the start models."""
     from forgetjax.study.runner import data_dir_of
     from forgetjax.study.schema import all_models
 
-    try:
-        resolve_battery(cfg.battery)
-    except (UserError, FileNotFoundError) as err:
-        raise UserError(f"{source}: battery: {err}") from None
     data_dir = data_dir_of(cfg)
     if not data_dir.is_dir():
         raise UserError(f"{source}: data_dir {data_dir} is not a directory (set data_dir or $FORGETJAX_DATA_DIR)")

@@ -9,7 +9,9 @@ value or name) and Any. Unknown keys, wrong types and missing required fields ar
 dotted key and what was expected, e.g. `configs/x.yaml: optimizer.lr: expected float, got 'abc'`.
 
 A dataclass may define `validate(self)` raising ValueError; it runs after the instance is built (inner configs
-first) and its message is prefixed with the source and key path.
+first) and its message is prefixed with the source and key path. A validate hook types an untyped section (a
+`dict[str, Any]` field whose schema is another dataclass) with `build_section(cls, value, "dotted.key")`; its errors
+name the full dotted key below the enclosing config (`train.optimizer.lrr`), with the enclosing file as the source.
 
 Includes: a top-level `base: other.yaml` (path relative to the including file; chains allowed, cycles rejected)
 is loaded first and the file's own keys are merged over it (mappings merge recursively, other values replace).
@@ -220,15 +222,39 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
         validate = getattr(obj, "validate", None)
         if callable(validate):
             validate()
+    except _SectionError as err:
+        raise err.mismatch from None
     except (ValueError, TypeError) as err:
         raise _TypeMismatch(prefix, str(err)) from err
     return obj
 
 
-def _format(source: str, err: _TypeMismatch, note: str = "") -> str:
+def _describe(err: _TypeMismatch) -> str:
     if err.message.startswith(("unknown key", "missing required key")) or not err.key:
-        return f"{source}: {err.message}{note}"
-    return f"{source}: {err.key}: {err.message}{note}"
+        return err.message
+    return f"{err.key}: {err.message}"
+
+
+def _format(source: str, err: _TypeMismatch, note: str = "") -> str:
+    return f"{source}: {_describe(err)}{note}"
+
+
+class _SectionError(ConfigError):
+    """A `build_section` failure: a ConfigError naming the dotted key; inside an enclosing build it is reported as
+    the enclosing config's own mismatch (so the source and any override are named)."""
+
+    def __init__(self, mismatch: _TypeMismatch):
+        super().__init__(_describe(mismatch))
+        self.mismatch = mismatch
+
+
+def build_section(cls: type[T], data: Any, key: str) -> T:
+    """Build dataclass `cls` from `data`, the value at dotted `key` of an enclosing config (for validate() hooks of
+    configs that keep a section as a plain mapping). Errors are ConfigErrors naming `key.<field>`."""
+    try:
+        return _convert(data, cls, key)
+    except _TypeMismatch as err:
+        raise _SectionError(err) from None
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, source: str = "<config>") -> T:
@@ -360,6 +386,17 @@ def to_dict(obj: Any) -> Any:
 def dump_yaml(obj: Any, path: str | Path) -> Path:
     """Write `to_dict(obj)` as YAML atomically; `load_config(type(obj), path)` gives back an equal object."""
     return write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True))
+
+
+def differing_keys(first: Any, second: Any, prefix: str = "") -> list[str]:
+    """The dotted keys at which two plain configs (`to_dict` forms) differ: a key present in one only, or a different
+    value; lists compare whole. Sorted; [] when they are equal."""
+    if isinstance(first, Mapping) and isinstance(second, Mapping):
+        keys = sorted(set(first) | set(second), key=str)
+        return [k for key in keys
+                for k in (differing_keys(first[key], second[key], _join(prefix, str(key)))
+                          if key in first and key in second else [_join(prefix, str(key))])]
+    return [] if canonical_json(first) == canonical_json(second) else [prefix or "<root>"]
 
 
 def canonical_json(obj: Any) -> str:

@@ -12,8 +12,10 @@ writers. The study runner writes through this module and the analysis reads thro
 cell.json: {"cell_id": str (= the directory name), "start_point": "base"|"safe", "model": str, "scale": str,
 "method": str ("baseline" for the cell without post-training, one per (start_point, scale)), "domain": "math"|
 "code"|"qa"|other str|null, "seed": int, "status": "pending"|"running"|"done"|"failed", "budget": {...},
-"metrics": {...}, "target_benchmarks": [str, ...]}; the runner adds what it ran (start_model, matched, run, times,
-error). JSON is written standard (NaN as null), keys sorted, atomically.
+"metrics": {...}, "target_benchmarks": [str, ...], "evaluation": {...} (optional: the resolved battery, limit and
+format it was evaluated with)}; the runner adds what it ran (start_model, matched, run, the resolved config its id
+hashes, times, error). JSON is written standard (NaN as null), keys sorted, atomically. The cells read together
+must share one evaluation (`discover_cells`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from forgetjax.config import differing_keys
+from forgetjax.errors import UserError
 from forgetjax.io import write_text_atomic
 from forgetjax.tasks.domains import target_benchmarks
 
@@ -165,6 +169,7 @@ class Cell:
     budget: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     target_benchmarks: tuple[str, ...] = ()
+    evaluation: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -221,7 +226,7 @@ def parse_cell(data: Any, source: str = "<cell.json>") -> Cell:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"{source}: field 'seed' must be an integer, got {seed!r}")
     extras = {}
-    for name in ("budget", "metrics"):
+    for name in ("budget", "metrics", "evaluation"):
         value = data.get(name) or {}
         if not isinstance(value, Mapping):
             raise ValueError(f"{source}: field {name!r} must be a JSON object, got {type(value).__name__}")
@@ -260,6 +265,7 @@ def cell_json(cell: Cell) -> dict[str, Any]:
         "budget": dict(cell.budget),
         "metrics": dict(cell.metrics),
         "target_benchmarks": list(cell.target_benchmarks),
+        "evaluation": dict(cell.evaluation),
     }
 
 
@@ -316,7 +322,20 @@ def discover_cells(results_dir: str | os.PathLike[str]) -> tuple[list[Cell], lis
             issues.append(f"cell directory {directory.name!r} has no {CELL_FILE}; skipped")
             continue
         cells.append(read_cell(path))
+    check_one_evaluation(cells)
     return cells, issues
+
+
+def check_one_evaluation(cells: Sequence[Cell]) -> None:
+    """UserError naming two cells and the keys at which they differ when the cells that record their evaluation
+    (battery contents, limit, format) were not all evaluated the same way: their scores do not compare."""
+    recorded = [cell for cell in cells if cell.evaluation]
+    for cell in recorded[1:]:
+        keys = differing_keys(recorded[0].evaluation, cell.evaluation)
+        if keys:
+            raise UserError(f"cells {recorded[0].cell_id!r} and {cell.cell_id!r} were evaluated differently "
+                            f"(evaluation differs at {', '.join(keys[:8])}); analyse one study config's results "
+                            "at a time")
 
 
 def record_files(results_dir: str | os.PathLike[str], cell_id: str) -> list[Path]:

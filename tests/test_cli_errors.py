@@ -12,6 +12,7 @@ import shlex
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,10 @@ CASES = [
     C("study-missing-data-dir", STUDY + " data_dir={tmp}/nodata --dry-run", "data_dir", "nodata"),
     C("study-missing-model", "study {fx}/study_missing_model.yaml --dry-run", "models[tiny].safe", "gone"),
     C("study-missing-config", "study {tmp}/nope.yaml --list", "nope.yaml"),
+    C("study-list-optimizer-typo", STUDY + " --list train.optimizer.lrr=1e-5", "study.yaml", "train.optimizer.lrr",
+      "did you mean lr"),
+    C("study-list-dpo-arg-typo", STUDY + " --list methods=[off_rl_dpo] method_args.off_rl_dpo.betta=0.2",
+      "study.yaml", "method_args.off_rl_dpo.betta", "did you mean beta"),
     # eval
     C("eval-unknown-battery-name", "eval {fx}/model --battery no_such_battery --out {tmp}/e --data-dir {fx}",
       "--battery", "no_such_battery"),
@@ -367,4 +372,17 @@ def test_python_m_forgetjax_is_the_entry_point(fx, tmp_path):
     lying = _python_m_forgetjax("convert", str(fx / "huge_header"), str(tmp_path / "ckpt"), cwd=tmp_path)
     assert lying.returncode == 2 and "huge_header/model.safetensors" in lying.stderr
     assert "Traceback" not in lying.stderr and "MemoryError" not in lying.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_study_list_fails_on_a_method_arg_typo_within_seconds(fx, tmp_path):
+    """The issue's late error: a typo in a method argument used to pass `--list` and fail when its cell started."""
+    started = time.monotonic()
+    typo = _python_m_forgetjax("study", str(fx / "study.yaml"), "--list", "methods=[gt_sft,off_rl_dpo]",
+                               "method_args.off_rl_dpo.betta=0.2", cwd=tmp_path)
+    assert time.monotonic() - started < 60
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr and typo.stdout == ""
+    assert typo.stderr.strip().splitlines() == [
+        f"forgetjax study: error: {fx / 'study.yaml'}: unknown key method_args.off_rl_dpo.betta (did you mean beta?) "
+        "(from override method_args.off_rl_dpo.betta=0.2)"]
     assert list(tmp_path.iterdir()) == []

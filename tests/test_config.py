@@ -229,3 +229,45 @@ def test_from_dict_and_top_level_errors(tmp_path):
         load_config(Train, tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(Train, write(tmp_path, "broken.yaml", "name: [unclosed\n"))
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A config keeping a section as a plain mapping (as a study keeps `train`), typed by its validate hook."""
+
+    train: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self):
+        from forgetjax.config import build_section
+
+        build_section(Train, {"name": "x", **self.train}, "train")
+
+
+def test_a_section_typed_in_a_validate_hook_names_the_file_and_the_full_dotted_key(tmp_path):
+    from forgetjax.config import build_section
+
+    path = write(tmp_path, "sweep.yaml", "train:\n  optimizer: {lrr: 1}\n")
+    with pytest.raises(ConfigError) as unknown:
+        load_config(Sweep, path)
+    assert str(unknown.value) == f"{path}: unknown key train.optimizer.lrr (did you mean lr?)"
+    ok = write(tmp_path, "ok.yaml", "train: {seed: 1}\n")
+    with pytest.raises(ConfigError) as typed:
+        load_config(Sweep, ok, ["train.optimizer.lr=abc"])
+    assert str(typed.value) == (f"{ok}: train.optimizer.lr: expected float, got 'abc' "
+                                "(from override train.optimizer.lr=abc)")
+    with pytest.raises(ConfigError) as invalid:
+        load_config(Sweep, ok, ["train.optimizer.lr=-1"])
+    assert str(invalid.value) == f"{ok}: train.optimizer: lr must be > 0, got -1.0 (from override train.optimizer.lr=-1)"
+    with pytest.raises(ConfigError, match=r"^train.seed: expected int, got 'one'$"):
+        build_section(Train, {"name": "x", "seed": "one"}, "train")
+    assert build_section(Optimizer, {"lr": "3e-5"}, "train.optimizer") == Optimizer(lr=3e-5)
+
+
+def test_differing_keys_lists_the_dotted_paths_that_differ():
+    from forgetjax.config import differing_keys
+
+    first = {"run": {"lr": 1e-5, "args": {"beta": 0.1}, "paths": ["a", "b"]}, "limit": None}
+    assert differing_keys(first, json.loads(json.dumps(first))) == []
+    second = {"run": {"lr": 2e-5, "args": {"beta": 0.1, "seed": 0}, "paths": ["a", "c"]}, "limit": None, "new": 1}
+    assert differing_keys(first, second) == ["new", "run.args.seed", "run.lr", "run.paths"]
+    assert differing_keys(1, 2) == ["<root>"]

@@ -53,7 +53,7 @@ def test_bad_domain_files_name_the_file_and_field(tmp_path):
     unknown.write_text(yaml.safe_dump({"name": "code", "target_benchmarks": ["no_such_bench"]}))
     with pytest.raises((ConfigError, ValueError), match=r"code.yaml: target_benchmarks: .*no_such_bench"):
         study(domain_files=[str(unknown)])
-    with pytest.raises(FileNotFoundError, match="domain_files: nowhere.yaml"):
+    with pytest.raises(ConfigError, match="domain_files: nowhere.yaml"):
         study(domain_files=["nowhere.yaml"])
     assert (DOMAINS_DIR / "math.yaml").is_file() and isinstance(DOMAINS_DIR, Path)
 

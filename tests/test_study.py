@@ -283,3 +283,168 @@ def test_safety_stage_trains_with_the_study_optimizer():
     assert safety_stage_optimizer(cfg) == {"lr": 5e-5, "warmup_ratio": 0.05, "max_grad_norm": 0.5,
                                            "moments_dtype": "bfloat16"}
     assert safety_stage_id(cfg, "tiny") != safety_stage_id(study({"lr": 1e-5, "warmup_ratio": 0.1}), "tiny")
+
+
+# ---------------------------------------------------------------------------------------------- load-time checks
+
+def study_yaml(tmp_path: Path, **changes) -> Path:
+    """The id_study config as a YAML file (what `forgetjax study` loads)."""
+    battery = tmp_path / "battery.yaml"
+    battery.write_text(yaml.safe_dump({"name": "ids", "format": "chat", "benchmarks": [{"name": "mmlu", "limit": 3}]}))
+    study = {"models": [{"scale": "tiny", "safe": "some/model", "same_family_teacher": "some/teacher"}],
+             "scales": ["tiny"], "start_points": ["safe"], "methods": ["off_rl_dpo"], "domains": ["math"],
+             "seeds": [0], "battery": str(battery), "results_dir": str(tmp_path / "results"),
+             "train": {"batch_size": 4, "optimizer": {"lr": 1e-5}}, "method_args": {"off_rl_dpo": {"beta": 0.1}},
+             **changes}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.optimizer.lrr=1e-5", "unknown key train.optimizer.lrr (did you mean lr?)"),
+    ("train.log.evrey=5", "unknown key train.log.evrey (did you mean every?)"),
+    ("train.max_length=long", "train.max_length: expected int, got 'long'"),
+    ("train.seed=3", "train.seed: set per cell"),
+    ("method_args.off_rl_dpo.betta=0.2", "unknown key method_args.off_rl_dpo.betta (did you mean beta?)"),
+    ("method_args.off_rl_dpo.beta=-1", "method_args.off_rl_dpo: beta must be > 0"),
+    ("method_args.dpo.beta=0.2", "method_args.dpo: unknown method 'dpo'"),
+    ("method_args.sf_sft.n_sampels=2", "unknown key method_args.sf_sft.n_sampels"),  # a method the study does not run
+    ("domain_sources.math.limt=3", "unknown key domain_sources.math.limt (did you mean limit?)"),
+    ("domain_sources.chem.limit=3", "domain_sources.chem: unknown domain 'chem'"),
+    ("safety_stage.stepz=3", "unknown key safety_stage.stepz (did you mean steps?)"),
+    ("model_files=[nowhere.yaml]", "model_files: nowhere.yaml not found"),
+])
+def test_every_section_is_typed_when_the_study_loads(tmp_path, override, message):
+    from forgetjax.config import ConfigError
+    from forgetjax.study.schema import load_study_config
+
+    path = study_yaml(tmp_path)
+    load_study_config(path)
+    with pytest.raises(ConfigError) as caught:
+        load_study_config(path, [override])
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+
+
+def test_a_battery_with_an_unknown_benchmark_fails_when_the_study_loads(tmp_path):
+    from forgetjax.errors import UserError
+    from forgetjax.study.schema import load_study_config
+
+    battery = tmp_path / "bad_battery.yaml"
+    battery.write_text(yaml.safe_dump({"benchmarks": ["mmlu", "no_such_benchmark"]}))
+    path = study_yaml(tmp_path, battery=str(battery))
+    with pytest.raises(UserError, match=rf"^{path}: battery: .*no_such_benchmark"):
+        load_study_config(path)
+
+
+def test_the_safety_stage_run_is_typed_when_the_study_loads(tmp_path):
+    """The stage trains with the study's train section: a bad stage setting fails at load, not when the stage runs."""
+    from forgetjax.config import ConfigError
+    from forgetjax.study.schema import load_study_config
+
+    path = study_yaml(tmp_path, safety_stage={"enabled": True, "max_length": 4})
+    with pytest.raises(ConfigError, match="max_length must be >= 8"):
+        load_study_config(path)
+
+
+def test_changing_a_method_default_in_code_changes_the_cell_id(tmp_path, monkeypatch):
+    """A default the study does not spell out (DPO's label_smoothing) is part of the id: changing it in code gives
+    new cells instead of silently reusing the old ones."""
+    import dataclasses
+
+    from forgetjax.methods import registry
+
+    baseline, dpo = cell_ids(id_study(tmp_path))
+    spec = registry.get_method_spec("off_rl_dpo")
+
+    @dataclasses.dataclass
+    class SmoothedDPOArgs(spec.args_class):
+        label_smoothing: float = 0.1
+
+    monkeypatch.setitem(registry._REGISTRY, "off_rl_dpo", dataclasses.replace(spec, args_class=SmoothedDPOArgs))
+    assert cell_ids(id_study(tmp_path)) == (baseline, cell_ids(id_study(tmp_path))[1])
+    assert cell_ids(id_study(tmp_path))[1] != dpo
+
+
+def test_editing_a_method_or_its_loss_changes_its_code_digest_and_cell_ids(tmp_path, monkeypatch):
+    import shutil
+
+    from forgetjax.methods import catalog
+    from forgetjax.study import matrix
+
+    assert catalog.method_modules("off_rl_dpo") == [
+        "forgetjax.losses.preference", "forgetjax.losses.token", "forgetjax.methods.dpo", "forgetjax.methods.pairs",
+        "forgetjax.methods.teacher_data"]
+    copy = tmp_path / "forgetjax"
+    for package in ("methods", "losses"):
+        shutil.copytree(catalog.PACKAGE_DIR / package, copy / package)
+    monkeypatch.setattr(catalog, "PACKAGE_DIR", copy)
+    before = {method: catalog.method_code_digest(method) for method in ("off_rl_dpo", "gt_sft")}
+    (copy / "methods" / "catalog.py").write_text((copy / "methods" / "catalog.py").read_text() + "\n# a label\n")
+    assert {method: catalog.method_code_digest(method) for method in before} == before
+    (copy / "losses" / "preference.py").write_text((copy / "losses" / "preference.py").read_text() + "\n# beta\n")
+    after = {method: catalog.method_code_digest(method) for method in before}
+    assert after["off_rl_dpo"] != before["off_rl_dpo"] and after["gt_sft"] == before["gt_sft"]
+
+    baseline, dpo = cell_ids(id_study(tmp_path))
+    monkeypatch.setattr(matrix, "method_code_digest", lambda method: "edited")
+    assert cell_ids(id_study(tmp_path)) == (baseline, cell_ids(id_study(tmp_path))[1])
+    assert cell_ids(id_study(tmp_path))[1] != dpo
+
+
+def test_safety_stage_id_hashes_its_resolved_run():
+    """Spelling out a trainer default leaves the stage as it was; changing one the stage trains with does not."""
+    from forgetjax.study.matrix import safety_stage_id
+    from forgetjax.study.schema import ModelEntry, SafetyStage, StudyConfig
+
+    def stage_id(train):
+        return safety_stage_id(StudyConfig(models=[ModelEntry(scale="tiny", safe="some/model")], scales=["tiny"],
+                                           start_points=["safe"], methods=[], train=train,
+                                           safety_stage=SafetyStage(enabled=True)), "tiny")
+
+    plain = stage_id({})
+    assert stage_id({"micro_batches": 1, "optimizer": {"max_grad_norm": 1.0}}) == plain
+    assert stage_id({"micro_batches": 2}) != plain
+    assert stage_id({"remat": "full"}) != plain
+
+
+def test_the_runner_refuses_a_cell_directory_of_another_resolved_config(tmp_path):
+    from forgetjax import results
+    from forgetjax.errors import UserError
+    from forgetjax.study.matrix import expand
+    from forgetjax.study.runner import StudyRunner
+
+    cfg = id_study(tmp_path)
+    baseline, dpo = expand(cfg)
+    runner = StudyRunner(cfg, log=lambda *_: None)
+    stored = json.loads(json.dumps(dpo.resolved))
+    results.write_cell_data(cfg.results_dir, {"cell_id": dpo.cell_id, "start_point": "safe", "model": "some/model",
+                                              "scale": "tiny", "method": "off_rl_dpo", "domain": "math", "seed": 0,
+                                              "status": "done", "resolved": stored})
+    runner.check_stored_config(dpo)
+    stored["run"]["method_args"]["beta"] = 0.3
+    stored["evaluation"]["eval_limit"] = 7
+    results.write_cell_data(cfg.results_dir, {**results.read_cell_data(cfg.results_dir, dpo.cell_id),
+                                              "resolved": stored})
+    with pytest.raises(UserError, match=rf"cell {dpo.cell_id}: .*\(differs at evaluation.eval_limit, "
+                                        r"run.method_args.beta\)"):
+        runner.run()
+    assert not results.cell_file(cfg.results_dir, baseline.cell_id).exists()
+
+
+def test_the_analysis_refuses_cells_evaluated_differently(tmp_path):
+    from forgetjax import results
+    from forgetjax.errors import UserError
+
+    evaluation = {"battery": {"name": "ids", "benchmarks": [{"name": "mmlu", "limit": 3}]}, "eval_limit": None,
+                  "eval_format": "auto"}
+    cell = {"start_point": "safe", "model": "m", "scale": "tiny", "domain": None, "seed": 0, "status": "done"}
+    results.write_cell_data(tmp_path, {**cell, "cell_id": "a-baseline", "method": "baseline",
+                                       "evaluation": evaluation})
+    results.write_cell_data(tmp_path, {**cell, "cell_id": "b-dpo", "method": "off_rl_dpo",
+                                       "evaluation": evaluation})
+    assert [c.cell_id for c in results.discover_cells(tmp_path)[0]] == ["a-baseline", "b-dpo"]
+    changed = {**evaluation, "battery": {"name": "ids", "benchmarks": [{"name": "mmlu", "limit": 4}]}}
+    results.write_cell_data(tmp_path, {**cell, "cell_id": "c-sft", "method": "gt_sft", "evaluation": changed})
+    with pytest.raises(UserError, match=r"'a-baseline' and 'c-sft' .* differs at battery.benchmarks\)"):
+        results.discover_cells(tmp_path)

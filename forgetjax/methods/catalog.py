@@ -1,10 +1,13 @@
 """The method catalog: every post-training method's id, the module that registers it, its display label, its data
 regime, its signal source and the teacher it needs. The registry imports a method's module from here, the study
-matrix fills in teachers from here, and the analysis and report label and group methods from here. Import-light
-(no JAX)."""
+matrix fills in teachers and the method's code version (`method_code_digest`) from here, and the analysis and report
+label and group methods from here. Import-light (no JAX)."""
 from __future__ import annotations
 
+import ast
 import dataclasses
+import hashlib
+from pathlib import Path
 from typing import Literal
 
 ON_POLICY = "on_policy"
@@ -97,3 +100,56 @@ def method_source(method: str) -> str | None:
     if method in METHODS:
         return METHODS[method].source
     return SHORT_IDS.get(method, (method, OTHER_POLICY, None))[2]
+
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CODE_PACKAGES = ("forgetjax.methods", "forgetjax.losses")
+"""A method's code is its module and the modules of these packages it imports, directly or through one another."""
+BOOKKEEPING_MODULES = frozenset({"forgetjax.methods.registry", "forgetjax.methods.catalog", "forgetjax.methods.run"})
+"""Modules of CODE_PACKAGES that name, register and drive methods without computing any."""
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a `forgetjax` module (a package's __init__.py), None when there is none."""
+    path = PACKAGE_DIR.joinpath(*module.split(".")[1:])
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _code_imports(path: Path) -> set[str]:
+    """The modules of CODE_PACKAGES a source file imports (at any depth; `from pkg import module` counts)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [f"{node.module}.{alias.name}" if _module_file(f"{node.module}.{alias.name}") else node.module
+                     for alias in node.names]
+        else:
+            continue
+        found.update(n for n in names if n.startswith(tuple(p + "." for p in CODE_PACKAGES)) or n in CODE_PACKAGES)
+    return found - BOOKKEEPING_MODULES
+
+
+def method_modules(name: str) -> list[str]:
+    """The modules whose source is `name`'s code: its module and the method and loss modules it reaches, sorted."""
+    pending, seen = [method_entry(name).module], set()
+    while pending:
+        module = pending.pop()
+        path = _module_file(module)
+        if module in seen or path is None:
+            continue
+        seen.add(module)
+        pending.extend(_code_imports(path) - seen)
+    return sorted(seen)
+
+
+def method_code_digest(name: str) -> str:
+    """sha256 over the sources of `method_modules(name)`: editing a method's module or a loss it uses changes it
+    (and so the ids of the study cells that run the method)."""
+    digest = hashlib.sha256()
+    for module in method_modules(name):
+        digest.update(f"{module}\0{_module_file(module).read_text(encoding='utf-8')}\0".encode())
+    return digest.hexdigest()

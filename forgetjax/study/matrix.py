@@ -1,19 +1,28 @@
 """Expand a study into cells with stable ids; matched conditions are part of each cell's resolved config.
 
 A cell id hashes everything that decides what the cell computes, fully resolved: the training run with every default
-of RunConfig and of the method's argument dataclass filled in, the matched conditions, the evaluation battery's
-contents (not only its path), the evaluation limit and format, the representation settings and the target benchmarks.
-Changing any of them gives new ids, and the analysis reads only the cells of the current config (manifest.json)."""
+of RunConfig and of the method's argument dataclass filled in, the method's code version (a digest of its module and
+the method and loss modules it uses: `forgetjax.methods.catalog.method_code_digest`), the matched conditions, the
+evaluation battery's contents (not only its path), the evaluation limit and format, the representation settings and
+the target benchmarks. Changing any of them gives new ids, and the analysis reads only the cells of the current config
+(manifest.json). Expansion types every run through RunConfig and the method registry, so a study that does not
+validate fails when it loads (`check_study`), naming the dotted field, instead of when its cell starts."""
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+from pathlib import Path
 from typing import Any
 
-from forgetjax.config import ConfigError, config_hash, deep_merge, from_dict, to_dict
-from forgetjax.methods.catalog import method_entry
+from forgetjax.config import ConfigError, build_section, config_hash, deep_merge, to_dict
+from forgetjax.methods.catalog import METHODS, method_code_digest, method_entry
 from forgetjax.results import BASELINE_METHOD, stage_model_dir
 from forgetjax.study.schema import StudyConfig, model_entry, study_domains
+
+CELL_TRAIN_KEYS = ("model", "seed", "budget", "out_dir")
+"""Train fields every cell sets itself (from models, seeds, budget and the results directory), never the study."""
+SAFETY_STAGE_METHOD = "gt_sft"
 
 
 @dataclasses.dataclass
@@ -28,6 +37,7 @@ class StudyCell:
     run: dict[str, Any] | None
     matched: dict[str, Any]
     target_benchmarks: tuple[str, ...] = ()
+    resolved: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the id hashes
 
     @property
     def is_baseline(self) -> bool:
@@ -39,12 +49,31 @@ def safety_stage_optimizer(cfg: StudyConfig) -> dict[str, Any]:
     return {**cfg.train.get("optimizer", {}), "lr": cfg.safety_stage.lr}
 
 
-def safety_stage_id(cfg: StudyConfig, scale: str) -> str:
-    """The stage's directory name: a hash of its source model, settings, optimizer and (when set) the data_dir its
-    records come from, so a changed data_dir or optimizer trains a new stage instead of reusing another one."""
+def safety_stage_run(cfg: StudyConfig, scale: str, records: str, out_dir: str) -> dict[str, Any]:
+    """The safety stage's training run at `scale`: GT-SFT on the `records` file with the study's train settings
+    (the stage's batch size, length, steps and learning rate over them), written to `out_dir`."""
+    stage = cfg.safety_stage
     entry = model_entry(cfg, scale)
-    key = {"source": getattr(entry, cfg.safety_stage.from_start), "stage": to_dict(cfg.safety_stage),
-           "optimizer": safety_stage_optimizer(cfg)}
+    train = {**cfg.train, "model": getattr(entry, stage.from_start), "dtype": entry.dtype,
+             "batch_size": stage.batch_size, "max_length": stage.max_length, "seed": 0,
+             "budget": {"kind": "steps", "value": stage.steps}, "optimizer": safety_stage_optimizer(cfg),
+             "out_dir": out_dir}
+    return {"train": train, "method": SAFETY_STAGE_METHOD,
+            "method_args": {"records": [records], "verify": False, "packing": True}, "domain": {"name": "qa"}}
+
+
+def _safety_records_digest() -> str:
+    """sha256 of the module that builds the safety stage's records (forgetjax/study/safety.py)."""
+    return hashlib.sha256(Path(__file__).with_name("safety.py").read_bytes()).hexdigest()
+
+
+def safety_stage_id(cfg: StudyConfig, scale: str) -> str:
+    """The stage's directory name: a hash of its fully resolved training run (source model, every train and GT-SFT
+    default filled in), its record settings, the code of GT-SFT and of the record builder, and (when set) the
+    data_dir its records come from; a change to any of them trains a new stage instead of reusing another one."""
+    run = resolved_run(safety_stage_run(cfg, scale, records="<stage>/safety_records.jsonl", out_dir="<stage>"))
+    key = {"run": run, "stage": to_dict(cfg.safety_stage), "code": method_code_digest(SAFETY_STAGE_METHOD),
+           "records_code": _safety_records_digest()}
     if cfg.data_dir:
         key["data_dir"] = cfg.data_dir
     return f"safety-{scale}-{config_hash(key)[:10]}"
@@ -74,26 +103,67 @@ def _method_args(cfg: StudyConfig, method: str, scale: str) -> dict[str, Any]:
     return args
 
 
-def resolved_run(run: dict[str, Any]) -> dict[str, Any]:
-    """`run` as training will see it: every default of RunConfig and of the method's arguments filled in. A run that
-    does not validate is returned as given (its cell fails when run, with the error recorded)."""
+def resolved_method_args(method: str, args: dict[str, Any]) -> dict[str, Any]:
+    """`args` of `method` typed through the method registry's argument dataclass, every default filled in;
+    ConfigError naming `method_args.<method>.<field>` when they do not validate."""
     from forgetjax.methods.registry import get_method_spec
+
+    return to_dict(build_section(get_method_spec(method).args_class, args, f"method_args.{method}"))
+
+
+def resolved_run(run: dict[str, Any]) -> dict[str, Any]:
+    """`run` as training will see it: every default of RunConfig and of the method's arguments filled in.
+    ConfigError naming the dotted field (`train.optimizer.lrr`, `method_args.off_rl_dpo.betta`) when it does not
+    validate."""
     from forgetjax.methods.run import RunConfig
 
-    try:
-        resolved = to_dict(from_dict(RunConfig, run, source="study cell"))
-        args = from_dict(get_method_spec(run["method"]).args_class, run["method_args"], source="study cell")
-    except (ConfigError, KeyError):
-        return run
-    resolved["method_args"] = to_dict(args)
+    resolved = to_dict(build_section(RunConfig, run, ""))
+    resolved["method_args"] = resolved_method_args(run["method"], run["method_args"])
     return resolved
 
 
+def domain_config(cfg: StudyConfig, domain: str, specs) -> dict[str, Any]:
+    """The DomainConfig of `domain`'s runs: its domain file's problem source under `domain_sources.<domain>` (and the
+    study's data_dir unless the source sets one)."""
+    config = {"name": domain, **specs[domain].problem_source(), **cfg.domain_sources.get(domain, {})}
+    if cfg.data_dir:
+        config.setdefault("data_dir", cfg.data_dir)
+    return config
+
+
+def check_study(cfg: StudyConfig) -> None:
+    """Type every section a cell reads, as the cells will read it (ConfigError naming the dotted field): train,
+    method_args (also of methods the study does not run), domain_sources, the battery, the safety stage's run and
+    every cell's run (through `expand`)."""
+    from forgetjax.methods.run import DomainConfig
+
+    set_by_cells = [key for key in CELL_TRAIN_KEYS if key in cfg.train]
+    if set_by_cells:
+        raise ConfigError(f"train.{set_by_cells[0]}: set per cell (from models, seeds, budget and results_dir); "
+                          f"remove it from train")
+    for method in cfg.method_args:
+        if method not in METHODS:
+            raise ConfigError(f"method_args.{method}: unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+        for scale in cfg.scales:
+            resolved_method_args(method, _method_args(cfg, method, scale))
+    specs = study_domains(cfg)
+    for domain in cfg.domain_sources:
+        if domain not in specs:
+            raise ConfigError(f"domain_sources.{domain}: unknown domain {domain!r}; known: {', '.join(sorted(specs))}")
+        build_section(DomainConfig, domain_config(cfg, domain, specs), f"domain_sources.{domain}")
+    expand(cfg)
+
+
 def evaluation_settings(cfg: StudyConfig) -> dict[str, Any]:
-    """The resolved evaluation of every cell: the battery's contents, the item limit and the prompt format."""
+    """The resolved evaluation of every cell: the battery's contents, the item limit and the prompt format.
+    ConfigError naming `battery` when the battery file is missing or does not validate."""
+    from forgetjax.errors import UserError
     from forgetjax.eval.battery import resolve_battery
 
-    battery = to_dict(resolve_battery(cfg.battery))
+    try:
+        battery = to_dict(resolve_battery(cfg.battery))
+    except (UserError, FileNotFoundError) as err:
+        raise ConfigError(f"battery: {err}") from None
     battery.pop("source", None)
     return {"battery": battery, "eval_limit": cfg.eval_limit, "eval_format": cfg.eval_format}
 
@@ -104,30 +174,28 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
     domains = study_domains(cfg)
     evaluation = evaluation_settings(cfg)
     representation = {"representation": cfg.representation, "representation_probe": cfg.representation_probe}
+    code = {method: method_code_digest(method) for method in cfg.methods}
     for scale in cfg.scales:
         for point in cfg.start_points:
             start = start_model(cfg, point, scale)
             matched_base = {"start_model": start, "battery": cfg.battery, "eval_limit": cfg.eval_limit}
-            baseline_id = f"{point}-{scale}-{BASELINE_METHOD}-" + config_hash(
-                {**matched_base, "seed": cfg.seeds[0], "evaluation": evaluation})[:10]
+            resolved = {**matched_base, "seed": cfg.seeds[0], "evaluation": evaluation}
+            baseline_id = f"{point}-{scale}-{BASELINE_METHOD}-" + config_hash(resolved)[:10]
             cells.append(StudyCell(baseline_id, point, scale, BASELINE_METHOD, None, cfg.seeds[0], start, None,
-                                   matched_base))
+                                   matched_base, resolved=resolved))
             for method in cfg.methods:
                 for domain in cfg.domains:
-                    domain_cfg = {"name": domain, **domains[domain].problem_source(),
-                                  **cfg.domain_sources.get(domain, {})}
-                    if cfg.data_dir:
-                        domain_cfg.setdefault("data_dir", cfg.data_dir)
+                    domain_cfg = domain_config(cfg, domain, domains)
                     for seed in cfg.seeds:
                         train = train_settings(cfg, scale)
                         train.update({"model": start, "seed": seed, "budget": to_dict(cfg.budget)})
                         run = {"train": train, "method": method,
                                "method_args": _method_args(cfg, method, scale), "domain": domain_cfg}
                         matched = {**matched_base, "budget": to_dict(cfg.budget), "domain": domain_cfg}
-                        digest = config_hash({"run": resolved_run(run), "matched": matched, "evaluation": evaluation,
-                                              "representation": representation,
-                                              "targets": domains[domain].target_benchmarks})[:10]
-                        cell_id = f"{point}-{scale}-{method}-{domain}-s{seed}-{digest}"
+                        resolved = {"run": resolved_run(run), "code": code[method], "matched": matched,
+                                    "evaluation": evaluation, "representation": representation,
+                                    "targets": domains[domain].target_benchmarks}
+                        cell_id = f"{point}-{scale}-{method}-{domain}-s{seed}-{config_hash(resolved)[:10]}"
                         cells.append(StudyCell(cell_id, point, scale, method, domain, seed, start, run, matched,
-                                               tuple(domains[domain].target_benchmarks)))
+                                               tuple(domains[domain].target_benchmarks), resolved))
     return cells

@@ -3,6 +3,8 @@
 Idempotent and resumable: a cell whose cell.json says "done" is skipped; an interrupted cell resumes (training from
 its newest checkpoint, evaluation per finished benchmark file); a failing cell is recorded with its error and the
 others go on. A manifest records the config hash, code version, package versions, seeds, budgets and wall time.
+Each cell.json keeps the resolved config its id hashes (`resolved`, and its `evaluation`); a cell directory holding
+another resolved config stops the run before anything trains, so results of two configs are never mixed.
 """
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from forgetjax import results
-from forgetjax.config import config_hash, dump_yaml, to_dict
+from forgetjax.config import canonical_json, config_hash, differing_keys, dump_yaml, to_dict
 from forgetjax.distributed import agree, is_writer, run_once
 from forgetjax.errors import UserError
 from forgetjax.io import write_json_atomic, write_jsonl_atomic
 from forgetjax.paths import REPO_ROOT
-from forgetjax.study.matrix import StudyCell, expand, safety_stage_id, safety_stage_optimizer
+from forgetjax.study.matrix import StudyCell, expand, safety_stage_id, safety_stage_run
 from forgetjax.study.schema import StudyConfig, model_entry
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "grain", "numpy", "gem-llm",
@@ -90,6 +92,17 @@ class StudyRunner:
     def status(self, cell_id: str) -> str:
         return results.cell_status(self.results, cell_id)
 
+    def check_stored_config(self, cell: StudyCell) -> None:
+        """UserError when `cell`'s directory holds a cell.json written for another resolved config (a hand-edited or
+        copied directory, a hash collision): its results are never mixed with this config's."""
+        stored = results.read_cell_data(self.results, cell.cell_id).get("resolved")
+        if stored is None or canonical_json(stored) == canonical_json(cell.resolved):
+            return
+        keys = differing_keys(stored, to_dict(cell.resolved))
+        raise UserError(f"cell {cell.cell_id}: {results.cell_file(self.results, cell.cell_id)} was written for "
+                        f"another resolved config (differs at {', '.join(keys[:8])}"
+                        f"{', ...' if len(keys) > 8 else ''}); move that directory away or use another results_dir")
+
     def _write_cell(self, cell: StudyCell, status: str, **extra) -> None:
         if not is_writer():
             return
@@ -99,7 +112,8 @@ class StudyRunner:
                 "model": getattr(model, cell.start_point) or cell.start_model, "scale": cell.scale,
                 "method": cell.method, "domain": cell.domain, "seed": cell.seed, "status": status,
                 "start_model": cell.start_model, "matched": cell.matched, "run": cell.run,
-                "target_benchmarks": list(cell.target_benchmarks), **extra}
+                "target_benchmarks": list(cell.target_benchmarks), "evaluation": cell.resolved.get("evaluation"),
+                "resolved": cell.resolved, **extra}
         data.setdefault("budget", {})
         data.setdefault("metrics", {})
         results.write_cell_data(self.results, data)
@@ -120,19 +134,12 @@ class StudyRunner:
         from forgetjax.study.safety import safety_records
 
         stage = self.cfg.safety_stage
-        entry = model_entry(self.cfg, scale)
         records = stage_dir / "safety_records.jsonl"
         rows = safety_records(data_dir_of(self.cfg), stage.harmful_limit, stage.helpful_limit)
         if is_writer():
             write_jsonl_atomic(records, rows)
         self.log(f"[study] safety stage for {scale}: {len(rows)} records -> {stage_dir}")
-        run = {"train": {**self.cfg.train, "model": getattr(entry, stage.from_start), "dtype": entry.dtype,
-                         "batch_size": stage.batch_size, "max_length": stage.max_length, "seed": 0,
-                         "budget": {"kind": "steps", "value": stage.steps},
-                         "optimizer": safety_stage_optimizer(self.cfg),
-                         "out_dir": str(stage_dir / results.TRAIN_DIR)},
-               "method": "gt_sft", "method_args": {"records": [str(records)], "verify": False, "packing": True},
-               "domain": {"name": "qa"}}
+        run = safety_stage_run(self.cfg, scale, str(records), str(stage_dir / results.TRAIN_DIR))
         from forgetjax.config import from_dict
 
         run_training(from_dict(RunConfig, run, source=f"{self.source}: safety_stage"),
@@ -195,6 +202,8 @@ class StudyRunner:
         safety stage runs only for the scales of selected cells that start from it."""
         cells = expand(self.cfg)
         selected = cells if only_index is None else [cells[check_cell_index(only_index, len(cells))]]
+        for cell in selected:
+            self.check_stored_config(cell)
         if is_writer():
             self.results.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.cfg, results.study_file(self.results))

@@ -10,6 +10,7 @@ import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
+from forgetjax.config import ConfigError
 from forgetjax.paths import REPO_ROOT
 from forgetjax.tasks.domains import DOMAINS_DIR, DomainSpec, domain_specs, load_domain
 from forgetjax.training.budget import BudgetConfig
@@ -46,6 +47,11 @@ class SafetyStage:
 
 @dataclasses.dataclass
 class StudyConfig:
+    """A study. `train`, `method_args.<method>` and `domain_sources.<domain>` stay plain mappings (cells merge them
+    per scale, seed and domain) but are typed when the study loads, as every cell will read them: through TrainConfig,
+    the method registry's argument dataclasses and DomainConfig (`forgetjax.study.matrix.check_study`); model,
+    domain and battery files are read then too. A typo fails at load naming the file and the dotted field."""
+
     name: str = "study"
     results_dir: str = "runs/study"
     data_dir: str | None = None
@@ -89,6 +95,9 @@ class StudyConfig:
         missing = sorted(set(self.domains) - set(study_domains(self)))
         if missing:
             raise ValueError(f"domains: {missing} have no domain config (configs/domains/ or domain_files)")
+        from forgetjax.study.matrix import check_study
+
+        check_study(self)
 
 
 def all_models(cfg: StudyConfig) -> list[ModelEntry]:
@@ -134,7 +143,7 @@ def _repo_path(name: str, field: str) -> Path:
     if not path.is_file():
         path = REPO_ROOT / name
     if not path.is_file():
-        raise FileNotFoundError(f"{field}: {name} not found")
+        raise ConfigError(f"{field}: {name} not found (as given or under {REPO_ROOT})")
     return path
 
 
