@@ -2,7 +2,9 @@
 
 A cell id hashes everything that decides what the cell computes, fully resolved: the training run with every default
 of RunConfig and of the method's argument dataclass filled in, the matched conditions, the evaluation battery's
-contents (not only its path), the evaluation limit and format, the representation settings and the target benchmarks.
+contents (not only its path), the evaluation limit and the prompt format resolved for the cell's start point (`eval_format: auto` gives a BASE
+start "fewshot" and a SAFE start "chat", for its baseline and its post-trained cells alike), the representation
+settings and the target benchmarks.
 Changing any of them gives new ids, and the analysis reads only the cells of the current config (manifest.json)."""
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class StudyCell:
     run: dict[str, Any] | None
     matched: dict[str, Any]
     target_benchmarks: tuple[str, ...] = ()
+    eval_format: str = "chat"
 
     @property
     def is_baseline(self) -> bool:
@@ -89,29 +92,46 @@ def resolved_run(run: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def evaluation_settings(cfg: StudyConfig) -> dict[str, Any]:
-    """The resolved evaluation of every cell: the battery's contents, the item limit and the prompt format."""
+START_POINT_FORMATS = {"base": "fewshot", "safe": "chat"}
+
+
+def resolve_eval_format(eval_format: str, start_point: str) -> str:
+    """The prompt format a start point's cells are evaluated in: `auto` gives a base model few-shot prompts and a
+    safe (instruct or safety-tuned) model chat prompts; "chat" or "fewshot" applies to every start point."""
+    if eval_format != "auto":
+        return eval_format
+    if start_point not in START_POINT_FORMATS:
+        raise ConfigError(f"start_points: {start_point!r} has no eval_format for 'auto' "
+                          f"(known: {sorted(START_POINT_FORMATS)})")
+    return START_POINT_FORMATS[start_point]
+
+
+def evaluation_settings(cfg: StudyConfig, start_point: str) -> dict[str, Any]:
+    """The resolved evaluation of a start point's cells: the battery's contents, the item limit and the prompt
+    format resolved for the start point."""
     from forgetjax.eval.battery import resolve_battery
 
     battery = to_dict(resolve_battery(cfg.battery))
     battery.pop("source", None)
-    return {"battery": battery, "eval_limit": cfg.eval_limit, "eval_format": cfg.eval_format}
+    return {"battery": battery, "eval_limit": cfg.eval_limit,
+            "eval_format": resolve_eval_format(cfg.eval_format, start_point)}
 
 
 def expand(cfg: StudyConfig) -> list[StudyCell]:
     """All cells: one baseline per (start point, scale) plus start x scale x method x domain x seed."""
     cells = []
     domains = study_domains(cfg)
-    evaluation = evaluation_settings(cfg)
     representation = {"representation": cfg.representation, "representation_probe": cfg.representation_probe}
     for scale in cfg.scales:
         for point in cfg.start_points:
             start = start_model(cfg, point, scale)
+            evaluation = evaluation_settings(cfg, point)
+            fmt = evaluation["eval_format"]
             matched_base = {"start_model": start, "battery": cfg.battery, "eval_limit": cfg.eval_limit}
             baseline_id = f"{point}-{scale}-{BASELINE_METHOD}-" + config_hash(
                 {**matched_base, "seed": cfg.seeds[0], "evaluation": evaluation})[:10]
             cells.append(StudyCell(baseline_id, point, scale, BASELINE_METHOD, None, cfg.seeds[0], start, None,
-                                   matched_base))
+                                   matched_base, eval_format=fmt))
             for method in cfg.methods:
                 for domain in cfg.domains:
                     domain_cfg = {"name": domain, **domains[domain].problem_source(),
@@ -129,5 +149,5 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                                               "targets": domains[domain].target_benchmarks})[:10]
                         cell_id = f"{point}-{scale}-{method}-{domain}-s{seed}-{digest}"
                         cells.append(StudyCell(cell_id, point, scale, method, domain, seed, start, run, matched,
-                                               tuple(domains[domain].target_benchmarks)))
+                                               tuple(domains[domain].target_benchmarks), eval_format=fmt))
     return cells
