@@ -5,7 +5,9 @@ Only cells with status "done" that hold records are analysed; every skipped cell
 Pairing: every post-trained cell's items are inner-joined with its baseline's items on (benchmark, item_id); items
 present on one side only are counted in the pairing table, never imputed. Per paired item the compared value is
 `correct` when both sides have one (binary: forgetting / backward transfer / McNemar apply), else `score` when
-both sides have a finite one (continuous: delta only); unscored items are dropped.
+both sides have a finite one (continuous: delta only); unscored items are dropped. A cell and its baseline must have
+evaluated each benchmark in the same prompt format (the records' `extra.format`, "chat" or "fewshot"): a pair of
+different formats measures the prompt, not the training, so loading refuses it naming the benchmark and both cells.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from forgetjax.errors import UserError
 from forgetjax.results import (
     DONE_STATUS,
     Cell,
@@ -118,6 +121,7 @@ WITH typed AS (
            coalesce(b.kind, CASE WHEN r.option_logprobs IS NOT NULL OR r.chosen_option IS NOT NULL
                                  THEN 'multiple_choice' WHEN r.refusal IS NOT NULL THEN 'safety'
                                  ELSE 'generate' END) AS kind,
+           json_extract_string(r.extra, '$.format') AS format,
            TRY_CAST(json_extract_string(r.extra, '$.harmful') AS BOOLEAN) AS harmful_flag
     FROM raw r JOIN files f ON r.filename = f.path LEFT JOIN benchmark_info b ON b.benchmark = r.benchmark
 )
@@ -138,11 +142,30 @@ SELECT c.cell_id, c.start_point, c.scale, c.method, c.domain, c.seed,
        CASE WHEN pre.correct IS NOT NULL AND post.correct IS NOT NULL THEN post.correct::DOUBLE
             WHEN isfinite(pre.score) AND isfinite(post.score) THEN post.score END AS post_value,
        pre.refusal AS pre_refusal, post.refusal AS post_refusal, pre.harmful,
-       pre.prompt_hash <> post.prompt_hash AS prompt_changed
+       pre.prompt_hash <> post.prompt_hash AS prompt_changed, pre.format
 FROM cells c
 JOIN records pre ON pre.cell_id = c.baseline_id
 JOIN records post ON post.cell_id = c.cell_id AND post.benchmark = pre.benchmark AND post.item_id = pre.item_id
 """
+
+_MIXED_FORMATS_SQL = """
+SELECT DISTINCT post.benchmark, c.cell_id, c.baseline_id, pre.format, post.format
+FROM cells c
+JOIN records pre ON pre.cell_id = c.baseline_id
+JOIN records post ON post.cell_id = c.cell_id AND post.benchmark = pre.benchmark AND post.item_id = pre.item_id
+WHERE pre.format IS DISTINCT FROM post.format
+ORDER BY ALL LIMIT 5
+"""
+
+
+def check_pair_formats(con: duckdb.DuckDBPyConnection) -> None:
+    """Raise naming benchmark and cells where a cell's records and its baseline's were prompted differently."""
+    mixed = con.execute(_MIXED_FORMATS_SQL).fetchall()
+    if mixed:
+        listed = "; ".join(f"{bench}: cell {cell!r} in {post!r} but its baseline {base!r} in {pre!r}"
+                           for bench, cell, base, pre, post in mixed)
+        raise UserError(f"pre/post records in different prompt formats (chat vs fewshot) cannot be paired: {listed}; "
+                        "evaluate the cell and its baseline in one format (study eval_format)")
 
 
 def _select_cells(
@@ -215,6 +238,7 @@ def load_study(results_dir: str | os.PathLike[str], threads: int = 2) -> Study:
     if duplicates:
         listed = "; ".join(f"cell {c!r} {b}/{i} x{n}" for c, b, i, n in duplicates)
         raise ValueError(f"duplicate records for the same (cell, benchmark, item_id): {listed}")
+    check_pair_formats(con)
     con.execute(_PAIRED_SQL)
     representations = {}
     for cell in cells:
