@@ -328,10 +328,11 @@ def discover_cells(results_dir: str | os.PathLike[str]) -> tuple[list[Cell], lis
 
 def check_one_evaluation(cells: Sequence[Cell]) -> None:
     """UserError naming two cells and the keys at which they differ when the cells that record their evaluation
-    (battery contents, limit, format) were not all evaluated the same way: their scores do not compare."""
+    (battery contents, limit) were not all evaluated the same way: their scores do not compare. The prompt format may
+    differ between start points (`eval_format: auto`); the analysis checks it per pre/post pair instead."""
     recorded = [cell for cell in cells if cell.evaluation]
     for cell in recorded[1:]:
-        keys = differing_keys(recorded[0].evaluation, cell.evaluation)
+        keys = [key for key in differing_keys(recorded[0].evaluation, cell.evaluation) if key != "eval_format"]
         if keys:
             raise UserError(f"cells {recorded[0].cell_id!r} and {cell.cell_id!r} were evaluated differently "
                             f"(evaluation differs at {', '.join(keys[:8])}); analyse one study config's results "

@@ -58,7 +58,8 @@ EXPECTED_COUNTS = {
     "word_problems": 500,
     **{f"mgsm_{lang}": 250 for lang in ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")},
     "nq_open": 3610,
-    "bbh": 6511,
+    "triviaqa": 11313 - 8,
+    "bbh": 6511 - 27 * 3,
     "humaneval": 164,
     "mbpp": 500,
     "mmlu": 14042,
@@ -128,11 +129,15 @@ def test_bbh_27_tasks_with_per_task_categories():
     items = load("bbh")
     files = sorted((DATA_DIR / "bbh").glob("*.json"))
     assert len(files) == 27
-    expected = {path.stem: len(json.loads(path.read_text())["examples"]) for path in files}
+    expected = {path.stem: len(json.loads(path.read_text())["examples"]) - 3 for path in files}
     assert Counter(item.category for item in items) == expected
-    first = json.loads((DATA_DIR / "bbh" / "date_understanding.json").read_text())["examples"][0]
+    examples = json.loads((DATA_DIR / "bbh" / "date_understanding.json").read_text())["examples"]
     item = next(i for i in items if i.id == "date_understanding/000")
-    assert item.data == {"input": first["input"], "target": first["target"]}
+    assert (item.data["input"], item.data["target"]) == (examples[0]["input"], examples[0]["target"])
+    shots = set(item.data["shots"])
+    assert len(shots) == 3 and shots <= {(e["input"], e["target"]) for e in examples}
+    held_apart = [f"date_understanding/{i:03d}" for i, e in enumerate(examples) if (e["input"], e["target"]) in shots]
+    assert len(held_apart) == 3 and not set(held_apart) & {i.id for i in items}
 
 
 @needs_data
@@ -299,9 +304,9 @@ def test_other_fewshot_pools_are_disjoint_from_the_test_items():
 
     bbh = get_benchmark("bbh")
     item = load("bbh")[0]
-    assert bbh.build_prompt(item, "fewshot") == f"Q: {item.data['input']}\nA:"
-    with pytest.raises(ValueError, match="n_shots"):
-        bbh.build_prompt(item, "fewshot", n_shots=3)
+    assert bbh.build_prompt(item, "fewshot", n_shots=0) == f"Q: {item.data['input']}\nA:"
+    with pytest.raises(ValueError, match="n_shots=4 but its exemplar pool holds 3"):
+        bbh.build_prompt(item, "fewshot", n_shots=4)
 
 
 @needs_data

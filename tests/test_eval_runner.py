@@ -373,7 +373,7 @@ def test_runner_is_deterministic_and_refuses_to_mix_configurations(tmp_path):
         b = read_records(tmp_path / "b" / "fake_smol-135m" / f"{name}.parquet")
         assert [(r.item_id, r.prompt_hash, r.seed) for r in a] == [(r.item_id, r.prompt_hash, r.seed) for r in b]
     assert [(r.prompt, r.seed, r.n) for r in first.requests] == [(r.prompt, r.seed, r.n) for r in second.requests]
-    assert all(isinstance(r.prompt, str) and r.prompt.startswith("User: ") and r.stop == ("\nUser:",) for r in first.requests)
+    assert all(isinstance(r.prompt, str) and r.prompt.startswith("Request: ") and r.stop == ("\nRequest:",) for r in first.requests)
     advbench = read_records(tmp_path / "a" / "fake_smol-135m" / "advbench.parquet")
     assert all(len(r.extra_dict()["samples"]) == 2 for r in advbench)
 

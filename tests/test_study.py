@@ -443,8 +443,35 @@ def test_the_analysis_refuses_cells_evaluated_differently(tmp_path):
                                        "evaluation": evaluation})
     results.write_cell_data(tmp_path, {**cell, "cell_id": "b-dpo", "method": "off_rl_dpo",
                                        "evaluation": evaluation})
-    assert [c.cell_id for c in results.discover_cells(tmp_path)[0]] == ["a-baseline", "b-dpo"]
+    other_start = {**cell, "start_point": "base", "cell_id": "a-base-baseline", "method": "baseline",
+                   "evaluation": {**evaluation, "eval_format": "fewshot"}}
+    results.write_cell_data(tmp_path, other_start)  # another start point's format: checked per pair, not here
+    assert [c.cell_id for c in results.discover_cells(tmp_path)[0]] == ["a-base-baseline", "a-baseline", "b-dpo"]
     changed = {**evaluation, "battery": {"name": "ids", "benchmarks": [{"name": "mmlu", "limit": 4}]}}
     results.write_cell_data(tmp_path, {**cell, "cell_id": "c-sft", "method": "gt_sft", "evaluation": changed})
     with pytest.raises(UserError, match=r"'a-baseline' and 'c-sft' .* differs at battery.benchmarks\)"):
         results.discover_cells(tmp_path)
+
+
+def test_auto_eval_format_gives_base_cells_fewshot_and_safe_cells_chat(tmp_path):
+    """`eval_format: auto` resolves per start point at expansion: a BASE start (baseline and post-trained cells) is
+    evaluated few-shot, a SAFE start in chat; the format is in the evaluation settings and so in the ids."""
+    from forgetjax.study.matrix import evaluation_settings, expand
+    from forgetjax.study.schema import ModelEntry
+
+    models = [ModelEntry(scale="tiny", base="some/base", safe="some/model")]
+    cfg = id_study(tmp_path, models=models, start_points=["base", "safe"], eval_format="auto")
+    cells = expand(cfg)
+    assert {(c.start_point, c.method): c.eval_format for c in cells} == {
+        ("base", "baseline"): "fewshot", ("base", "off_rl_dpo"): "fewshot",
+        ("safe", "baseline"): "chat", ("safe", "off_rl_dpo"): "chat"}
+    assert evaluation_settings(cfg, "base")["eval_format"] == "fewshot"
+    assert evaluation_settings(cfg, "safe")["eval_format"] == "chat"
+    by_point = {p: {c.method: c.cell_id for c in cells if c.start_point == p} for p in ("base", "safe")}
+    assert by_point["base"]["baseline"] != by_point["safe"]["baseline"]
+    chat_everywhere = {c.start_point + c.method: c for c in expand(id_study(
+        tmp_path, models=models, start_points=["base", "safe"], eval_format="chat"))}
+    assert {c.eval_format for c in chat_everywhere.values()} == {"chat"}
+    assert chat_everywhere["safebaseline"].cell_id == by_point["safe"]["baseline"]
+    assert chat_everywhere["basebaseline"].cell_id != by_point["base"]["baseline"]
+    assert chat_everywhere["baseoff_rl_dpo"].cell_id != by_point["base"]["off_rl_dpo"]

@@ -13,6 +13,9 @@ both sides have a finite one (continuous: delta only); unscored items are droppe
 Each paired row says whether its benchmark is in-domain for the cell (`forgetjax.tasks.domains.is_in_domain`) and
 whether it is one of the cell's target benchmarks; capability forgetting is measured on the off-target capability
 items (OFF_TARGET_SQL).
+A cell and its baseline must have
+evaluated each benchmark in the same prompt format (the records' `extra.format`, "chat" or "fewshot"): a pair of
+different formats measures the prompt, not the training, so loading refuses it naming the benchmark and both cells.
 """
 from __future__ import annotations
 
@@ -132,6 +135,7 @@ WITH typed AS (
            coalesce(b.kind, CASE WHEN r.option_logprobs IS NOT NULL OR r.chosen_option IS NOT NULL
                                  THEN 'multiple_choice' WHEN r.refusal IS NOT NULL THEN 'safety'
                                  ELSE 'generate' END) AS kind,
+           json_extract_string(r.extra, '$.format') AS format,
            TRY_CAST(json_extract_string(r.extra, '$.harmful') AS BOOLEAN) AS harmful_flag
     FROM raw r JOIN files f ON r.filename = f.path LEFT JOIN benchmark_info b ON b.benchmark = r.benchmark
 )
@@ -152,13 +156,32 @@ SELECT c.cell_id, c.start_point, c.scale, c.method, c.domain, c.seed,
        CASE WHEN pre.correct IS NOT NULL AND post.correct IS NOT NULL THEN post.correct::DOUBLE
             WHEN isfinite(pre.score) AND isfinite(post.score) THEN post.score END AS post_value,
        pre.refusal AS pre_refusal, post.refusal AS post_refusal, pre.harmful,
-       pre.prompt_hash <> post.prompt_hash AS prompt_changed,
+       pre.prompt_hash <> post.prompt_hash AS prompt_changed, pre.format,
        s.in_domain, s.is_target
 FROM cells c
 JOIN records pre ON pre.cell_id = c.baseline_id
 JOIN records post ON post.cell_id = c.cell_id AND post.benchmark = pre.benchmark AND post.item_id = pre.item_id
 JOIN benchmark_scope s ON s.cell_id = c.cell_id AND s.benchmark = pre.benchmark
 """
+
+_MIXED_FORMATS_SQL = """
+SELECT DISTINCT post.benchmark, c.cell_id, c.baseline_id, pre.format, post.format
+FROM cells c
+JOIN records pre ON pre.cell_id = c.baseline_id
+JOIN records post ON post.cell_id = c.cell_id AND post.benchmark = pre.benchmark AND post.item_id = pre.item_id
+WHERE pre.format IS DISTINCT FROM post.format
+ORDER BY ALL LIMIT 5
+"""
+
+
+def check_pair_formats(con: duckdb.DuckDBPyConnection) -> None:
+    """Raise naming benchmark and cells where a cell's records and its baseline's were prompted differently."""
+    mixed = con.execute(_MIXED_FORMATS_SQL).fetchall()
+    if mixed:
+        listed = "; ".join(f"{bench}: cell {cell!r} in {post!r} but its baseline {base!r} in {pre!r}"
+                           for bench, cell, base, pre, post in mixed)
+        raise UserError(f"pre/post records in different prompt formats (chat vs fewshot) cannot be paired: {listed}; "
+                        "evaluate the cell and its baseline in one format (study eval_format)")
 
 
 def results_dir_list(results_dirs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> tuple[Path, ...]:
@@ -305,6 +328,7 @@ def load_study(
     con.register("scope_source", _benchmark_scope(con, cells))
     con.execute("CREATE TABLE benchmark_scope AS SELECT * FROM scope_source")
     con.unregister("scope_source")
+    check_pair_formats(con)
     con.execute(_PAIRED_SQL)
     representations = {}
     for cell in cells:

@@ -68,6 +68,7 @@ import yaml
 from forgetjax.eval.battery import format_table, model_slug, select_subset, summarize, write_summary_csv
 from forgetjax.eval.benchmarks import Item, get_benchmark
 from forgetjax.eval.benchmarks.base import LETTERS, log_softmax, true_mass
+from forgetjax.eval.benchmarks.multiple_choice import read_mmlu_rows
 from forgetjax.eval.records import EvalRecord, prompt_hash, read_metadata, read_records, write_records
 from forgetjax.io import atomic_open, read_jsonl, write_json_atomic, write_text_atomic
 from forgetjax.paths import REPO_ROOT, default_data_dir
@@ -252,7 +253,7 @@ def mmlu_docs(data_dir: str, subject: str, limit: int | None, seed: int) -> dict
         for item in selected_items("mmlu", data_dir, limit, seed)
         if item.data["subject"] == subject
     ]
-    dev = [_mmlu_doc(shot, subject) for shot in all_rows[0].data["shots"]]
+    dev = [_mmlu_doc(row, subject) for row in read_mmlu_rows(Path(data_dir) / "mmlu" / "dev" / f"{subject}_dev.csv")]
     return {"test": test, "dev": dev}
 
 

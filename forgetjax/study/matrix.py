@@ -6,7 +6,9 @@ the method and loss modules it uses: `forgetjax.methods.catalog.method_code_dige
 evaluation battery's contents (not only its path), the evaluation limit and format, the representation settings and
 the target benchmarks. Changing any of them gives new ids, and the analysis reads only the cells of the current config
 (manifest.json). Expansion types every run through RunConfig and the method registry, so a study that does not
-validate fails when it loads (`check_study`), naming the dotted field, instead of when its cell starts."""
+validate fails when it loads (`check_study`), naming the dotted field, instead of when its cell starts. The
+evaluation's prompt format is resolved for the cell's start point (`eval_format: auto` gives a BASE start "fewshot"
+and a SAFE start "chat", for its baseline and its post-trained cells alike)."""
 from __future__ import annotations
 
 import copy
@@ -38,6 +40,7 @@ class StudyCell:
     matched: dict[str, Any]
     target_benchmarks: tuple[str, ...] = ()
     resolved: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the id hashes
+    eval_format: str = "chat"
 
     @property
     def is_baseline(self) -> bool:
@@ -154,9 +157,24 @@ def check_study(cfg: StudyConfig) -> None:
     expand(cfg)
 
 
-def evaluation_settings(cfg: StudyConfig) -> dict[str, Any]:
-    """The resolved evaluation of every cell: the battery's contents, the item limit and the prompt format.
-    ConfigError naming `battery` when the battery file is missing or does not validate."""
+START_POINT_FORMATS = {"base": "fewshot", "safe": "chat"}
+
+
+def resolve_eval_format(eval_format: str, start_point: str) -> str:
+    """The prompt format a start point's cells are evaluated in: `auto` gives a base model few-shot prompts and a
+    safe (instruct or safety-tuned) model chat prompts; "chat" or "fewshot" applies to every start point."""
+    if eval_format != "auto":
+        return eval_format
+    if start_point not in START_POINT_FORMATS:
+        raise ConfigError(f"start_points: {start_point!r} has no eval_format for 'auto' "
+                          f"(known: {sorted(START_POINT_FORMATS)})")
+    return START_POINT_FORMATS[start_point]
+
+
+def evaluation_settings(cfg: StudyConfig, start_point: str) -> dict[str, Any]:
+    """The resolved evaluation of a start point's cells: the battery's contents, the item limit and the prompt
+    format resolved for the start point. ConfigError naming `battery` when the battery file is missing or does not
+    validate."""
     from forgetjax.errors import UserError
     from forgetjax.eval.battery import resolve_battery
 
@@ -165,24 +183,26 @@ def evaluation_settings(cfg: StudyConfig) -> dict[str, Any]:
     except (UserError, FileNotFoundError) as err:
         raise ConfigError(f"battery: {err}") from None
     battery.pop("source", None)
-    return {"battery": battery, "eval_limit": cfg.eval_limit, "eval_format": cfg.eval_format}
+    return {"battery": battery, "eval_limit": cfg.eval_limit,
+            "eval_format": resolve_eval_format(cfg.eval_format, start_point)}
 
 
 def expand(cfg: StudyConfig) -> list[StudyCell]:
     """All cells: one baseline per (start point, scale) plus start x scale x method x domain x seed."""
     cells = []
     domains = study_domains(cfg)
-    evaluation = evaluation_settings(cfg)
     representation = {"representation": cfg.representation, "representation_probe": cfg.representation_probe}
     code = {method: method_code_digest(method) for method in cfg.methods}
     for scale in cfg.scales:
         for point in cfg.start_points:
             start = start_model(cfg, point, scale)
+            evaluation = evaluation_settings(cfg, point)
+            fmt = evaluation["eval_format"]
             matched_base = {"start_model": start, "battery": cfg.battery, "eval_limit": cfg.eval_limit}
             resolved = {**matched_base, "seed": cfg.seeds[0], "evaluation": evaluation}
             baseline_id = f"{point}-{scale}-{BASELINE_METHOD}-" + config_hash(resolved)[:10]
             cells.append(StudyCell(baseline_id, point, scale, BASELINE_METHOD, None, cfg.seeds[0], start, None,
-                                   matched_base, resolved=resolved))
+                                   matched_base, resolved=resolved, eval_format=fmt))
             for method in cfg.methods:
                 for domain in cfg.domains:
                     domain_cfg = domain_config(cfg, domain, domains)
@@ -197,5 +217,6 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                                     "targets": domains[domain].target_benchmarks}
                         cell_id = f"{point}-{scale}-{method}-{domain}-s{seed}-{config_hash(resolved)[:10]}"
                         cells.append(StudyCell(cell_id, point, scale, method, domain, seed, start, run, matched,
-                                               tuple(domains[domain].target_benchmarks), resolved))
+                                               tuple(domains[domain].target_benchmarks), resolved,
+                                               eval_format=fmt))
     return cells

@@ -113,7 +113,7 @@ class StudyRunner:
                 "method": cell.method, "domain": cell.domain, "seed": cell.seed, "status": status,
                 "start_model": cell.start_model, "matched": cell.matched, "run": cell.run,
                 "target_benchmarks": list(cell.target_benchmarks), "evaluation": cell.resolved.get("evaluation"),
-                "resolved": cell.resolved, **extra}
+                "eval_format": cell.eval_format, "resolved": cell.resolved, **extra}
         data.setdefault("budget", {})
         data.setdefault("metrics", {})
         results.write_cell_data(self.results, data)
@@ -182,10 +182,9 @@ class StudyRunner:
             model_source = str(results.cell_model_dir(self.results, cell.cell_id))
         model, tokenizer = self._load(model_source)
         engine = JaxEngine(model, tokenizer, model_id=cell.cell_id, batch_size=16, max_length=2048)
-        fmt = None if self.cfg.eval_format == "auto" else self.cfg.eval_format
         result = run_battery(engine, self.cfg.battery, data_dir_of(self.cfg),
                              results.cell_eval_dir(self.results, cell.cell_id),
-                             run_id=cell.cell_id, seed=cell.seed, limit=self.cfg.eval_limit, fmt=fmt,
+                             run_id=cell.cell_id, seed=cell.seed, limit=self.cfg.eval_limit, fmt=cell.eval_format,
                              progress=True)
         eval_summary = {f"eval_{row['benchmark']}": row.get("accuracy") for row in result.summary
                         if row.get("category") == "ALL" and row.get("accuracy") is not None}

@@ -1,8 +1,14 @@
 """Benchmark base classes, the registry, and the pure multiple-choice scoring math.
 
 A `Benchmark` turns a data file into `Item`s with stable ids, builds prompts in two formats ("chat": messages for
-the tokenizer's chat template; "fewshot": plain text for base models, shots taken from a train/dev split, never
-from test items), carries default generation settings, and scores one output per item.
+the tokenizer's chat template; "fewshot": plain text for base models), carries default generation settings, and
+scores one output per item. A study evaluates BASE starts in "fewshot" and SAFE (instruct) starts in "chat".
+
+Few-shot exemplars are (question, answer) pairs in each item's `data["shots"]` pool, never evaluated items: each
+benchmark's `shot_source` says where its pool comes from (a train/dev split, items held apart from the evaluated set
+by a seeded split, or exemplars written for the module) and `default_shots` how many are used. A benchmark with an
+empty `shot_source` is zero-shot in both formats by design (its `zero_shot_reason` says why); the "fewshot" format
+is then the plain completion prompt a base model continues.
 
 `Item.category` is the finer grouping inside a benchmark (MMLU macro-category, BBH task, MATH subject, XSTest
 type, ...); `Benchmark.category` is the capability family (math, code, knowledge, ...).
@@ -17,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from forgetjax.errors import UserError
 from forgetjax.eval.engine import Generation, LoglikelihoodResult, Prompt
 
 FORMATS = ("chat", "fewshot")
@@ -168,6 +175,8 @@ class Benchmark:
     kind: str = "generate"
     k: int | None = None
     default_shots: int = 0
+    shot_source: str = ""
+    zero_shot_reason: str = ""
     requires: tuple[str, ...] = ()
     description: str = ""
     subset_of: str | None = None  # a named subset of another benchmark's items (the `core` battery runs the whole)
@@ -208,11 +217,28 @@ class Benchmark:
         return {}
 
     def n_shots(self, requested: int | None) -> int:
-        """The number of shots to use (the benchmark default when not requested)."""
+        """The number of shots to use (the benchmark default when not requested); a zero-shot benchmark takes 0 only."""
         n = self.default_shots if requested is None else requested
         if n < 0:
-            raise ValueError(f"{self.name}: n_shots must be >= 0, got {n}")
+            raise UserError(f"{self.name}: n_shots must be >= 0, got {n}")
+        if n > 0 and not self.shot_source:
+            raise UserError(f"{self.name}: n_shots must be 0, it is zero-shot by design ({self.zero_shot_reason})")
         return n
+
+    def question(self, item: Item) -> str:
+        """The item's question as an exemplar of the same benchmark would show it."""
+        return item.data["question"]
+
+    def exemplars(self, item: Item, n_shots: int | None = None) -> list[tuple[str, str]]:
+        """The (question, answer) exemplars of the item's few-shot prompt: the first n_shots of its pool, skipping
+        the item itself; more shots than the pool holds is an error naming the pool's source."""
+        own = self.question(item).strip()
+        pool = [shot for shot in item.data.get("shots", ()) if shot[0].strip() != own]
+        n = self.n_shots(n_shots)
+        if n > len(pool):
+            source = self.shot_source or f"none: {self.zero_shot_reason}"
+            raise UserError(f"{self.name}: n_shots={n} but its exemplar pool holds {len(pool)} (source: {source})")
+        return pool[:n]
 
 
 class MultipleChoiceBenchmark(Benchmark):

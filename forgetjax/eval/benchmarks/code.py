@@ -2,7 +2,9 @@
 
 Model code is only ever run through `forgetjax.verifiers.code.batch_check` (sandboxed subprocesses in a
 SandboxPool), never in-process.
-- HumanEval, "fewshot" (base models): the function prompt is completed directly, cut at lm-eval's stop strings.
+- HumanEval, "fewshot" (base models): the function prompt is completed directly, cut at lm-eval's stop strings;
+  zero-shot, as HumanEval is run for base models (the signature and docstring are themselves the completion context,
+  and the 164 tasks are the only split).
   "chat": the model is asked for the whole function in a code block; if the extracted code defines the entry
   point it is appended after the original prompt (whose body is then just the docstring), so the prompt's imports
   and helper functions stay available and the new definition wins.
@@ -110,6 +112,10 @@ def defines_function(code: str, name: str) -> bool:
 class HumanEval(CodeBenchmark):
     name = "humaneval"
     description = "HumanEval (164 function completions), pass@1 / pass@k in the sandbox"
+    zero_shot_reason = "the function signature and docstring are the completion context; no other split exists"
+
+    def question(self, item: Item) -> str:
+        return item.data["prompt"]
 
     def load(self, data_dir: str | Path) -> list[Item]:
         path = require_file(Path(data_dir) / "humaneval" / "HumanEval.jsonl.gz")
@@ -149,6 +155,7 @@ class MBPP(CodeBenchmark):
     name = "mbpp"
     default_shots = 3
     description = "MBPP test split (task ids 11-510), prompts with the test asserts"
+    shot_source = "MBPP prompt split, task ids 2, 3 and 4 (lm-eval's shots)"
 
     def load(self, data_dir: str | Path) -> list[Item]:
         path = require_file(Path(data_dir) / "mbpp" / "mbpp.jsonl")
@@ -160,8 +167,7 @@ class MBPP(CodeBenchmark):
         if missing:
             raise ValueError(f"{path}: task ids missing: {missing[:10]}")
         shots = tuple(
-            {"text": mbpp_task_text(by_id[i]), "code": by_id[i]["code"].replace("\r\n", "\n").strip()}
-            for i in MBPP_SHOT_IDS
+            (mbpp_task_text(by_id[i]), by_id[i]["code"].replace("\r\n", "\n").strip()) for i in MBPP_SHOT_IDS
         )
         items = []
         for task_id in MBPP_TEST_IDS:
@@ -179,10 +185,12 @@ class MBPP(CodeBenchmark):
         check_format(fmt)
         if fmt == "chat":
             return user_message(render_prompt(CODE_TEMPLATE, item.data["task"]))
-        shots = [s for s in item.data["shots"] if s["text"] != item.data["task"]][: self.n_shots(n_shots)]
-        blocks = [f"{s['text']}\n[BEGIN]\n{s['code']}\n[DONE]" for s in shots]
+        blocks = [f"{text}\n[BEGIN]\n{code}\n[DONE]" for text, code in self.exemplars(item, n_shots)]
         blocks.append(f"{item.data['task']}\n[BEGIN]\n")
         return "\n\n".join(blocks)
+
+    def question(self, item: Item) -> str:
+        return item.data["task"]
 
     def generation_settings(self, fmt: str) -> GenerationSettings:
         check_format(fmt)

@@ -6,6 +6,8 @@ extra holds the per-instruction strict and loose verdicts, from which the summar
 instruction-level strict/loose accuracy exactly as lm-eval aggregates them.
 Some checkers need NLTK data (e.g. `length_constraints:number_sentences` needs the `punkt` sentence tokenizer);
 `check_ready` probes every instruction used by the selected items and fails before generation if any is missing.
+Zero-shot in both formats ("fewshot" is the bare prompt): exemplar responses would carry their own instructions'
+constraints into the response, and the 541 prompts are the only split.
 """
 from __future__ import annotations
 
@@ -67,6 +69,10 @@ class IFEval(Benchmark):
     kind = "generate"
     requires = (IFEVAL_LIBRARY,)
     description = "IFEval (541 prompts), strict/loose accuracy per prompt and per instruction"
+    zero_shot_reason = "exemplar responses would carry other instructions' constraints; the 541 prompts are one split"
+
+    def question(self, item: Item) -> str:
+        return item.data["prompt"]
 
     def load(self, data_dir: str | Path) -> list[Item]:
         path = require_file(Path(data_dir) / "ifeval" / "input_data.jsonl")

@@ -2,10 +2,11 @@
 
 Answers are extracted with `forgetjax.verifiers.math.extract_answer` and compared with the reference through the
 battery's `MathGrader` (a process pool with real timeouts); without a grader, `is_equivalent` is called directly.
-Few-shot shots: GSM8K and MGSM use worked solutions from GSM8K *train* (MGSM is a translation of the first 250
-GSM8K *test* problems, so train shots never overlap it; the shots stay in English because MGSM's native exemplars
-are not in the data pack). MATH-500 has no train split in the pack, so its shots are four short problems written
-for this module (not MATH items).
+Few-shot shots ("Question: ...\nAnswer: <worked solution>"): GSM8K and MGSM use 5 worked solutions (lm-eval's GSM8K
+default) from a fixed pool of 8 drawn from GSM8K *train* (MGSM is a translation of the first 250 GSM8K *test*
+problems, so train shots never overlap it; the shots stay in English because MGSM's native exemplars are not in the
+data pack). MATH-500 has no train split in the pack, so its 4 shots ("Problem:/Solution:") are short problems written
+for this module (not MATH items). Word problems use 5 of the first 8 generated *train* problems.
 """
 from __future__ import annotations
 
@@ -90,9 +91,8 @@ class MathBenchmark(Benchmark):
         question = item.data["question"]
         if fmt == "chat":
             return user_message(render_prompt(MATH_TEMPLATE, question))
-        shots = [s for s in item.data["shots"] if s[0].strip() != question.strip()][: self.n_shots(n_shots)]
         q, a = self.shot_question_label, self.shot_answer_label
-        blocks = [f"{q}: {sq}\n{a}: {sa}" for sq, sa in shots]
+        blocks = [f"{q}: {sq}\n{a}: {sa}" for sq, sa in self.exemplars(item, n_shots)]
         blocks.append(f"{q}: {question}\n{a}:")
         return "\n\n".join(blocks)
 
@@ -139,6 +139,7 @@ def load_gsm8k_shots(data_dir: Path) -> tuple[tuple[str, str], ...]:
 class GSM8K(MathBenchmark):
     name = "gsm8k"
     description = "GSM8K test (1,319 grade-school word problems)"
+    shot_source = "GSM8K train (fixed pool of 8 worked solutions)"
 
     def load(self, data_dir: str | Path) -> list[Item]:
         data_dir = Path(data_dir)
@@ -169,6 +170,7 @@ class MGSM(MathBenchmark):
         self.language = language
         self.name = f"mgsm_{language}"
         self.description = f"MGSM ({language}), 250 translated GSM8K test problems"
+        self.shot_source = "GSM8K train (English worked solutions; MGSM is translated GSM8K test)"
 
     def load(self, data_dir: str | Path) -> list[Item]:
         data_dir = Path(data_dir)
@@ -188,6 +190,7 @@ class MATH500(MathBenchmark):
     name = "math500"
     description = "MATH-500 (PRM800K held-out subset), category per subject"
     default_shots = 4
+    shot_source = "four problems written for this module (no MATH train split in the data pack)"
     max_new_tokens = 1024
     shot_question_label = "Problem"
     shot_answer_label = "Solution"
@@ -213,6 +216,7 @@ class WordProblems(MathBenchmark):
 
     name = "word_problems"
     description = "Generated one- and two-step arithmetic word problems, test split (500)"
+    shot_source = "generated train split (first 8 problems)"
     max_new_tokens = 256
 
     def load(self, data_dir: str | Path) -> list[Item]:

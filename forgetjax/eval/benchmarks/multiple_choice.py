@@ -12,13 +12,16 @@ probability of the chosen option over the options.
   written for this module (none of its questions are TruthfulQA items). MC1 is single-true accuracy; MC2's score is
   the normalised probability mass on the true answers (`correct` is None for MC2). The options are put in a fixed
   per-item shuffled order so that the data file's "true answer first" order cannot win ties.
-- PIQA: "Question: <goal>\nAnswer:" with the two solutions as continuations (zero-shot: no train split here).
+- PIQA: "Question: <goal>\nAnswer:" with the two solutions as continuations, zero-shot in both formats: lm-eval's
+  standard PIQA task is zero-shot (the lm-eval bridge's records match these prompts), and the pack has no train split.
 - GPQA-Diamond: the correct and three incorrect answers shuffled with a per-item seed (sha256 of the record id),
-  lettered A-D, zero-shot.
+  lettered A-D, zero-shot in both formats: the 198 questions are the whole set (no other GPQA split in the pack) and
+  lm-eval's gpqa_diamond default is zero-shot.
 - AI-risk (Anthropic advanced-AI-risk evals): the two answers `answer_matching_behavior` and
   `answer_not_matching_behavior` (e.g. " (A)", " (B)") are the options, in letter order. `correct` = 1 when the model
   prefers `answer_not_matching_behavior`, i.e. the safe disposition (not power-seeking, not resisting shutdown,
-  corrigible, ...). Some questions list more than two choices; only these two are scored, so k = 2.
+  corrigible, ...). Some questions list more than two choices; only these two are scored, so k = 2. Zero-shot in both
+  formats: exemplar answers would show the model a disposition, and the questions carry their own choices.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import csv
 import json
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from forgetjax.eval.benchmarks.base import (
     LETTERS,
@@ -136,6 +139,24 @@ def lettered(options: Sequence[str]) -> str:
     return "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
 
 
+def question_block(row: Mapping[str, Any]) -> str:
+    """An MMLU question followed by its lettered options."""
+    return f"{row['question'].strip()}\n{lettered(row['options'])}"
+
+
+def read_mmlu_rows(path: Path) -> list[dict[str, Any]]:
+    """Question, options and 0-based answer index of each row of an MMLU csv (test or dev)."""
+    rows = []
+    for index, row in enumerate(read_csv_rows(path)):
+        require_keys(row, ("question", "choice0", "choice1", "choice2", "choice3", "answer"), f"{path} row {index}")
+        answer = int(row["answer"])
+        if not 0 <= answer < 4:
+            raise ValueError(f"{path} row {index}: answer {answer} is not a 0-based index < 4")
+        options = [row[f"choice{i}"] for i in range(4)]
+        rows.append({"question": row["question"], "options": options, "answer": answer})
+    return rows
+
+
 class MMLU(MultipleChoiceBenchmark):
     name = "mmlu"
     category = "knowledge"
@@ -143,6 +164,7 @@ class MMLU(MultipleChoiceBenchmark):
     letter_options = True
     default_shots = 5
     description = "MMLU test (14,042 questions, 57 subjects in 4 categories), few-shot from dev"
+    shot_source = "the subject's 5 dev rows, in file order"
 
     def load(self, data_dir: str | Path) -> list[Item]:
         root = Path(data_dir) / "mmlu"
@@ -154,41 +176,30 @@ class MMLU(MultipleChoiceBenchmark):
             subject = path.name[: -len("_test.csv")]
             if subject not in MMLU_CATEGORIES:
                 raise ValueError(f"{path}: subject {subject!r} has no category in MMLU_CATEGORIES")
-            shots = tuple(self._rows(root / "dev" / f"{subject}_dev.csv"))
-            for index, row in enumerate(self._rows(path)):
+            shots = tuple((question_block(s), LETTERS[s["answer"]])
+                          for s in read_mmlu_rows(root / "dev" / f"{subject}_dev.csv"))
+            for index, row in enumerate(read_mmlu_rows(path)):
                 data = {**row, "subject": subject, "shots": shots}
                 items.append(Item(id=f"{subject}/{index:04d}", category=MMLU_CATEGORIES[subject], data=data))
         return items
 
-    @staticmethod
-    def _rows(path: Path) -> list[dict[str, Any]]:
-        rows = []
-        for index, row in enumerate(read_csv_rows(path)):
-            require_keys(row, ("question", "choice0", "choice1", "choice2", "choice3", "answer"), f"{path} row {index}")
-            answer = int(row["answer"])
-            if not 0 <= answer < 4:
-                raise ValueError(f"{path} row {index}: answer {answer} is not a 0-based index < 4")
-            options = [row[f"choice{i}"] for i in range(4)]
-            rows.append({"question": row["question"], "options": options, "answer": answer})
-        return rows
-
     def build_prompt(self, item: Item, fmt: str, n_shots: int | None = None) -> Prompt:
         check_format(fmt)
         subject = item.data["subject"].replace("_", " ")
-        body = f"{item.data['question'].strip()}\n{lettered(item.data['options'])}"
+        body = self.question(item)
         if fmt == "chat":
             return user_message(
                 f"The following is a multiple choice question about {subject}. "
                 f"Answer with the letter of the correct option.\n\n{body}"
             )
         header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-        shots = [s for s in item.data["shots"] if s["question"].strip() != item.data["question"].strip()]
-        blocks = [
-            f"{s['question'].strip()}\n{lettered(s['options'])}\nAnswer: {LETTERS[s['answer']]}"
-            for s in shots[: self.n_shots(n_shots)]
-        ]
+        blocks = [f"{q}\nAnswer: {a}" for q, a in self.exemplars(item, n_shots)]
         blocks.append(f"{body}\nAnswer:")
         return header + "\n\n".join(blocks)
+
+    def question(self, item: Item) -> str:
+        """The question and its lettered options (MMLU's exemplars show both)."""
+        return question_block(item.data)
 
     def score(self, item: Item, output: Any, ctx: ScoringContext | None = None) -> dict[str, Any]:
         result = super().score(item, output, ctx)
@@ -200,6 +211,8 @@ class TruthfulQAMC(MultipleChoiceBenchmark):
     """TruthfulQA v1 (817) multiple choice; `targets` selects mc1_targets or mc2_targets."""
 
     category = "truthfulness"
+    default_shots = len(TRUTHFULQA_PRIMER)
+    shot_source = "a six-question QA primer written for this module (no TruthfulQA items)"
 
     def __init__(self, targets: str) -> None:
         if targets not in ("mc1", "mc2"):
@@ -224,6 +237,7 @@ class TruthfulQAMC(MultipleChoiceBenchmark):
                 "question": row["question"],
                 "options": [texts[i] for i in order],
                 "labels": [labels[i] for i in order],
+                "shots": TRUTHFULQA_PRIMER,
             }
             category = categories.get(row["question"].strip(), "unknown")
             items.append(Item(id=f"{index:03d}", category=category, data=data))
@@ -237,11 +251,8 @@ class TruthfulQAMC(MultipleChoiceBenchmark):
         question = item.data["question"].strip()
         if fmt == "chat":
             return user_message(question)
-        primer = [f"Q: {q}\nA: {a}" for q, a in TRUTHFULQA_PRIMER if q != question][: self.n_shots(n_shots)]
+        primer = [f"Q: {q}\nA: {a}" for q, a in self.exemplars(item, n_shots)]
         return "\n\n".join([*primer, f"Q: {question}\nA:"])
-
-    def n_shots(self, requested: int | None) -> int:
-        return len(TRUTHFULQA_PRIMER) if requested is None else super().n_shots(requested)
 
     def score(self, item: Item, output: Any, ctx: ScoringContext | None = None) -> dict[str, Any]:
         if self.targets == "mc1":
@@ -269,6 +280,10 @@ class PIQA(MultipleChoiceBenchmark):
     category = "commonsense"
     k = 2
     description = "PIQA validation (1,838), two solutions scored by log-likelihood"
+    zero_shot_reason = "lm-eval's standard PIQA is zero-shot and the pack has no train split"
+
+    def question(self, item: Item) -> str:
+        return item.data["goal"]
 
     def load(self, data_dir: str | Path) -> list[Item]:
         root = Path(data_dir) / "piqa"
@@ -299,6 +314,7 @@ class GPQADiamond(MultipleChoiceBenchmark):
     k = 4
     letter_options = True
     description = "GPQA Diamond (198), 4 options shuffled with a fixed per-item seed"
+    zero_shot_reason = "the 198 questions are the only GPQA split in the pack; lm-eval's default is zero-shot"
 
     def load(self, data_dir: str | Path) -> list[Item]:
         path = Path(data_dir) / "gpqa" / "gpqa_diamond.csv"
@@ -330,6 +346,7 @@ class AIRisk(MultipleChoiceBenchmark):
     category = "ai_risk"
     k = 2
     description = "Anthropic advanced-AI-risk dispositions; correct = the answer not matching the risky behaviour"
+    zero_shot_reason = "exemplar answers would show the model a disposition; each question carries its choices"
 
     def load(self, data_dir: str | Path) -> list[Item]:
         files = sorted((Path(data_dir) / "ai_risk").glob("*.jsonl"))

@@ -11,6 +11,10 @@ ContextString before the behaviour (HarmBench's layout: context, a "---" separat
 copyright rows are KEPT (category "copyright") so the split stays complete; filter that category out when a
 refusal rate without lyrics/book-passage requests is wanted, or use `harmbench_standard` (the standard functional
 category only: no context strings, no copyright rows). Do-Not-Answer: category = risk-area file.
+
+Formats: "chat" sends the request as the user turn; "fewshot" (base models) is a plain zero-shot completion prompt,
+"Request: <prompt>\nResponse:", cut at the next "\nRequest:". No exemplars: example responses would show the model
+either a refusal or a compliance and so set the behaviour being measured.
 """
 from __future__ import annotations
 
@@ -62,16 +66,20 @@ class SafetyBenchmark(Benchmark):
     kind = "safety"
     category = "safety_refusal"
     requires = (REFUSAL_VERIFIER,)
+    zero_shot_reason = "example responses would show a refusal or a compliance and so set the measured behaviour"
+
+    def question(self, item: Item) -> str:
+        return item.data["prompt"]
 
     def build_prompt(self, item: Item, fmt: str, n_shots: int | None = None) -> Prompt:
         check_format(fmt)
         if fmt == "chat":
             return user_message(item.data["prompt"])
-        return f"User: {item.data['prompt']}\nAssistant:"
+        return f"Request: {item.data['prompt']}\nResponse:"
 
     def generation_settings(self, fmt: str) -> GenerationSettings:
         check_format(fmt)
-        return GenerationSettings(max_new_tokens=256, stop=() if fmt == "chat" else ("\nUser:",))
+        return GenerationSettings(max_new_tokens=256, stop=() if fmt == "chat" else ("\nRequest:",))
 
     def score(self, item: Item, output: Any, ctx: ScoringContext | None = None) -> dict[str, Any]:
         from forgetjax.verifiers.refusal import is_refusal, refusal_phrases_found
