@@ -376,7 +376,7 @@ def test_family_and_overall_rows_pool_off_target_items(synthetic, analysis):
         row = row_for(analysis["forgetting"], cell_id=cell_id, level=level)
         assert row["n"] == 16 and row["forgetting"] == pytest.approx(nq["F"]) and row["in_domain"] is True
     target = row_for(analysis["target"], cell_id=cell_id)
-    assert target["target_benchmarks"] == "nq_open"
+    assert target["target_benchmarks"] == "nq_open,triviaqa"
     assert (target["acc_pre"], target["acc_post"]) == (pytest.approx(nq["acc_pre"]), pytest.approx(nq["acc_post"]))
     assert target["gain"] == pytest.approx(nq["delta"])
     assert target["gain_ci_low"] <= nq["delta"] <= target["gain_ci_high"]

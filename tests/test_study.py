@@ -449,7 +449,7 @@ def test_the_analysis_refuses_cells_evaluated_differently(tmp_path):
     assert [c.cell_id for c in results.discover_cells(tmp_path)[0]] == ["a-base-baseline", "a-baseline", "b-dpo"]
     changed = {**evaluation, "battery": {"name": "ids", "benchmarks": [{"name": "mmlu", "limit": 4}]}}
     results.write_cell_data(tmp_path, {**cell, "cell_id": "c-sft", "method": "gt_sft", "evaluation": changed})
-    with pytest.raises(UserError, match=r"'a-baseline' and 'c-sft' .* differs at battery.benchmarks\)"):
+    with pytest.raises(UserError, match=r"'a-base-baseline' and 'c-sft' .* differs at battery.benchmarks\)"):
         results.discover_cells(tmp_path)
 
 
