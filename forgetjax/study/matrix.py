@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from forgetjax.config import ConfigError, config_hash, deep_merge, from_dict, to_dict
 from forgetjax.methods.catalog import method_entry
-from forgetjax.results import BASELINE_METHOD, stage_model_dir
+from forgetjax.results import BASELINE_METHOD, stage_dir, stage_model_dir
 from forgetjax.study.schema import StudyConfig, model_entry, study_domains
 
 
@@ -28,6 +29,7 @@ class StudyCell:
     run: dict[str, Any] | None
     matched: dict[str, Any]
     target_benchmarks: tuple[str, ...] = ()
+    teacher_stage: str | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -89,6 +91,36 @@ def resolved_run(run: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+def teacher_stage(run: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(stage id, key) of the teacher stage whose generations the run trains on; None when its method has no
+    teacher, its teacher is the student itself ("self"), or the run does not validate (it fails when run)."""
+    from forgetjax.methods.distill import (
+        SELF_TEACHER,
+        TEACHER_STAGE_ARGS,
+        resolved_teacher_dtype,
+        teacher_stage_id,
+        teacher_stage_key,
+    )
+
+    if method_entry(run["method"]).teacher is None:
+        return None
+    resolved = resolved_run(run)
+    args = resolved["method_args"]
+    if resolved is run or args.get("teacher") == SELF_TEACHER or not set(TEACHER_STAGE_ARGS) <= set(args):
+        return None
+    key = teacher_stage_key(args, resolved["domain"], resolved_teacher_dtype(args["teacher_dtype"],
+                                                                             resolved["train"]["dtype"]))
+    return teacher_stage_id(key), key
+
+
+def teacher_stage_dir(cfg: StudyConfig, stage_id: str) -> Path:
+    """Where a teacher stage is built: `teacher_stages_dir/<id>` when the study sets one (studies sharing it
+    generate each stage once between them), else RESULTS_DIR/stages/<id>."""
+    if cfg.teacher_stages_dir:
+        return Path(cfg.teacher_stages_dir) / stage_id
+    return stage_dir(cfg.results_dir, stage_id)
+
+
 def evaluation_settings(cfg: StudyConfig) -> dict[str, Any]:
     """The resolved evaluation of every cell: the battery's contents, the item limit and the prompt format."""
     from forgetjax.eval.battery import resolve_battery
@@ -123,11 +155,15 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                         train.update({"model": start, "seed": seed, "budget": to_dict(cfg.budget)})
                         run = {"train": train, "method": method,
                                "method_args": _method_args(cfg, method, scale), "domain": domain_cfg}
+                        stage = teacher_stage(run)
+                        if stage:
+                            run["method_args"]["teacher_data"] = str(teacher_stage_dir(cfg, stage[0]))
                         matched = {**matched_base, "budget": to_dict(cfg.budget), "domain": domain_cfg}
                         digest = config_hash({"run": resolved_run(run), "matched": matched, "evaluation": evaluation,
                                               "representation": representation,
                                               "targets": domains[domain].target_benchmarks})[:10]
                         cell_id = f"{point}-{scale}-{method}-{domain}-s{seed}-{digest}"
                         cells.append(StudyCell(cell_id, point, scale, method, domain, seed, start, run, matched,
-                                               tuple(domains[domain].target_benchmarks)))
+                                               tuple(domains[domain].target_benchmarks),
+                                               stage[0] if stage else None))
     return cells
