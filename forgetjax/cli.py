@@ -416,20 +416,23 @@ def _print_teacher_stages(cfg, topology, prompt_len: int) -> None:
     """One line per teacher stage of the study (not per cell): memory per device, generation FLOPs and time."""
     from forgetjax.models.config import config_from_hf, load_config
     from forgetjax.study.plan import DTYPE_BYTES, format_bytes, stage_prompts, teacher_stage_plan, teacher_stages
-    from forgetjax.study.schema import teacher_entries
+    from forgetjax.study.schema import all_models, teacher_entries
 
     stages = teacher_stages(cfg)
     if not stages:
         return
-    entries = teacher_entries(cfg)
+    architectures = {source: entry.hf_config for entry in all_models(cfg) if entry.hf_config
+                     for source in (entry.base, entry.safe) if source}  # a teacher may be one of the students
+    architectures.update({source: entry.hf_config for source, entry in teacher_entries(cfg).items()
+                          if entry.hf_config})
     print(f"teacher stages: {len(stages)} (each generated once on all {topology.devices} devices, shared by its "
           f"cells; prompts of {prompt_len} tokens)")
     print(f"{'stage':>52} {'cells':>5} {'prompts':>7} {'weights':>12} {'kv cache':>12} {'logits':>12} "
           f"{'total':>12} {'PFLOP':>9} {'hours>=':>7}")
     for stage_id, (key, cells) in stages.items():
         teacher, domain = key["teacher"], key["domain"]
-        if teacher in entries and entries[teacher].hf_config:
-            model_cfg = config_from_hf(entries[teacher].hf_config, where=f"teacher_files[{teacher}].hf_config")
+        if teacher in architectures:
+            model_cfg = config_from_hf(architectures[teacher], where=f"hf_config of {teacher}")
         elif Path(teacher, "config.json").is_file():
             model_cfg = load_config(teacher)
         else:
