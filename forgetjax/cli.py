@@ -378,6 +378,7 @@ def cmd_plan(args) -> int:
     topology = parse_topology(args.topology)
     _check_at_least("--rollout-batch", args.rollout_batch, 0)
     _check_at_least("--rollout-len", args.rollout_len, 1)
+    _check_at_least("--teacher-prompt-len", args.teacher_prompt_len, 1)
     _check_input_file("CONFIG", args.config)
     cfg = load_study_config(args.config, args.overrides)
     settings = {scale: train_memory_settings(from_dict(TrainConfig, train_settings(cfg, scale),
@@ -404,7 +405,51 @@ def cmd_plan(args) -> int:
         print(f"{entry.scale:>8} {model_cfg.num_params() / 1e9:7.2f}B {str((est.data, est.fsdp, est.tensor)):>24} "
               + " ".join(format_bytes(v) for v in (est.params, est.gradients, est.optimizer, est.activations,
                                                    est.logits, est.reference, est.kv_cache, est.total)) + fits)
+    _print_teacher_stages(cfg, topology, args.teacher_prompt_len)
     return 0
+
+
+def _print_teacher_stages(cfg, topology, prompt_len: int) -> None:
+    """One line per teacher stage of the study (not per cell): memory per device, generation FLOPs and time."""
+    from forgetjax.models.config import config_from_hf, load_config
+    from forgetjax.study.plan import DTYPE_BYTES, format_bytes, stage_prompts, teacher_stage_plan, teacher_stages
+    from forgetjax.study.schema import all_models, teacher_entries
+
+    stages = teacher_stages(cfg)
+    if not stages:
+        return
+    architectures = {source: entry.hf_config for entry in all_models(cfg) if entry.hf_config
+                     for source in (entry.base, entry.safe) if source}  # a teacher may be one of the students
+    architectures.update({source: entry.hf_config for source, entry in teacher_entries(cfg).items()
+                          if entry.hf_config})
+    print(f"teacher stages: {len(stages)} (each generated once on all {topology.devices} devices, shared by its "
+          f"cells; prompts of {prompt_len} tokens)")
+    print(f"{'stage':>52} {'cells':>5} {'prompts':>7} {'weights':>12} {'kv cache':>12} {'logits':>12} "
+          f"{'total':>12} {'PFLOP':>9} {'hours>=':>7}")
+    for stage_id, (key, cells) in stages.items():
+        teacher, domain = key["teacher"], key["domain"]
+        if teacher in architectures:
+            model_cfg = config_from_hf(architectures[teacher], where=f"hf_config of {teacher}")
+        elif Path(teacher, "config.json").is_file():
+            model_cfg = load_config(teacher)
+        else:
+            print(f"{stage_id:>52} {cells:>5}  {teacher}: architecture unknown (list a teacher config with its "
+                  "hf_config in teacher_files)")
+            continue
+        prompts = stage_prompts(domain)
+        if prompts is None:
+            print(f"{stage_id:>52} {cells:>5}  {domain['name']}: problem count unknown (no data directory here and "
+                  "no domain limit)")
+            continue
+        plan = teacher_stage_plan(model_cfg, topology, prompts=prompts, samples=key["n_samples"],
+                                  prompts_per_chunk=key["prompts_per_chunk"], prompt_len=prompt_len,
+                                  new_tokens=key["max_new_tokens"], compute_bytes=DTYPE_BYTES[key["dtype"]])
+        fits = "" if plan.total <= 0.85 * topology.hbm_bytes else "  DOES NOT FIT"
+        if cfg.budget.kind == "flops" and plan.flops >= cfg.budget.value:
+            fits += "  OVER THE FLOPS BUDGET (each cell is charged the stage's generation FLOPs)"
+        print(f"{stage_id:>52} {cells:>5} {prompts:>7} "
+              + " ".join(format_bytes(v) for v in (plan.weights, plan.kv_cache, plan.logits, plan.total))
+              + f" {plan.flops / 1e15:9.1f} {plan.seconds / 3600:7.2f}" + fits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -513,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", required=True, help="v5p-64, v5e-16, v4-32, gpu:8, gpu:8:a100-40, cpu:8")
     p.add_argument("--rollout-batch", type=int, default=256, help="rows sampled at once by online methods")
     p.add_argument("--rollout-len", type=int, default=1024, help="prompt + generation length of rollouts")
+    p.add_argument("--teacher-prompt-len", type=int, default=256,
+                   help="prompt length of teacher-stage generation (default %(default)s)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("quickstart", help="the main job on the embedded default model",

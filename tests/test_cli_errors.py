@@ -251,6 +251,8 @@ CASES = [
     C("plan-unknown-device-kind", "plan {fx}/study.yaml --topology gpu:8:x9000", "--topology", "x9000"),
     C("plan-zero-devices", "plan {fx}/study.yaml --topology gpu:0", "--topology", "gpu:0"),
     C("plan-zero-rollout-len", "plan {fx}/study.yaml --topology v5e-8 --rollout-len 0", "--rollout-len"),
+    C("plan-zero-teacher-prompt-len", "plan {fx}/study.yaml --topology v5e-8 --teacher-prompt-len 0",
+      "--teacher-prompt-len"),
     # the command itself
     C("unknown-command", "trian {fx}/run.yaml", "trian", "invalid choice"),
 ]

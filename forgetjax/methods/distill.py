@@ -8,6 +8,13 @@ with the STUDENT's tokenizer and chat template and trained on with cross-entropy
 another vocabulary usable. Counts (samples, correct, kept, keep rate, prompt coverage, FLOPs) are recorded in
 `<out_dir>/data/<method>/stats.json`; generation is cached per chunk and reused on resume.
 
+Teacher stage: the teacher's sampled and verified completions depend only on the teacher, its dtype, the domain's
+problems, the prompts and the sampling and verifier settings (`teacher_stage_key`), not on the student or the
+seed. A study therefore generates them once per key in a shared stage directory (`build_teacher_stage`, run by the
+study runner through `forgetjax.distributed.run_once`) and passes it as `teacher_data`; a cell with `teacher_data`
+reads the stage's rows instead of loading the teacher, and still selects, re-tokenises and charges the stage's
+generation FLOPs to its own budget (the cost of the method, as if it had generated them itself).
+
 `sf_sft` requires the teacher's tokenizer to equal the student's (same family) and may add a token-level KD term
 with weight `kd_weight`. Materialising teacher logits [B, T, V] for every example is avoided: once, after sampling,
 the teacher runs over each kept sequence (student tokenisation = teacher tokenisation) and its top-`kd_top_k`
@@ -27,14 +34,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
+from forgetjax.config import config_hash
 from forgetjax.data.tokenize import ExampleEncoder
+from forgetjax.distributed import is_writer
 from forgetjax.envs import load_training_problems
+from forgetjax.errors import UserError
+from forgetjax.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from forgetjax.losses.distill import generalized_jsd
 from forgetjax.losses.token import LossOutput, check_rank, masked_sum_count, nll_loss
 from forgetjax.methods.registry import register
@@ -54,11 +69,17 @@ from forgetjax.methods.teacher_data import (
     log,
     sample_and_verify,
     sampled_lengths,
+    settings_difference,
     teacher_topk,
 )
 from forgetjax.models.vocab import logit_stats, token_stats
 
 SELF_TEACHER = "self"
+TEACHER_STAGE_VERSION = 1  # bump when the generation code changes what a teacher stage holds
+TEACHER_STAGE_ARGS = ("teacher", "system", "n_samples", "temperature", "top_p", "top_k", "max_new_tokens",
+                      "prompts_per_chunk", "generation_seed", "math_timeout_s", "code_timeout_s")
+TEACHER_ROWS_FILE = "rows.jsonl"
+TEACHER_STAGE_FILE = "stage.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,6 +164,84 @@ def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
     return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
 
 
+def vocabulary_digest(tokenizer) -> str:
+    """sha256 of a tokenizer's token -> id map: equal digests mean aligned logits (`same_vocabulary`)."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher stage: generations shared by every cell with the same teacher, domain and sampling settings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolved_teacher_dtype(teacher_dtype: str, compute_dtype: str) -> str:
+    """The dtype the teacher runs in: `teacher_dtype`, or the student's compute dtype for "auto"."""
+    return compute_dtype if teacher_dtype == "auto" else teacher_dtype
+
+
+def teacher_stage_key(method_args: Mapping[str, Any], domain: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+    """Everything a teacher stage's generations depend on: the teacher and its dtype, the domain's problem source
+    (as configured), the prompts' system message, the sampling and verifier settings and the stage format version.
+    `method_args` are a distillation method's resolved arguments; `domain` a DomainConfig as a dict."""
+    return {"version": TEACHER_STAGE_VERSION, "dtype": dtype, "domain": dict(domain),
+            **{name: method_args[name] for name in TEACHER_STAGE_ARGS}}
+
+
+def teacher_stage_id(key: Mapping[str, Any]) -> str:
+    """The stage's directory name: teacher name, domain and a hash of the whole key."""
+    name = "".join(c if c.isalnum() or c in ".-" else "-" for c in Path(str(key["teacher"])).name.lower())
+    return f"teacher-{name}-{key['domain']['name']}-{config_hash(dict(key))[:10]}"
+
+
+def teacher_rows(model, tokenizer, problems, args: DistillArgs, domain: str, cache: DataCache, mesh
+                 ) -> list[dict[str, Any]]:
+    """The teacher's sampled and verified completions of `problems`, prompted with its own chat template (chunks
+    cached in `cache`)."""
+    with args.make_verifier(domain) as verifier:
+        prompts = [generation_prompt(tokenizer, p.prompt, args.system) for p in problems]
+        return sample_and_verify(model, tokenizer, prompts, [p.reference for p in problems], verifier,
+                                 args.generation_settings(), cache, mesh=mesh)
+
+
+def build_teacher_stage(directory: str | Path, args: DistillArgs, domain, dtype: str) -> dict[str, Any]:
+    """Sample and verify the teacher's completions of the domain's problems into `directory` (chunks written as they
+    finish, so a killed build resumes), then `rows.jsonl` and `stage.json` (key, vocabulary digest, counts and
+    generation FLOPs). The teacher is loaded in `dtype`, its weights sharded over every device (fsdp)."""
+    import forgetjax
+    from forgetjax.sharding import make_mesh
+
+    directory = Path(directory)
+    key = teacher_stage_key(dataclasses.asdict(args), dataclasses.asdict(domain), dtype)
+    cache = DataCache(directory.parent, directory.name, key)
+    mesh = make_mesh(data=1, fsdp=-1, tensor=1) if jax.device_count() > 1 else None
+    log(f"teacher stage {directory.name}: loading {args.teacher} ({dtype}, sharded over {jax.device_count()} "
+        "devices)")
+    model, tokenizer = forgetjax.load(args.teacher, dtype=jnp.dtype(dtype), mesh=mesh)
+    problems = load_training_problems(domain)
+    rows = teacher_rows(model, tokenizer, problems, args, domain.name, cache, mesh)
+    stage = {"key": key, "vocabulary": vocabulary_digest(tokenizer), "prompts": len(problems), "samples": len(rows),
+             "generation_flops": model.config.forward_flops(sampled_lengths(rows))}
+    if is_writer():
+        write_jsonl_atomic(directory / TEACHER_ROWS_FILE, rows)
+        write_json_atomic(directory / TEACHER_STAGE_FILE, stage)
+    return stage
+
+
+def read_teacher_stage(directory: str | Path, key: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rows, stage.json) of a completed teacher stage, checked to be the stage `key` describes."""
+    directory = Path(directory)
+    stage_file = directory / TEACHER_STAGE_FILE
+    if not stage_file.is_file():
+        raise UserError(f"method_args.teacher_data: {directory} is not a completed teacher stage (no "
+                        f"{TEACHER_STAGE_FILE}); the study runner builds it before the cell")
+    stage = json.loads(stage_file.read_text())
+    if stage.get("key") != json.loads(json.dumps(dict(key))):
+        changed = ", ".join(settings_difference(stage.get("key") or {}, json.loads(json.dumps(dict(key)))))
+        raise UserError(f"method_args.teacher_data: {directory} was generated with other settings (changed: "
+                        f"{changed}) than this cell's")
+    return read_jsonl(directory / TEACHER_ROWS_FILE), stage
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The method
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,6 +251,7 @@ def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
 class DistillArgs(GenerationArgs, SFTDataArgs):
     teacher: str = "smollm2-135m-instruct"  # any forgetjax.load source, or "self" (the student's start model)
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: the student's compute dtype
+    teacher_data: str | None = None  # a teacher stage directory (set by the study runner); None: generate here
     n_samples: int = 4
     temperature: float = 0.8
     max_new_tokens: int = 320
@@ -208,8 +308,8 @@ class TeacherDistillSFT(SFTMethod):
         log(f"{self.name}: loading teacher {args.teacher} ({jnp.dtype(dtype).name}, sharded on the trainer's mesh)")
         return forgetjax.load(args.teacher, dtype=dtype, mesh=trainer.mesh)
 
-    def _check_family(self, teacher_tokenizer, student_tokenizer) -> bool:
-        same = same_vocabulary(teacher_tokenizer, student_tokenizer)
+    def _check_family(self, same: bool) -> bool:
+        """`same` (teacher and student share a vocabulary), checked against the method's family."""
         if self.same_family and not same:
             raise ValueError(f"{self.name}: teacher {self.args.teacher!r} has a different tokenizer than the "
                              "student; sf_sft is for same-family teachers, use cf_sft for a cross-family teacher")
@@ -221,27 +321,22 @@ class TeacherDistillSFT(SFTMethod):
                     "domain": domain_settings(self.domain), "system": args.system,
                     "generation": dataclasses.asdict(args.generation_settings()),
                     "require_finished": args.require_finished, "dedupe": args.dedupe,
-                    "max_kept_per_prompt": args.max_kept_per_prompt}
+                    "max_kept_per_prompt": args.max_kept_per_prompt, "teacher_data": args.teacher_data}
         cache = DataCache(self.data_dir(trainer), self.name, settings)
         teacher = functools.cache(lambda: self._load_teacher(trainer))
 
         def build():
             problems = load_training_problems(self.domain)
-            model, tokenizer = teacher()
-            same = self._check_family(tokenizer, trainer.tokenizer)
-            verifier = args.make_verifier(self.domain.name)
-            try:
-                prompts = [generation_prompt(tokenizer, p.prompt, args.system) for p in problems]
-                rows = sample_and_verify(model, tokenizer, prompts, [p.reference for p in problems], verifier,
-                                         args.generation_settings(), cache, mesh=trainer.mesh)
-            finally:
-                verifier.close()
+            if args.teacher_data:
+                rows, same, generation_flops = self._stage_rows(trainer)
+            else:
+                rows, same, generation_flops = self._generate_rows(trainer, teacher, problems, cache)
             kept = select_kept(rows, require_finished=args.require_finished, dedupe=args.dedupe,
                                max_per_prompt=args.max_kept_per_prompt)
             records = [sft_record(problems[r["prompt_index"]].prompt, r["text"], args.system,
                                   id=problems[r["prompt_index"]].id, sample=r["sample"]) for r in kept]
             stats = {"teacher": args.teacher, "same_tokenizer": same, **sample_stats(rows, kept, len(problems)),
-                     "generation_flops": model.config.forward_flops(sampled_lengths(rows))}
+                     "generation_flops": generation_flops, "teacher_data": args.teacher_data}
             return records, stats
 
         records, stats = cached_records(cache, build)
@@ -254,6 +349,23 @@ class TeacherDistillSFT(SFTMethod):
             prepared.extra_flops += kd_flops
         return prepared
 
+    def _generate_rows(self, trainer, teacher, problems, cache: DataCache) -> tuple[list[dict], bool, float]:
+        """(rows, same tokenizer, generation FLOPs): the teacher samples and verifies here, cached in `cache`."""
+        args: DistillArgs = self.args
+        model, tokenizer = teacher()
+        same = self._check_family(same_vocabulary(tokenizer, trainer.tokenizer))
+        rows = teacher_rows(model, tokenizer, problems, args, self.domain.name, cache, trainer.mesh)
+        return rows, same, model.config.forward_flops(sampled_lengths(rows))
+
+    def _stage_rows(self, trainer) -> tuple[list[dict], bool, float]:
+        """(rows, same tokenizer, generation FLOPs) from the teacher stage `teacher_data`, without the teacher."""
+        args: DistillArgs = self.args
+        dtype = resolved_teacher_dtype(args.teacher_dtype, trainer.cfg.dtype)
+        key = teacher_stage_key(dataclasses.asdict(args), dataclasses.asdict(self.domain), dtype)
+        rows, stage = read_teacher_stage(args.teacher_data, key)
+        same = self._check_family(stage["vocabulary"] == vocabulary_digest(trainer.tokenizer))
+        return rows, same, stage["generation_flops"]
+
     def _teacher_topk(self, trainer, cache: DataCache, records: list[dict], teacher) -> tuple[TeacherTopK, float]:
         """Teacher top-k distributions on the student-tokenised kept records (cached in `<stage>/topk/`)."""
         args: DistillArgs = self.args
@@ -265,7 +377,7 @@ class TeacherDistillSFT(SFTMethod):
         if stats is not None and path.is_file():
             return TeacherTopK.load(path), stats["kd_flops"]
         model, tokenizer = teacher()
-        self._check_family(tokenizer, trainer.tokenizer)
+        self._check_family(same_vocabulary(tokenizer, trainer.tokenizer))
         encoder = ExampleEncoder(trainer.tokenizer, max_length=trainer.cfg.max_length, chat=args.chat,
                                  truncation=args.truncation)
         examples = [e for e in encoder.encode_many(records) if e is not None]

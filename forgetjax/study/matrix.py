@@ -19,7 +19,7 @@ from typing import Any
 
 from forgetjax.config import ConfigError, build_section, config_hash, deep_merge, to_dict
 from forgetjax.methods.catalog import METHODS, method_code_digest, method_entry
-from forgetjax.results import BASELINE_METHOD, stage_model_dir
+from forgetjax.results import BASELINE_METHOD, stage_dir, stage_model_dir
 from forgetjax.study.schema import StudyConfig, model_entry, study_domains
 
 CELL_TRAIN_KEYS = ("model", "seed", "budget", "out_dir")
@@ -41,6 +41,7 @@ class StudyCell:
     target_benchmarks: tuple[str, ...] = ()
     resolved: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the id hashes
     eval_format: str = "chat"
+    teacher_stage: str | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -157,6 +158,36 @@ def check_study(cfg: StudyConfig) -> None:
     expand(cfg)
 
 
+def teacher_stage(run: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(stage id, key) of the teacher stage whose generations the run trains on; None when its method has no
+    teacher or its teacher is the student itself ("self")."""
+    from forgetjax.methods.distill import (
+        SELF_TEACHER,
+        TEACHER_STAGE_ARGS,
+        resolved_teacher_dtype,
+        teacher_stage_id,
+        teacher_stage_key,
+    )
+
+    if method_entry(run["method"]).teacher is None:
+        return None
+    resolved = resolved_run(run)
+    args = resolved["method_args"]
+    if args.get("teacher") == SELF_TEACHER or not set(TEACHER_STAGE_ARGS) <= set(args):
+        return None
+    key = teacher_stage_key(args, resolved["domain"], resolved_teacher_dtype(args["teacher_dtype"],
+                                                                             resolved["train"]["dtype"]))
+    return teacher_stage_id(key), key
+
+
+def teacher_stage_dir(cfg: StudyConfig, stage_id: str) -> Path:
+    """Where a teacher stage is built: `teacher_stages_dir/<id>` when the study sets one (studies sharing it
+    generate each stage once between them), else RESULTS_DIR/stages/<id>."""
+    if cfg.teacher_stages_dir:
+        return Path(cfg.teacher_stages_dir) / stage_id
+    return stage_dir(cfg.results_dir, stage_id)
+
+
 START_POINT_FORMATS = {"base": "fewshot", "safe": "chat"}
 
 
@@ -211,6 +242,9 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                         train.update({"model": start, "seed": seed, "budget": to_dict(cfg.budget)})
                         run = {"train": train, "method": method,
                                "method_args": _method_args(cfg, method, scale), "domain": domain_cfg}
+                        stage = teacher_stage(run)
+                        if stage:
+                            run["method_args"]["teacher_data"] = str(teacher_stage_dir(cfg, stage[0]))
                         matched = {**matched_base, "budget": to_dict(cfg.budget), "domain": domain_cfg}
                         resolved = {"run": resolved_run(run), "code": code[method], "matched": matched,
                                     "evaluation": evaluation, "representation": representation,
@@ -218,5 +252,5 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                         cell_id = f"{point}-{scale}-{method}-{domain}-s{seed}-{config_hash(resolved)[:10]}"
                         cells.append(StudyCell(cell_id, point, scale, method, domain, seed, start, run, matched,
                                                tuple(domains[domain].target_benchmarks), resolved,
-                                               eval_format=fmt))
+                                               eval_format=fmt, teacher_stage=stage[0] if stage else None))
     return cells

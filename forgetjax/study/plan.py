@@ -12,6 +12,11 @@ Estimates (bytes per device), each term sharded over fsdp x tensor unless said o
 - the float32 logits and their gradient for one chunk of `logit_chunk` tokens per device (`forgetjax.models.vocab`:
   every loss projects the vocabulary chunk by chunk; 0 = the whole batch at once);
 - a frozen reference model (KL / DPO reference) in the compute dtype, and the sampler's KV cache for rollouts.
+A teacher stage (the SF-/CF-SFT teacher's generations, built once per stage id and shared by every cell naming it)
+is planned on its own, once per stage (`teacher_stage_plan`): the teacher's weights in the stage dtype and the KV
+cache of one chunk's generation batch, both sharded over every device (the stage's mesh is fsdp over all of them),
+plus one decode step's float32 logits per local row; its time is the larger of the generation FLOPs at the devices'
+peak and the decode bandwidth floor (every decode step reads the local weights and KV cache once).
 Checked against measured peaks on one H200 (benchmarks/results, 2026-12-04): Qwen2.5-0.5B and 1.5B bf16 SFT steps
 (4 x 2048 tokens, no remat, chunks of 1024 / 4096 / all tokens) and a 7B step (remat full, bf16 moments).
 The mesh chosen is the smallest fsdp (x tensor) group that fits in 85% of HBM, the remaining devices as data.
@@ -30,6 +35,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80, "h200": 141, "b200": 180, "a100": 80,
            "a100-40": 40, "l4": 24, "cpu": 24}
 CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+# Dense bf16 peak (TFLOP/s) and HBM bandwidth (GB/s) per device from the vendors' data sheets; "cpu" is a nominal
+# host so that CPU plans print something.
+PEAK_TFLOPS = {"v4": 275, "v5e": 197, "v5p": 459, "v6e": 918, "h100": 989, "h200": 989, "b200": 2250, "a100": 312,
+               "a100-40": 312, "l4": 121, "cpu": 1}
+HBM_GBPS = {"v4": 1228, "v5e": 819, "v5p": 2765, "v6e": 1640, "h100": 3350, "h200": 4800, "b200": 8000,
+            "a100": 2039, "a100-40": 1555, "l4": 300, "cpu": 50}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +48,12 @@ class Topology:
     name: str
     devices: int
     hbm_bytes: int
+    peak_flops: float = PEAK_TFLOPS["cpu"] * 1e12
+    hbm_bandwidth: float = HBM_GBPS["cpu"] * 1e9
+
+
+def _topology(name: str, kind: str, devices: int) -> Topology:
+    return Topology(name, devices, HBM_GIB[kind] * 2**30, PEAK_TFLOPS[kind] * 1e12, HBM_GBPS[kind] * 1e9)
 
 
 def parse_topology(text: str) -> Topology:
@@ -45,7 +62,7 @@ def parse_topology(text: str) -> Topology:
     if tpu:
         kind, cores = tpu.group(1), int(tpu.group(2))
         chips = max(cores // CORES_PER_CHIP[kind], 1)
-        return Topology(text, chips, HBM_GIB[kind] * 2**30)
+        return _topology(text, kind, chips)
     gpu = re.fullmatch(r"(gpu|cpu):(\d+)(?::([\w-]+))?", text)
     if gpu:
         kind = gpu.group(3) or ("h100" if gpu.group(1) == "gpu" else "cpu")
@@ -53,7 +70,7 @@ def parse_topology(text: str) -> Topology:
             raise UserError(f"--topology {text!r}: unknown device kind {kind!r}; known: {sorted(HBM_GIB)}")
         if int(gpu.group(2)) < 1:
             raise UserError(f"--topology {text!r}: the device count must be >= 1")
-        return Topology(text, int(gpu.group(2)), HBM_GIB[kind] * 2**30)
+        return _topology(text, kind, int(gpu.group(2)))
     raise UserError(f"--topology {text!r}: expected e.g. v5p-64, v5e-16, v4-32, gpu:8, gpu:8:a100-40 or cpu:8")
 
 
@@ -149,5 +166,69 @@ def choose_mesh(config: ModelConfig, topology: Topology, **kwargs) -> MemoryEsti
     return best
 
 
+@dataclasses.dataclass(frozen=True)
+class TeacherStagePlan:
+    """Bytes per device and time of one teacher stage (see the module docstring)."""
+
+    weights: float
+    kv_cache: float
+    logits: float
+    flops: float
+    compute_seconds: float
+    bandwidth_seconds: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache + self.logits
+
+    @property
+    def seconds(self) -> float:
+        return max(self.compute_seconds, self.bandwidth_seconds)
+
+
+def teacher_stage_plan(config: ModelConfig, topology: Topology, *, prompts: int, samples: int,
+                       prompts_per_chunk: int, prompt_len: int, new_tokens: int,
+                       compute_bytes: int = 2) -> TeacherStagePlan:
+    """A teacher generating `samples` completions of `new_tokens` tokens for each of `prompts` prompts of
+    `prompt_len` tokens, `prompts_per_chunk` prompts at a time, on every device of `topology`."""
+    devices = topology.devices
+    rows = prompts_per_chunk * samples
+    length = prompt_len + new_tokens
+    weights = config.num_params() * compute_bytes / devices
+    kv_cache = 2 * config.num_layers * rows * length * config.kv_size * compute_bytes / devices
+    logits = math.ceil(rows / devices) * config.vocab_size * 4
+    flops = config.forward_flops([length] * (prompts * samples))
+    decode_steps = math.ceil(prompts / prompts_per_chunk) * new_tokens
+    return TeacherStagePlan(weights, kv_cache, logits, flops, flops / (devices * topology.peak_flops),
+                            decode_steps * (weights + kv_cache) / topology.hbm_bandwidth)
+
+
 def format_bytes(value: float) -> str:
     return f"{value / 2**30:8.2f} GiB"
+
+
+def teacher_stages(cfg) -> dict[str, tuple[dict, int]]:
+    """{stage id: (stage key, number of cells sharing the stage)} of a study's teacher stages
+    (`forgetjax.methods.distill.teacher_stage_key`)."""
+    from forgetjax.study.matrix import expand, teacher_stage
+
+    stages: dict[str, tuple[dict, int]] = {}
+    for cell in expand(cfg):
+        if cell.teacher_stage:
+            key, count = stages.get(cell.teacher_stage) or (teacher_stage(cell.run)[1], 0)
+            stages[cell.teacher_stage] = (key, count + 1)
+    return stages
+
+
+def stage_prompts(domain: dict) -> int | None:
+    """The number of training problems of a domain config, counted in its data directory; its `limit` when the
+    data is not there (None when it has none)."""
+    from forgetjax.config import from_dict
+    from forgetjax.envs import load_training_problems
+    from forgetjax.methods.run import DomainConfig
+
+    try:
+        return len(load_training_problems(from_dict(DomainConfig, domain, source="domain")))
+    except (OSError, UserError, ValueError):
+        return domain.get("limit")
+

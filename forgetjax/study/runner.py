@@ -145,6 +145,21 @@ class StudyRunner:
         run_training(from_dict(RunConfig, run, source=f"{self.source}: safety_stage"),
                      source=f"{self.source}: safety_stage")
 
+    def run_teacher_stage(self, cell: StudyCell) -> Path:
+        """The teacher's verified samples a distillation cell trains on: generated once per teacher stage id,
+        however many cells (seeds, start points, scales) and jobs share it, and resumed chunk by chunk when a
+        killed job left a partial stage."""
+        from forgetjax.config import from_dict
+        from forgetjax.methods.distill import DistillArgs, build_teacher_stage, resolved_teacher_dtype
+        from forgetjax.methods.run import DomainConfig
+
+        where = f"{self.source}: cell {cell.cell_id}"
+        args = from_dict(DistillArgs, cell.run["method_args"], source=f"{where} method_args")
+        domain = from_dict(DomainConfig, cell.run["domain"], source=f"{where} domain")
+        dtype = resolved_teacher_dtype(args.teacher_dtype, cell.run["train"].get("dtype", "float32"))
+        return run_once(Path(args.teacher_data), lambda work: build_teacher_stage(work, args, domain, dtype),
+                        log=self.log)
+
     # ------------------------------------------------------------------------------------------------ cells
 
     def _load(self, source: str):
@@ -168,6 +183,8 @@ class StudyRunner:
         budget, train_metrics = {}, {}
         model_source = cell.start_model
         if not cell.is_baseline:
+            if cell.teacher_stage:
+                self.run_teacher_stage(cell)
             run = dict(cell.run)
             run["train"] = {**run["train"], "out_dir": str(results.cell_train_dir(self.results, cell.cell_id))}
             if is_writer():

@@ -30,6 +30,16 @@ class ModelEntry:
 
 
 @dataclasses.dataclass
+class TeacherEntry:
+    """A teacher model a study's model entries name (`same_family_teacher` / `cross_family_teacher` equal to
+    `source`) with `hf_config`, its architecture from the hub's config.json, so `forgetjax plan` sizes its teacher
+    stages without downloading weights (the stage's dtype is the distillation method's `teacher_dtype`)."""
+
+    source: str
+    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class SafetyStage:
     """Produces a SAFE start point from a model that does not refuse: GT-SFT on refusals of held-apart harmful
     prompts (Do-Not-Answer) mixed with helpful answers, so safety results are read against this baseline. It trains
@@ -57,6 +67,8 @@ class StudyConfig:
     data_dir: str | None = None
     models: list[ModelEntry] = dataclasses.field(default_factory=list)
     model_files: list[str] = dataclasses.field(default_factory=list)
+    teacher_files: list[str] = dataclasses.field(default_factory=list)
+    teacher_stages_dir: str | None = None  # where teacher stages live (default RESULTS_DIR/stages); may be shared
     scales: list[str] = dataclasses.field(default_factory=list)
     start_points: list[Literal["base", "safe"]] = dataclasses.field(default_factory=lambda: ["base", "safe"])
     methods: list[str] = dataclasses.field(default_factory=list)
@@ -108,6 +120,14 @@ def all_models(cfg: StudyConfig) -> list[ModelEntry]:
     for name in cfg.model_files:
         entries.append(load_config(ModelEntry, _repo_path(name, "model_files")))
     return entries
+
+
+def teacher_entries(cfg: StudyConfig) -> dict[str, TeacherEntry]:
+    """{source: entry} of the TeacherEntry YAML files listed in `teacher_files`."""
+    from forgetjax.config import load_config
+
+    entries = [load_config(TeacherEntry, _repo_path(name, "teacher_files")) for name in cfg.teacher_files]
+    return {entry.source: entry for entry in entries}
 
 
 def study_domains(cfg: StudyConfig) -> dict[str, DomainSpec]:
