@@ -79,6 +79,10 @@ def test_killed_study_resumes_without_redoing_finished_cells(tmp_path, data_dir)
     assert after["baseline"]["finished"] == finished_at
     assert after["gt_sft"]["status"] == "done"
     assert after["gt_sft"]["budget"]["used"]["steps"] == 2
+    data, examples = after["gt_sft"]["budget"]["data"], after["gt_sft"]["budget"]["used"]["examples"]
+    assert after["gt_sft"]["budget"]["flags"] == [] and data["epochs"] == pytest.approx(examples / data["size"])
+    assert data["unique"] == min(examples, data["size"])
+    assert after["gt_sft"]["budget"]["used"]["flops_by_component"]["rollout"] == 0.0
     cell_dir = results / "cells" / after["gt_sft"]["cell_id"]
     assert {p.stem for p in (cell_dir / "eval").rglob("*.parquet")} == {"mmlu", "gsm8k", "xstest_unsafe"}
     representation = json.loads((cell_dir / "representation.json").read_text())
