@@ -16,6 +16,11 @@ cell.json: {"cell_id": str (= the directory name), "start_point": "base"|"safe",
 format it was evaluated with)}; the runner adds what it ran (start_model, matched, run, the resolved config its id
 hashes, times, error). JSON is written standard (NaN as null), keys sorted, atomically. The cells read together
 must share one evaluation (`discover_cells`).
+
+A trained cell's budget: {"kind", "value", "max_epochs": number|null, "status": "budget_reached"|"data_exhausted",
+"used": {"steps", "tokens", "examples", "flops", "flops_by_component": {"train", "rollout", "teacher",
+"reference"}}, "data": {"unique", "size", "epochs"}|null (null: the method's data source does not report it),
+"flags": ["exceeded_max_epochs"|"data_exhausted", ...]} (`forgetjax.training.budget`).
 """
 from __future__ import annotations
 
@@ -178,6 +183,11 @@ class Cell:
         return self.target_benchmarks or target_benchmarks().get(self.domain or "", ())
 
     @property
+    def budget_flags(self) -> tuple[str, ...]:
+        """Why this cell's data use needs a look (`budget.flags`): e.g. repeated beyond max_epochs, data exhausted."""
+        return tuple(self.budget.get("flags") or ())
+
+    @property
     def is_baseline(self) -> bool:
         """True for the no-post-training reference cell of its (start_point, scale)."""
         return self.method == BASELINE_METHOD
@@ -207,6 +217,31 @@ def _string_field(data: Mapping[str, Any], name: str, source: str) -> str:
     return value
 
 
+def _check_budget(budget: Mapping[str, Any], source: str) -> None:
+    """The typed parts of a cell's budget: flags a list of strings, data an object of numbers, usage numbers."""
+    flags = budget.get("flags") or []
+    if not isinstance(flags, list) or not all(isinstance(f, str) and f for f in flags):
+        raise ValueError(f"{source}: field 'budget.flags' must be a list of strings, got {flags!r}")
+    data = budget.get("data")
+    if data is not None and (not isinstance(data, Mapping) or set(data) != {"unique", "size", "epochs"} or not all(
+            _is_number(v) and v >= 0 for v in data.values())):
+        raise ValueError(f"{source}: field 'budget.data' must be null or an object of numbers >= 0 with keys "
+                         f"unique, size, epochs, got {data!r}")
+    used = budget.get("used") or {}
+    if not isinstance(used, Mapping):
+        raise ValueError(f"{source}: field 'budget.used' must be a JSON object, got {type(used).__name__}")
+    components = used.get("flops_by_component") or {}
+    values = [v for k, v in used.items() if k != "flops_by_component"] + list(
+        components.values() if isinstance(components, Mapping) else [None])
+    if not all(_is_number(v) for v in values):
+        raise ValueError(f"{source}: field 'budget.used' must hold numbers (flops_by_component an object of "
+                         f"numbers), got {dict(used)!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def parse_cell(data: Any, source: str = "<cell.json>") -> Cell:
     """Validate a decoded cell.json object; errors name the file and the field."""
     if not isinstance(data, Mapping):
@@ -231,6 +266,7 @@ def parse_cell(data: Any, source: str = "<cell.json>") -> Cell:
         if not isinstance(value, Mapping):
             raise ValueError(f"{source}: field {name!r} must be a JSON object, got {type(value).__name__}")
         extras[name] = dict(value)
+    _check_budget(extras["budget"], source)
     targets = data.get("target_benchmarks") or []
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"{source}: field 'target_benchmarks' must be a list of benchmark names, got {targets!r}")

@@ -132,7 +132,7 @@ def grpo(spec, mesh):
         np.savez(os.path.join(spec["dump_dir"], f"grpo.p{pid}.s{context.step}.npz"), **batch.arrays)
         with open(os.path.join(spec["dump_dir"], f"grpo.p{pid}.s{context.step}.json"), "w") as handle:
             json.dump({"info": batch.info, "tokens": batch.tokens, "examples": batch.examples,
-                       "extra_flops": batch.extra_flops}, handle)
+                       "extra_flops": batch.extra_total}, handle)
         return batch
 
     OnlineSource.next_batch = next_batch

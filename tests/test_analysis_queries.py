@@ -609,6 +609,16 @@ def test_cell_and_representation_validation(tmp_path):
         results.parse_cell({k: v for k, v in good.items() if k != "seed"})
     with pytest.raises(ValueError, match="seed"):
         results.parse_cell({**good, "seed": "0"})
+    budget = {"kind": "flops", "value": 1e12, "max_epochs": 3, "status": "data_exhausted", "flags": ["data_exhausted"],
+              "data": {"unique": 4, "size": 4, "epochs": 1.0},
+              "used": {"steps": 2, "tokens": 90, "examples": 4, "flops": 5e11,
+                       "flops_by_component": {"train": 4e11, "rollout": 1e11, "teacher": 0.0, "reference": 0.0}}}
+    assert results.parse_cell({**good, "budget": budget}).budget_flags == ("data_exhausted",)
+    for key, bad in (("flags", "data_exhausted"), ("data", {"unique": 4, "epochs": 1.0}),
+                     ("data", {"unique": -1, "size": 4, "epochs": 1.0}),
+                     ("used", {**budget["used"], "flops_by_component": {"train": "many"}})):
+        with pytest.raises(ValueError, match=f"budget.{key}"):
+            results.parse_cell({**good, "budget": {**budget, key: bad}})
     path = results.write_cell(tmp_path, results.parse_cell(good))
     assert results.read_cell(path) == results.parse_cell(good)
     (tmp_path / "cells" / "other").mkdir()

@@ -322,7 +322,7 @@ def test_reward_pipeline_scores_scripted_completions(tiny, tmp_path, monkeypatch
         [{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=True)["input_ids"])
         for p in (source.problem_at(0), source.problem_at(1)) for _ in range(4)]
     flops = sum((p + n) * trainer.model_config.flops_per_token(p + n) for p, n in zip(prompt_lengths, lengths))
-    assert batch.extra_flops == pytest.approx(flops)
+    assert batch.extra_flops == {"rollout": pytest.approx(flops)}  # beta = 0: no reference model
     assert batch.tokens == sum(prompt_lengths) + lengths.sum()
     assert isinstance(source.reward_pool, RewardPool)
     source.reward_pool.close()
@@ -339,7 +339,7 @@ def test_updates_per_batch_reuse_the_rollout_and_resume_inside_a_cycle(tiny, tmp
     first = source.next_batch(context_for(trainer, 0))
     state = source.get_state()
     second = source.next_batch(context_for(trainer, 1))
-    assert first.extra_flops > 0 and second.extra_flops == 0
+    assert first.extra_total > 0 and second.extra_flops == {}
     for name in first.arrays:
         np.testing.assert_array_equal(first.arrays[name], second.arrays[name])
     resumed = method.batch_source(trainer)
@@ -348,7 +348,7 @@ def test_updates_per_batch_reuse_the_rollout_and_resume_inside_a_cycle(tiny, tmp
     for name in first.arrays:
         np.testing.assert_array_equal(first.arrays[name], again.arrays[name])
     third = source.next_batch(context_for(trainer, 2))  # a fresh rollout on the next problems
-    assert third.extra_flops > 0 and source.get_state()["next_problem"] == 4
+    assert third.extra_total > 0 and source.get_state()["next_problem"] == 4
     np.testing.assert_array_equal(third.arrays["rewards"], [1, 1, 0, 0])
 
 

@@ -194,6 +194,47 @@ def test_missing_data_gives_honest_sentences_not_crashes(tmp_path):
         build_report(tmp_path / "absent", tmp_path / "absent_report")
 
 
+def test_budget_table_and_warnings_flag_repeated_or_exhausted_data(tmp_path):
+    """Cells whose cell.json budget records repeated data (beyond max_epochs) or exhausted data are named in the
+    'Budget warnings' list of both documents; the budget table shows each cell's epochs, tokens and FLOPs."""
+    specs = (CellSpec("base-baseline", "base", "baseline", None, 0),
+             CellSpec("base-gt_sft-math-s0", "base", "gt_sft", "math", 0, 0.4, 0.1, 0.2, representation=False),
+             CellSpec("base-dpo-math-s0", "base", "off_rl_dpo", "math", 0, 0.1, 0.1, 0.1, representation=False),
+             CellSpec("base-grpo-math-s0", "base", "on_rl_grpo", "math", 0, 0.1, 0.1, 0.1, representation=False))
+    build_synthetic_study(tmp_path / "results", specs)
+    used = {"steps": 5, "tokens": 4000, "examples": 40, "flops": 3.5e12,
+            "flops_by_component": {"train": 2.0e12, "rollout": 1.0e12, "teacher": 0.0, "reference": 0.5e12}}
+    budgets = {
+        "base-gt_sft-math-s0": {"status": "budget_reached", "data": {"unique": 8, "size": 8, "epochs": 5.0},
+                                "flags": ["exceeded_max_epochs"]},
+        "base-dpo-math-s0": {"status": "data_exhausted", "data": {"unique": 12, "size": 12, "epochs": 2.0},
+                             "flags": ["data_exhausted"]},
+        "base-grpo-math-s0": {"status": "budget_reached", "data": {"unique": 40, "size": 100, "epochs": 0.4},
+                              "flags": []},
+    }
+    for cell_id, budget in budgets.items():
+        path = tmp_path / "results" / "cells" / cell_id / "cell.json"
+        cell = json.loads(path.read_text())
+        cell["budget"] = {"kind": "tokens", "value": 6000, "max_epochs": 3, "used": used, **budget}
+        path.write_text(json.dumps(cell))
+    index = build_report(tmp_path / "results", tmp_path / "report", n_resamples=50)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    warnings = re.search(r"^## Budget warnings\n\n(.*?)\n\n", markdown, flags=re.S | re.M).group(1).splitlines()
+    assert sorted(warnings) == [
+        "- base-dpo-math-s0 (OFF-RL (DPO), math): ran out of training data before the budget (4000 of 6000 tokens "
+        "used)",
+        "- base-gt_sft-math-s0 (GT-SFT, math): repeated its training data more than max_epochs=3 times (5.00 epochs)"]
+    table = re.search(r"^### Budget and data use\n\n.*?\n\n(\|.*?)\n\n", markdown, flags=re.S | re.M).group(1)
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in table.splitlines()[2:]}
+    assert set(rows) == {"GT-SFT", "OFF-RL (DPO)", "ON-RL (GRPO)"}
+    header = [h.strip("| ") for h in table.splitlines()[0].split(" | ")]
+    grpo = dict(zip(header, (v.strip("| ") for v in rows["ON-RL (GRPO)"])))
+    assert (grpo["epochs"], grpo["tokens"], grpo["FLOPs"], grpo["rollout"]) == ("0.400", "4000", "3.5e+12", "1e+12")
+    assert grpo["flags"] == "-" and grpo["data exhausted"] == "no"
+    assert dict(zip(header, (v.strip("| ") for v in rows["OFF-RL (DPO)"])))["data exhausted"] == "yes"
+    assert "Budget warnings" in index.read_text() and "base-dpo-math-s0 (OFF-RL (DPO), math)" in index.read_text()
+
+
 PROBE_HEAD = """<script>window.__probeErrors = [];
 window.addEventListener('error', function (e) {
   var t = e.target || {}; window.__probeErrors.push(String(e.message || ('resource failed: ' + (t.src || t.href))));

@@ -79,6 +79,10 @@ def test_killed_study_resumes_without_redoing_finished_cells(tmp_path, data_dir)
     assert after["baseline"]["finished"] == finished_at
     assert after["gt_sft"]["status"] == "done"
     assert after["gt_sft"]["budget"]["used"]["steps"] == 2
+    data, examples = after["gt_sft"]["budget"]["data"], after["gt_sft"]["budget"]["used"]["examples"]
+    assert after["gt_sft"]["budget"]["flags"] == [] and data["epochs"] == pytest.approx(examples / data["size"])
+    assert data["unique"] == min(examples, data["size"])
+    assert after["gt_sft"]["budget"]["used"]["flops_by_component"]["rollout"] == 0.0
     cell_dir = results / "cells" / after["gt_sft"]["cell_id"]
     assert {p.stem for p in (cell_dir / "eval").rglob("*.parquet")} == {"mmlu", "gsm8k", "xstest_unsafe"}
     representation = json.loads((cell_dir / "representation.json").read_text())
@@ -208,6 +212,43 @@ def test_cell_id_hashes_the_resolved_config_not_its_spelling(tmp_path):
     spelled = id_study(tmp_path, train={"batch_size": 4, "micro_batches": 1, "optimizer": {"lr": 1e-5}},
                        method_args={"off_rl_dpo": {"beta": 0.1, "label_smoothing": 0.0}})
     assert cell_ids(spelled)[1] == dpo
+
+
+def test_every_generating_method_samples_the_domain_generation_length(tmp_path):
+    """Each generating method of the catalog (checked against its argument dataclass) gets the domain's
+    max_new_tokens in its resolved run (hence its cell id), whatever its own default; the study's max_new_tokens
+    replaces it for all; gt_sft gets none; a per-method max_new_tokens is an error naming the field."""
+    import dataclasses
+
+    from forgetjax.config import ConfigError
+    from forgetjax.methods.catalog import METHODS
+    from forgetjax.methods.registry import get_method_spec
+    from forgetjax.study.matrix import expand, resolved_run
+    from forgetjax.study.schema import ModelEntry
+    from forgetjax.tasks.domains import domain_specs
+
+    lengths = {name: spec.max_new_tokens for name, spec in domain_specs().items()}
+    assert lengths == {"math": 512, "code": 512, "qa": 256}  # configs/domains: room for chain of thought
+    models = [ModelEntry(scale="tiny", safe="some/model", same_family_teacher="t/sf", cross_family_teacher="t/cf")]
+    for override in (None, 96):
+        cfg = id_study(tmp_path, models=models, methods=sorted(METHODS), domains=["math", "code", "qa"],
+                       method_args={}, max_new_tokens=override)
+        seen = {}
+        for cell in expand(cfg):
+            if cell.is_baseline:
+                continue
+            fields = {f.name for f in dataclasses.fields(get_method_spec(cell.method).args_class)}
+            assert METHODS[cell.method].generates == ("max_new_tokens" in fields), cell.method
+            resolved = resolved_run(cell.run)["method_args"]
+            if METHODS[cell.method].generates:
+                seen.setdefault(cell.domain, set()).add(resolved["max_new_tokens"])
+            else:
+                assert "max_new_tokens" not in resolved
+        assert seen == {domain: {override or length} for domain, length in lengths.items()}
+    short = expand(id_study(tmp_path, max_new_tokens=96))[1].cell_id
+    assert short != cell_ids(id_study(tmp_path))[1]
+    with pytest.raises((ValueError, ConfigError), match="method_args.off_rl_dpo.max_new_tokens"):
+        id_study(tmp_path, method_args={"off_rl_dpo": {"max_new_tokens": 128}})
 
 
 def test_rerun_after_a_config_change_does_not_pool_old_cells(tmp_path):

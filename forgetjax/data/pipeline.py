@@ -221,6 +221,10 @@ class DataIterator:
             return self.schedule.epochs
         return self.schedule.locate(self.position)[0]
 
+    def items_drawn(self) -> int:
+        """Items (examples or pairs, repeats counted) in the global batches consumed so far."""
+        return sum(len(row) for index in range(self.position) for row in self.schedule.rows(index))
+
     def get_state(self) -> dict[str, Any]:
         return {"next_index": self.position, "fingerprint": self.fingerprint}
 

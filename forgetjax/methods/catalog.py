@@ -32,17 +32,19 @@ neither external (SF/CF) nor the plain model (SELF), and its reward-weighted los
 @dataclasses.dataclass(frozen=True)
 class MethodEntry:
     """One runnable method. `teacher`: the study model entry's teacher (`<teacher>_teacher`) a cell passes as
-    `method_args.teacher` unless the study sets one."""
+    `method_args.teacher` unless the study sets one. `generates`: it samples completions (its arguments have
+    `max_new_tokens`, which a study sets per domain)."""
 
     module: str
     label: str
     regime: str
     source: str
     teacher: Teacher | None = None
+    generates: bool = True
 
 
 METHODS: dict[str, MethodEntry] = {
-    "gt_sft": MethodEntry("forgetjax.methods.sft", "GT-SFT", OFF_POLICY_SFT, "GT"),
+    "gt_sft": MethodEntry("forgetjax.methods.sft", "GT-SFT", OFF_POLICY_SFT, "GT", generates=False),
     "sf_sft": MethodEntry("forgetjax.methods.distill", "SF-SFT", OFF_POLICY_SFT, "SF", teacher="same_family"),
     "cf_sft": MethodEntry("forgetjax.methods.distill", "CF-SFT", OFF_POLICY_SFT, "CF", teacher="cross_family"),
     "self_spin": MethodEntry("forgetjax.methods.spin", "SELF (SPIN)", ON_POLICY, "SELF"),

@@ -254,7 +254,6 @@ class DistillArgs(GenerationArgs, SFTDataArgs):
     teacher_data: str | None = None  # a teacher stage directory (set by the study runner); None: generate here
     n_samples: int = 4
     temperature: float = 0.8
-    max_new_tokens: int = 320
     dedupe: bool = True
     max_kept_per_prompt: int | None = None
     kd_weight: float = 0.0  # sf_sft only: weight of the sparse top-k KD term
@@ -342,11 +341,11 @@ class TeacherDistillSFT(SFTMethod):
         records, stats = cached_records(cache, build)
         log(f"{self.name}: kept {stats['kept']}/{stats['samples']} teacher samples (keep rate "
             f"{stats['keep_rate']:.3f}, {stats['prompts_with_kept']}/{stats['prompts']} prompts covered)")
-        prepared = Prepared(records, extra_flops=stats["generation_flops"])
+        prepared = Prepared(records, extra_flops={"teacher": stats["generation_flops"]})
         if args.kd_weight > 0 and records:
             topk, kd_flops = self._teacher_topk(trainer, cache, records, teacher)
             prepared.topk = topk
-            prepared.extra_flops += kd_flops
+            prepared.extra_flops["teacher"] += kd_flops
         return prepared
 
     def _generate_rows(self, trainer, teacher, problems, cache: DataCache) -> tuple[list[dict], bool, float]:

@@ -28,6 +28,8 @@ from forgetjax.losses.preference import dpo_loss
 from forgetjax.methods import pairs as P
 from forgetjax.methods.registry import register
 from forgetjax.tasks.prompts import user_message
+from forgetjax.tasks.domains import DEFAULT_MAX_NEW_TOKENS
+from forgetjax.training.budget import DataUse
 from forgetjax.training.method import Batch, Method, StepContext
 
 NAME = "off_rl_dpo"
@@ -46,7 +48,7 @@ class DPOArgs:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_pairs_per_prompt: int = 2
     require_finished: bool = True
     heldout_fraction: float = 0.1
@@ -112,7 +114,7 @@ class DPOSource:
         self.heldout = data.heldout
         self.batches = P.PairBatches(data.train, trainer.tokenizer, batch_size=trainer.cfg.batch_size,
                                      max_length=trainer.cfg.max_length, seed=method.args.seed,
-                                     epochs=method.args.epochs, prepare_flops=data.stats["prepare_flops"])
+                                     epochs=method.args.epochs, prepare_flops=P.prepare_flops(data.stats))
 
     def next_batch(self, context: StepContext) -> Batch | None:
         batch = self.batches.next_batch(context)
@@ -121,6 +123,9 @@ class DPOSource:
             report = self.method.heldout_report(context.current_model(), self.trainer, self.heldout)
             batch.info.update({f"heldout_{k}": v for k, v in report.items()})
         return batch
+
+    def data_use(self) -> DataUse:
+        return self.batches.data_use()
 
     def get_state(self) -> dict:
         return self.batches.get_state()

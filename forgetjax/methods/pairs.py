@@ -33,6 +33,7 @@ from forgetjax.data.batching import bucket_for, length_buckets
 from forgetjax.distributed import is_writer, to_host
 from forgetjax.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from forgetjax.losses.token import sequence_logprob
+from forgetjax.training.budget import DataUse, check_extra_flops
 from forgetjax.training.method import Batch, StepContext
 from forgetjax.methods.teacher_data import Verifier
 from forgetjax.models.vocab import token_stats
@@ -335,18 +336,26 @@ class PairCache:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def prepare_flops(stats: Mapping[str, Any]) -> dict[str, float]:
+    """The FLOPs of building a pair dataset by component: sampling the pairs' completions (rollout) and scoring them
+    with the reference model (reference)."""
+    return {"rollout": float(stats["generation_flops"]), "reference": float(stats["reference_flops"])}
+
+
 class PairBatches:
     """Batches over one pair dataset (`make_pair_batches` with the cached reference log-probs as float fields).
 
     Both sides' real tokens count as training tokens, real pairs as examples. The FLOPs spent preparing the data
-    (`prepare_flops`) are charged once, on the first batch; whether they were is part of the state."""
+    (`prepare_flops`: the sampling and reference-scoring FLOPs of `PairData.stats`, see `prepare_flops`) are charged
+    once, on the first batch; whether they were is part of the state."""
 
     def __init__(self, pairs: Sequence[Mapping[str, Any]], tokenizer, *, batch_size: int, max_length: int,
-                 seed: int, epochs: int | None, prepare_flops: float = 0.0):
+                 seed: int, epochs: int | None, prepare_flops: Mapping[str, float] | None = None):
         self.iterator = make_pair_batches(list(pairs), tokenizer, batch_size=batch_size, max_length=max_length,
                                           seed=seed, epochs=epochs, float_fields=REF_FIELDS, truncation=TRUNCATION,
                                           num_threads=0, prefetch=0)
-        self.prepare_flops = float(prepare_flops)
+        self.prepare_flops = check_extra_flops(dict(prepare_flops or {}))
+        self.size = len(pairs)
         self.charged = False
 
     def next_batch(self, context: StepContext | None = None) -> Batch | None:
@@ -355,9 +364,12 @@ class PairBatches:
         except StopIteration:
             return None
         tokens = int(arrays["chosen_attention_mask"].sum() + arrays["rejected_attention_mask"].sum())
-        extra = 0.0 if self.charged else self.prepare_flops
+        extra = {} if self.charged else dict(self.prepare_flops)
         self.charged = True
         return Batch(arrays=arrays, tokens=tokens, examples=int(arrays["pair_mask"].sum()), extra_flops=extra)
+
+    def data_use(self) -> DataUse:
+        return DataUse(size=self.size, consumed=self.iterator.items_drawn())
 
     def get_state(self) -> dict:
         return {"iterator": self.iterator.get_state(), "charged": self.charged}

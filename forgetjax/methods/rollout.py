@@ -51,6 +51,8 @@ from forgetjax.io import atomic_open, write_json_atomic
 from forgetjax.losses.policy_gradient import group_advantages
 from forgetjax.models.vocab import token_stats
 from forgetjax.sampling.sampler import Completions, Sampler, SamplingParams
+from forgetjax.tasks.domains import DEFAULT_MAX_NEW_TOKENS
+from forgetjax.training.budget import DataUse
 from forgetjax.training.method import Batch, StepContext
 from forgetjax.verifiers.rewards import RewardDetail, RewardPool
 
@@ -68,7 +70,7 @@ class RolloutArgs:
     default; the reward settings are those of :class:`~forgetjax.verifiers.rewards.RewardPool`."""
 
     group_size: int = 4
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -328,6 +330,10 @@ class OnlineSource:
         return {"next_problem": self.next_problem, "rollout_id": self.rollout_id, "reuse_left": self.reuse_left,
                 "skipped_prompts": self.skipped_prompts}
 
+    def data_use(self) -> DataUse:
+        """Problems drawn (skipped ones included) over the problem set: epochs are passes over its shuffled order."""
+        return DataUse(size=len(self.problems), consumed=self.next_problem)
+
     def set_state(self, state: dict) -> None:
         expected = {"next_problem", "rollout_id", "reuse_left", "skipped_prompts"}
         if not isinstance(state, dict) or set(state) != expected:
@@ -384,7 +390,7 @@ class OnlineSource:
             update = self.args.updates_per_batch - self.reuse_left - 1
             info = {**self._current.info, "rollout_s": 0.0, "reward_s": 0.0, "reward_wait_s": 0.0,
                     "reference_s": 0.0, "rollout_update": float(update)}
-            return dataclasses.replace(self._current, extra_flops=0.0, info=info)
+            return dataclasses.replace(self._current, extra_flops={}, info=info)
         batch = self._rollout(context)
         self.rollout_id += 1
         self.reuse_left = self.args.updates_per_batch - 1
@@ -412,13 +418,13 @@ class OnlineSource:
         future.add_done_callback(lambda _: scored_at.setdefault("done", time.perf_counter()))
 
         arrays, prompt_lengths = self._layout(rows, completions, sampler.pad_id)
-        extra_flops = self.model_config.forward_flops(np.add(prompt_lengths, completions.lengths))
+        extra_flops = {"rollout": self.model_config.forward_flops(np.add(prompt_lengths, completions.lengths))}
         reference_s = 0.0
         if self.reference is not None:
             start = time.perf_counter()
             arrays["ref_logp"] = self.reference.logprobs(arrays, self.chunk_rows)
             reference_s = time.perf_counter() - start
-            extra_flops += self.model_config.forward_flops(arrays["attention_mask"].sum(axis=1))
+            extra_flops["reference"] = self.model_config.forward_flops(arrays["attention_mask"].sum(axis=1))
 
         host_done = time.perf_counter()
         details: list[RewardDetail] = future.result()
@@ -463,7 +469,8 @@ class OnlineSource:
     def _save_rollout(self, rollout_id: int, batch: Batch) -> None:
         if not is_writer():
             return
-        meta = {"tokens": batch.tokens, "examples": batch.examples, "extra_flops": batch.extra_flops}
+        meta = {"tokens": batch.tokens, "examples": batch.examples,
+                **{f"flops_{name}": value for name, value in batch.extra_flops.items()}}
         payload = {f"array/{k}": v for k, v in batch.arrays.items()}
         payload.update({f"info/{k}": np.float64(v) for k, v in batch.info.items()})
         payload.update({f"meta/{k}": np.float64(v) for k, v in meta.items()})
@@ -485,7 +492,8 @@ class OnlineSource:
             info = {k.removeprefix("info/"): float(data[k]) for k in data.files if k.startswith("info/")}
             meta = {k.removeprefix("meta/"): float(data[k]) for k in data.files if k.startswith("meta/")}
         return Batch(arrays=arrays, tokens=int(meta["tokens"]), examples=int(meta["examples"]),
-                     extra_flops=meta["extra_flops"], info=info)
+                     extra_flops={k.removeprefix("flops_"): v for k, v in meta.items() if k.startswith("flops_")},
+                     info=info)
 
 
 

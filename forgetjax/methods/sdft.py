@@ -85,7 +85,6 @@ def choose_rewrite(rows: list[dict[str, Any]], *, require_finished: bool, leak_p
 class SdftArgs(GenerationArgs, SFTDataArgs):
     rewrite_template: str = REWRITE_TEMPLATE
     leak_phrases: list[str] = dataclasses.field(default_factory=lambda: list(LEAK_PHRASES))
-    max_new_tokens: int = 384
 
     def validate(self):
         SFTDataArgs.validate(self)
@@ -138,7 +137,7 @@ class SelfDistillSFT(SFTMethod):
         records, stats = cached_records(cache, build)
         log(f"{self.name}: kept {stats['rewrites_kept']}/{stats['problems']} rewrites (keep rate "
             f"{stats['rewrite_keep_rate']:.3f}; fallbacks: {stats['reasons']})")
-        return Prepared(records, extra_flops=stats["generation_flops"])
+        return Prepared(records, extra_flops={"rollout": stats["generation_flops"]})
 
 
 @register("self_sdft", SdftArgs, "self-distillation fine-tuning: SFT on the model's verified rewrites of the ground "

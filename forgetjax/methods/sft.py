@@ -22,6 +22,7 @@ from forgetjax.distributed import data_shard, is_writer
 from forgetjax.envs import default_data_dir, load_training_problems
 from forgetjax.envs.problems import GENERATED
 from forgetjax.losses.token import sft_loss
+from forgetjax.training.budget import DataUse, check_extra_flops
 from forgetjax.training.method import Batch, Method, StepContext
 from forgetjax.methods.registry import register
 from forgetjax.methods.teacher_data import DataCache, Verifier, cached_records, kd_arrays, log
@@ -103,10 +104,11 @@ class SFTDataArgs:
 
 @dataclasses.dataclass
 class Prepared:
-    """What a method prepared before training: SFT records, FLOPs spent on them, optional teacher top-k."""
+    """What a method prepared before training: SFT records, FLOPs spent on them by component
+    (`budget.EXTRA_COMPONENTS`), optional teacher top-k."""
 
     records: list[dict[str, Any]]
-    extra_flops: float = 0.0
+    extra_flops: dict[str, float] = dataclasses.field(default_factory=dict)
     topk: Any = None  # TeacherTopK
 
 
@@ -116,9 +118,10 @@ class SFTBatchSource:
     carries `kd_ids` / `kd_logprobs` [B, T, K]. Batches are process-local: in multi-process runs the pipeline loads
     only this process's rows of each global batch (`forgetjax.distributed.data_shard`)."""
 
-    def __init__(self, iterator, upfront_flops: float = 0.0, kd_table: dict | None = None, kd_k: int = 0):
+    def __init__(self, iterator, upfront_flops: dict[str, float] | None = None, kd_table: dict | None = None,
+                 kd_k: int = 0):
         self.iterator = iterator
-        self.upfront_flops = float(upfront_flops)
+        self.upfront_flops = check_extra_flops(upfront_flops or {})
         self.charged = False
         self.kd_table = kd_table
         self.kd_k = kd_k
@@ -135,10 +138,13 @@ class SFTBatchSource:
         arrays = dict(next(self.iterator))
         if self.kd_table is not None:
             arrays.update(kd_arrays(arrays, self.kd_table, self.kd_k))
-        extra = 0.0 if self.charged else self.upfront_flops
+        extra = {} if self.charged else dict(self.upfront_flops)
         self.charged = True
         return Batch(arrays=arrays, tokens=tokens, examples=examples, extra_flops=extra, info={"epoch": float(epoch)},
                      process_local=True)
+
+    def data_use(self) -> DataUse:
+        return DataUse(size=len(self.iterator.schedule.lengths), consumed=self.iterator.items_drawn())
 
     def get_state(self) -> dict:
         return {"data": self.iterator.get_state(), "charged": self.charged}

@@ -23,6 +23,8 @@ from forgetjax.losses.preference import spin_loss
 from forgetjax.methods import pairs as P
 from forgetjax.methods.registry import register
 from forgetjax.tasks.prompts import user_message
+from forgetjax.tasks.domains import DEFAULT_MAX_NEW_TOKENS
+from forgetjax.training.budget import DataUse
 from forgetjax.training.method import Batch, Method, StepContext
 
 NAME = "self_spin"
@@ -40,7 +42,7 @@ class SPINArgs:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     records: str | None = None
     prompts_per_call: int = 16
     reference_batch: int = 16
@@ -105,6 +107,7 @@ class SPINSource:
         self.iteration = 0
         self.batches: P.PairBatches | None = None
         self._pending_state: Mapping[str, Any] | None = None
+        self._pairs = 0
 
     def _open(self, context: StepContext) -> None:
         """Load (or build with the current model) iteration `self.iteration` and position its batches."""
@@ -113,7 +116,8 @@ class SPINSource:
         self.batches = P.PairBatches(data.train, self.trainer.tokenizer, batch_size=self.trainer.cfg.batch_size,
                                      max_length=self.trainer.cfg.max_length,
                                      seed=P.derived_seed(args.seed, self.iteration),
-                                     epochs=args.epochs_per_iteration, prepare_flops=data.stats["prepare_flops"])
+                                     epochs=args.epochs_per_iteration, prepare_flops=P.prepare_flops(data.stats))
+        self._pairs = self.batches.size
         if self._pending_state is not None:
             self.batches.set_state(self._pending_state)
             self._pending_state = None
@@ -129,6 +133,15 @@ class SPINSource:
             self.iteration += 1
             self.batches = None
         return None
+
+    def data_use(self) -> DataUse | None:
+        """Pairs drawn over all iterations. Every iteration pairs the same ground-truth examples, so the data size
+        is one iteration's pairs and a finished iteration counts as epochs_per_iteration passes over them."""
+        if not self._pairs:
+            return None
+        current = self.batches.data_use().consumed if self.batches is not None else 0
+        return DataUse(size=self._pairs, consumed=self.iteration * self.method.args.epochs_per_iteration * self._pairs
+                       + current)
 
     def get_state(self) -> dict:
         batches = self.batches.get_state() if self.batches is not None else self._pending_state

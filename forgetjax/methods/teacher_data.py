@@ -32,6 +32,7 @@ from forgetjax.errors import UserError
 from forgetjax.io import atomic_open, read_jsonl, write_json_atomic, write_jsonl_atomic
 from forgetjax.models.vocab import token_stats
 from forgetjax.tasks.prompts import user_message
+from forgetjax.tasks.domains import DEFAULT_MAX_NEW_TOKENS
 
 CHUNK_DIGITS = 5
 
@@ -127,7 +128,7 @@ class GenerationArgs:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     prompts_per_chunk: int = 16
     generation_seed: int = 0
     require_finished: bool = True  # drop completions cut off by max_new_tokens
@@ -158,7 +159,7 @@ class GenerationSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     prompts_per_chunk: int = 16
     seed: int = 0
 

@@ -19,6 +19,7 @@ from forgetjax.methods.catalog import method_label
 from forgetjax.distributed import is_writer
 from forgetjax.report.figures import ReportFigure, all_figures
 from forgetjax.report.questions import Answer, answer_all
+from forgetjax.results import Cell
 
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
@@ -78,7 +79,9 @@ def format_value(value: Any, column: str = "") -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        return f"{value:.3g}" if column.endswith("_p") or column == "mcnemar_p" else f"{value:.3f}"
+        if column.endswith(("_p", "flops")):
+            return f"{value:.3g}"
+        return f"{value:.3f}"
     return str(value)
 
 
@@ -90,7 +93,8 @@ def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, s
     """An escaped HTML table, or a 'missing' paragraph when there are no rows."""
     if not rows:
         return f'<p class="missing">{html.escape(empty)}</p>'
-    text_columns = {"start_point", "scale", "method", "domain", "benchmark", "cell_id", "missing_in_cell"}
+    text_columns = {"start_point", "scale", "method", "domain", "benchmark", "cell_id", "missing_in_cell", "budget",
+                    "flags"}
     head = "".join(
         f'<th class="{"text" if key in text_columns else "num"}">{html.escape(label)}</th>' for key, label in columns
     )
@@ -113,8 +117,51 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[st
     lines += ["| " + " | ".join(escape(v) for v in cells) + " |" for cells in _table_rows(rows, columns)]
     return "\n".join(lines)
 
+BUDGET_COLUMNS = (
+    ("start_point", "start"), ("method", "method"), ("domain", "domain"), ("seed", "seed"), ("budget", "budget"),
+    ("tokens", "tokens"), ("examples", "examples"), ("flops", "FLOPs"), ("train_flops", "train"),
+    ("rollout_flops", "rollout"), ("teacher_flops", "teacher"), ("reference_flops", "reference"),
+    ("unique", "unique"), ("epochs", "epochs"), ("exhausted", "data exhausted"), ("flags", "flags"),
+)
+FLAG_TEXT = {
+    "exceeded_max_epochs": "repeated its training data more than max_epochs={max_epochs} times ({epochs:.2f} epochs)",
+    "data_exhausted": "ran out of training data before the budget ({used} of {value:g} {kind} used)",
+}
 
 TableSection = tuple[str, Sequence[Mapping[str, Any]], Sequence[tuple[str, str]], str, str]
+
+
+def budget_rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """One row per trained cell: what its budget bought (tokens, examples, FLOPs by component), the unique examples
+    and epochs over its data, whether the data ran out, and its flags."""
+    rows = []
+    for cell in cells:
+        budget = cell.budget
+        used, data = budget.get("used") or {}, budget.get("data") or {}
+        if not used:
+            continue
+        components = used.get("flops_by_component") or {}
+        rows.append({**cell.meta(), "budget": f"{budget.get('value', 0):g} {budget.get('kind', '')}".strip(),
+                     "tokens": used.get("tokens"), "examples": used.get("examples"), "flops": used.get("flops"),
+                     **{f"{name}_flops": components.get(name) for name in ("train", "rollout", "teacher", "reference")},
+                     "unique": data.get("unique"), "epochs": data.get("epochs"),
+                     "exhausted": budget.get("status") == "data_exhausted",
+                     "flags": ", ".join(cell.budget_flags) or "-"})
+    return rows
+
+
+def budget_warnings(cells: Sequence[Cell]) -> list[str]:
+    """A sentence per flag of every cell (`Cell.budget_flags`), naming the cell."""
+    warnings = []
+    for cell in cells:
+        budget, used = cell.budget, cell.budget.get("used") or {}
+        kind = budget.get("kind", "steps")
+        values = {"max_epochs": budget.get("max_epochs"), "epochs": (budget.get("data") or {}).get("epochs") or 0.0,
+                  "used": used.get(kind, "?"), "value": budget.get("value", 0), "kind": kind}
+        for flag in cell.budget_flags:
+            text = FLAG_TEXT.get(flag, flag).format(**values)
+            warnings.append(f"{cell.cell_id} ({method_label(cell.method)}, {cell.domain}): {text}")
+    return warnings
 
 
 def _sections(analysis: StudyAnalysis) -> list[TableSection]:
@@ -125,6 +172,13 @@ def _sections(analysis: StudyAnalysis) -> list[TableSection]:
     pairing = [r for r in analysis["pairing"] if r["n_missing_in_cell"] or r["n_missing_in_baseline"]
                or r["n_prompt_changed"]]
     return [
+        ("Budget and data use", budget_rows(analysis.study.post_cells), BUDGET_COLUMNS,
+         "What each cell's matched budget bought: training tokens and examples, FLOPs in total and by component "
+         "(train step; rollout = sampling with the policy or its start, prefill + decode; teacher = teacher "
+         "generation and scoring, charged in full to every cell using cached teacher data; reference = reference "
+         "log-probs), unique examples and epochs over the cell's training data (problems for online methods, pairs "
+         "for DPO/SPIN), whether the data ran out before the budget, and the flags listed under 'Budget warnings'.",
+         "Not enough data: no trained cell recorded its budget use."),
         ("Off-target capability forgetting per configuration", overall, OVERALL_COLUMNS,
          "F (off-target): share of capability items outside the training domain (the domain's target benchmarks and "
          "the benchmarks its config marks in-domain left out; see the target-task table) correct at the baseline and "
@@ -213,6 +267,10 @@ def render_html(analysis: StudyAnalysis, answers: Sequence[Answer], sections: Se
     issues = analysis.study.issues
     if issues:
         parts.append("<h2>Cells left out</h2><ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in issues) + "</ul>")
+    warnings = budget_warnings(analysis.study.post_cells)
+    if warnings:
+        parts.append('<h2>Budget warnings</h2><ul class="missing">'
+                     + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
     parts.append("<h2>Research questions</h2>")
     for answer in answers:
         parts.append(f'<h3 id="{answer.key}">{answer.key}</h3><p class="question">{html.escape(answer.question)}</p>')
@@ -236,6 +294,9 @@ def render_markdown(analysis: StudyAnalysis, answers: Sequence[Answer],
     parts += [line + "\n" for line in _overview(analysis)]
     if analysis.study.issues:
         parts += ["## Cells left out", ""] + [f"- {issue}" for issue in analysis.study.issues] + [""]
+    warnings = budget_warnings(analysis.study.post_cells)
+    if warnings:
+        parts += ["## Budget warnings", ""] + [f"- {warning}" for warning in warnings] + [""]
     parts += ["## Research questions", ""]
     for answer in answers:
         parts += [f"### {answer.key}: {answer.question}", ""]

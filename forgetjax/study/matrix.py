@@ -21,6 +21,7 @@ from forgetjax.config import ConfigError, build_section, config_hash, deep_merge
 from forgetjax.methods.catalog import METHODS, method_code_digest, method_entry
 from forgetjax.results import BASELINE_METHOD, stage_dir, stage_model_dir
 from forgetjax.study.schema import StudyConfig, model_entry, study_domains
+from forgetjax.tasks.domains import DomainSpec
 
 CELL_TRAIN_KEYS = ("model", "seed", "budget", "out_dir")
 """Train fields every cell sets itself (from models, seeds, budget and the results directory), never the study."""
@@ -97,14 +98,24 @@ def train_settings(cfg: StudyConfig, scale: str) -> dict[str, Any]:
     return deep_merge({"dtype": model_entry(cfg, scale).dtype}, cfg.train)
 
 
-def _method_args(cfg: StudyConfig, method: str, scale: str) -> dict[str, Any]:
-    """The study's arguments of `method`, with the scale's teacher when the method needs one and none is set."""
+def generation_args(cfg: StudyConfig, method: str, domain: DomainSpec) -> dict[str, Any]:
+    """The one place a cell's generation length is set: every generating method of a domain (rollouts, teacher and
+    self generations, DPO and SPIN samples) samples up to the same `max_new_tokens`, the study's when set (for all
+    methods and domains), else the domain config's. {} for methods that do not generate."""
+    if not method_entry(method).generates:
+        return {}
+    return {"max_new_tokens": cfg.max_new_tokens or domain.max_new_tokens}
+
+
+def _method_args(cfg: StudyConfig, method: str, scale: str, domain: DomainSpec) -> dict[str, Any]:
+    """The study's arguments of `method`, with the scale's teacher when the method needs one and none is set, and
+    the domain's generation length."""
     args = copy.deepcopy(cfg.method_args.get(method, {}))
     teacher = method_entry(method).teacher
     teacher_model = getattr(model_entry(cfg, scale), f"{teacher}_teacher") if teacher else None
     if teacher_model and "teacher" not in args:
         args["teacher"] = teacher_model
-    return args
+    return {**args, **generation_args(cfg, method, domain)}
 
 
 def resolved_method_args(method: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +252,8 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                         train = train_settings(cfg, scale)
                         train.update({"model": start, "seed": seed, "budget": to_dict(cfg.budget)})
                         run = {"train": train, "method": method,
-                               "method_args": _method_args(cfg, method, scale), "domain": domain_cfg}
+                               "method_args": _method_args(cfg, method, scale, domains[domain]),
+                               "domain": domain_cfg}
                         stage = teacher_stage(run)
                         if stage:
                             run["method_args"]["teacher_data"] = str(teacher_stage_dir(cfg, stage[0]))

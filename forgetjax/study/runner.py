@@ -192,8 +192,9 @@ class StudyRunner:
                           results.cell_run_file(self.results, cell.cell_id))
             result = run_training(from_dict(RunConfig, run, source=f"{self.source}: cell {cell.cell_id}"),
                                   source=cell.cell_id)
-            budget = {"kind": self.cfg.budget.kind, "value": self.cfg.budget.value, "used": result.usage,
-                      "status": result.status}
+            budget = {"kind": self.cfg.budget.kind, "value": self.cfg.budget.value,
+                      "max_epochs": self.cfg.budget.max_epochs, "used": result.usage, "status": result.status,
+                      "data": result.data, "flags": result.flags}
             train_metrics = {f"train_{k}": v for k, v in result.final_metrics.items()
                              if isinstance(v, (int, float))}
             model_source = str(results.cell_model_dir(self.results, cell.cell_id))

@@ -75,6 +75,7 @@ class StudyConfig:
     domains: list[Literal["math", "code", "qa"]] = dataclasses.field(default_factory=lambda: ["math"])
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     budget: BudgetConfig = dataclasses.field(default_factory=lambda: BudgetConfig("tokens", 200_000))
+    max_new_tokens: int | None = None  # generation length of every method in every domain; None: each domain's
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     method_args: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     domain_files: list[str] = dataclasses.field(default_factory=list)
@@ -104,6 +105,12 @@ class StudyConfig:
                     raise ValueError(f"models[{m.scale}].{point} is required for start point {point!r}")
         if not self.seeds:
             raise ValueError("seeds: at least one seed")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
+        per_method = sorted(m for m, args in self.method_args.items() if "max_new_tokens" in args)
+        if per_method:
+            raise ValueError(f"method_args.{per_method[0]}.max_new_tokens: generation length is set per domain "
+                             "(configs/domains) or for all methods by the study's max_new_tokens, not per method")
         missing = sorted(set(self.domains) - set(study_domains(self)))
         if missing:
             raise ValueError(f"domains: {missing} have no domain config (configs/domains/ or domain_files)")

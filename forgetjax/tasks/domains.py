@@ -2,7 +2,8 @@
 benchmark-data source or a records file, see `forgetjax.envs.load_problems`), which verifier scores them (the domain
 name: `forgetjax.verifiers.rewards` grades math, code and qa), and the held-out benchmarks of the evaluation battery
 that measure the target task (the x axis of the safety-capability Pareto front). The study checks those names
-against the benchmark registry (`forgetjax.study.schema.study_domains`).
+against the benchmark registry (`forgetjax.study.schema.study_domains`). `max_new_tokens` is the domain's generation
+length: every generating method of a study samples up to it (`forgetjax.study.matrix.generation_args`).
 
 In-domain benchmarks (`is_in_domain`, the one rule): a benchmark is in-domain for a cell trained in a domain when it
 is one of the cell's target benchmarks, one of the domain config's `target_benchmarks`, matches one of its
@@ -21,6 +22,8 @@ from typing import Literal, Sequence
 from forgetjax.paths import CONFIGS_DIR
 
 DOMAINS_DIR = CONFIGS_DIR / "domains"
+DEFAULT_MAX_NEW_TOKENS = 512
+"""Generation length of a domain without one, and every generating method's default (room for chain of thought)."""
 
 
 @dataclasses.dataclass
@@ -33,10 +36,13 @@ class DomainSpec:
     target_benchmarks: list[str] = dataclasses.field(default_factory=list)
     in_domain_families: list[str] = dataclasses.field(default_factory=list)
     in_domain_benchmarks: list[str] = dataclasses.field(default_factory=list)
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
     def validate(self):
         if not self.target_benchmarks:
             raise ValueError("target_benchmarks: name at least one held-out benchmark of the target task")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     def problem_source(self) -> dict[str, str]:
         """The DomainConfig fields a training run reads (source, split and, when set, template)."""

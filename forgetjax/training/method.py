@@ -12,20 +12,27 @@ from typing import Any, Callable, Protocol
 import jax
 import numpy as np
 
+from forgetjax.training.budget import DataUse
+
 
 @dataclasses.dataclass
 class Batch:
     """One global batch: host arrays, and what it costs against the budget (tokens, examples and FLOPs always count
-    the whole global batch). `process_local`: the arrays hold only this process's rows
+    the whole global batch). `extra_flops`: FLOPs spent outside the train step, by component
+    (`budget.EXTRA_COMPONENTS`: rollout, teacher, reference). `process_local`: the arrays hold only this process's rows
     (`forgetjax.distributed.process_rows`), as per-process data pipelines load them; otherwise every process holds
     the whole batch."""
 
     arrays: dict[str, np.ndarray]
     tokens: int
     examples: int
-    extra_flops: float = 0.0
+    extra_flops: dict[str, float] = dataclasses.field(default_factory=dict)
     info: dict[str, float] = dataclasses.field(default_factory=dict)
     process_local: bool = False
+
+    @property
+    def extra_total(self) -> float:
+        return float(sum(self.extra_flops.values()))
 
 
 class BatchSource(Protocol):
@@ -37,6 +44,10 @@ class BatchSource(Protocol):
 
     def set_state(self, state: dict) -> None:
         """Resume from a saved position."""
+
+    def data_use(self) -> "DataUse | None":
+        """Its data's size and how much of it was drawn (None when the source does not know: the run then records
+        no epochs)."""
 
 
 @dataclasses.dataclass

@@ -95,6 +95,8 @@ class TrainResult:
     resumed_from: int | None
     wall_seconds: float
     out_dir: str
+    data: dict[str, float] | None = None  # unique, size, epochs (`DataUse.summary`) when the source knows its data
+    flags: list[str] = dataclasses.field(default_factory=list)  # `budget.data_flags`
 
 
 def measure_peak_flops(dtype=jnp.float32, n: int = 1024) -> float:
@@ -176,7 +178,7 @@ class Trainer:
             arrays = budgets.trim_rows(batch.arrays, keep - held.start)
             local = int(sum(v.sum() for k, v in arrays.items() if k.endswith("attention_mask")))
             return dataclasses.replace(batch, arrays=arrays, examples=keep, tokens=self._counts(batch, held, local)[1])
-        allowed = budgets.tokens_within(cfg, usage, flops_per_token) - batch.extra_flops / flops_per_token * (
+        allowed = budgets.tokens_within(cfg, usage, flops_per_token) - batch.extra_total / flops_per_token * (
             cfg.kind == "flops")
         if batch.tokens > allowed and self.method.trim == "tokens":
             keep = max(int(allowed), 0)
@@ -250,9 +252,12 @@ class Trainer:
             if progress_bar is not None:
                 progress_bar.close()
             logger.close()
+        use = source.data_use() if hasattr(source, "data_use") else None
+        data = use.summary() if use is not None else None
+        flags = budgets.data_flags(cfg.budget, data and data["epochs"], status == "data_exhausted")
         result = TrainResult(status=status, steps=self.state.step, usage=dataclasses.asdict(usage),
                              final_metrics=last_metrics, resumed_from=resumed_from,
-                             wall_seconds=time.time() - start_time, out_dir=str(self.out_dir))
+                             wall_seconds=time.time() - start_time, out_dir=str(self.out_dir), data=data, flags=flags)
         if is_writer():
             from forgetjax.io import write_json_atomic
 
@@ -286,9 +291,10 @@ class Trainer:
         self.state = dataclasses.replace(self.state, trainable=trainable, opt_state=opt_state,
                                          step=self.state.step + 1)
         train_flops = flops_per_token * batch.tokens
-        usage.add(batch.tokens, batch.examples, train_flops + batch.extra_flops)
+        usage.add(batch.tokens, batch.examples, train_flops, batch.extra_flops)
         values.update({"lr": lr, "tokens": batch.tokens, "examples": batch.examples,
                        "tokens_per_s": batch.tokens / seconds, "step_seconds": seconds,
                        "mfu": train_flops / seconds / peak, "budget_used": usage.amount(self.cfg.budget.kind),
-                       "train_flops": train_flops, "prepare_flops": batch.extra_flops})
+                       "train_flops": train_flops,
+                       **{f"{name}_flops": value for name, value in batch.extra_flops.items()}})
         return values
