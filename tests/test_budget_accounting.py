@@ -136,3 +136,28 @@ def test_data_flags():
     assert data_flags(cfg, None, False) == []  # the source does not know its data
     with pytest.raises(ValueError, match="max_epochs"):
         BudgetConfig("tokens", 100, max_epochs=0).validate()
+
+
+@pytest.mark.parametrize("budget, expected_share", [(2, 2 / 3), (3, 1.0), (8, 1.0)])
+def test_shared_teacher_flops_are_charged_pro_rata_to_the_distinct_examples_drawn(tiny, tmp_path, budget,
+                                                                                     expected_share):
+    """A teacher stage's FLOPs (shared by cells) cost a cell the share of its examples the cell draws: 2 of 3 records
+    pay two thirds, the whole set pays it once however many epochs follow; a cell's own preparation (rollout here)
+    is charged in full on the first batch."""
+    model_dir, _ = tiny
+    method = sft_method(tmp_path, None)
+    prepare = method.prepare
+
+    def prepare_with_flops(trainer):
+        prepared = prepare(trainer)
+        prepared.prorated_flops = {"teacher": 300.0}
+        prepared.extra_flops = {"rollout": 7.0}
+        return prepared
+
+    method.prepare = prepare_with_flops
+    trainer = make_trainer(model_dir, method, tmp_path / "run", batch_size=2)
+    trainer.cfg.budget = BudgetConfig("examples", budget)
+    result = trainer.fit()
+    components = result.usage["flops_by_component"]
+    assert components["teacher"] == pytest.approx(300.0 * expected_share)
+    assert components["rollout"] == pytest.approx(7.0)

@@ -105,24 +105,30 @@ class SFTDataArgs:
 @dataclasses.dataclass
 class Prepared:
     """What a method prepared before training: SFT records, FLOPs spent on them by component
-    (`budget.EXTRA_COMPONENTS`), optional teacher top-k."""
+    (`budget.EXTRA_COMPONENTS`), optional teacher top-k. `extra_flops` is the run's own preparation, charged at once;
+    `prorated_flops` is the cost of data that cells share (a teacher stage's generations and scores), charged pro rata
+    as the run first draws its examples: a cell pays for the share of that data it trains on."""
 
     records: list[dict[str, Any]]
     extra_flops: dict[str, float] = dataclasses.field(default_factory=dict)
     topk: Any = None  # TeacherTopK
+    prorated_flops: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class SFTBatchSource:
     """Batches of an SFT pipeline. The FLOPs spent preparing the data are charged to the first batch (once: the
-    state remembers it, so a resumed run does not charge them again). With a teacher top-k table, each batch also
-    carries `kd_ids` / `kd_logprobs` [B, T, K]. Batches are process-local: in multi-process runs the pipeline loads
+    state remembers it, so a resumed run does not charge them again); `prorated_flops` are charged as the share of
+    distinct examples drawn grows (min(1, drawn / size) of them by the end of each batch, so repeats cost nothing).
+    With a teacher top-k table, each batch also carries `kd_ids` / `kd_logprobs` [B, T, K]. Batches are process-local: in multi-process runs the pipeline loads
     only this process's rows of each global batch (`forgetjax.distributed.data_shard`)."""
 
     def __init__(self, iterator, upfront_flops: dict[str, float] | None = None, kd_table: dict | None = None,
-                 kd_k: int = 0):
+                 kd_k: int = 0, prorated_flops: dict[str, float] | None = None):
         self.iterator = iterator
         self.upfront_flops = check_extra_flops(upfront_flops or {})
+        self.prorated_flops = check_extra_flops(prorated_flops or {})
         self.charged = False
+        self.prorated_share = 0.0
         self.kd_table = kd_table
         self.kd_k = kd_k
 
@@ -140,6 +146,11 @@ class SFTBatchSource:
             arrays.update(kd_arrays(arrays, self.kd_table, self.kd_k))
         extra = {} if self.charged else dict(self.upfront_flops)
         self.charged = True
+        use = self.data_use()
+        share = min(1.0, use.consumed / use.size) if use.size else 1.0
+        for name, value in self.prorated_flops.items():
+            extra[name] = extra.get(name, 0.0) + value * (share - self.prorated_share)
+        self.prorated_share = max(share, self.prorated_share)
         return Batch(arrays=arrays, tokens=tokens, examples=examples, extra_flops=extra, info={"epoch": float(epoch)},
                      process_local=True)
 
@@ -147,13 +158,15 @@ class SFTBatchSource:
         return DataUse(size=len(self.iterator.schedule.lengths), consumed=self.iterator.items_drawn())
 
     def get_state(self) -> dict:
-        return {"data": self.iterator.get_state(), "charged": self.charged}
+        return {"data": self.iterator.get_state(), "charged": self.charged, "prorated_share": self.prorated_share}
 
     def set_state(self, state: dict) -> None:
-        if not isinstance(state, dict) or set(state) != {"data", "charged"}:
-            raise ValueError(f"SFT batch source state must be a dict with data and charged, got {state!r}")
+        if not isinstance(state, dict) or set(state) != {"data", "charged", "prorated_share"}:
+            raise ValueError(f"SFT batch source state must be a dict with data, charged and prorated_share, "
+                             f"got {state!r}")
         self.iterator.set_state(state["data"])
         self.charged = bool(state["charged"])
+        self.prorated_share = float(state["prorated_share"])
 
 
 class SFTMethod(Method):
@@ -194,7 +207,8 @@ class SFTMethod(Method):
 
             write_json_atomic(self.data_dir(trainer) / self.name / "pipeline_stats.json", stats)
         table = prepared.topk.lookup() if prepared.topk is not None else None
-        return SFTBatchSource(iterator, prepared.extra_flops, table, prepared.topk.k if table is not None else 0)
+        return SFTBatchSource(iterator, prepared.extra_flops, table, prepared.topk.k if table is not None else 0,
+                              prorated_flops=prepared.prorated_flops)
 
 
 # ----------------------------------------------------------------------------------------------------------------

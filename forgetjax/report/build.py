@@ -175,8 +175,8 @@ def _sections(analysis: StudyAnalysis) -> list[TableSection]:
         ("Budget and data use", budget_rows(analysis.study.post_cells), BUDGET_COLUMNS,
          "What each cell's matched budget bought: training tokens and examples, FLOPs in total and by component "
          "(train step; rollout = sampling with the policy or its start, prefill + decode; teacher = teacher "
-         "generation and scoring, charged in full to every cell using cached teacher data; reference = reference "
-         "log-probs), unique examples and epochs over the cell's training data (problems for online methods, pairs "
+         "generation and scoring, charged pro rata to the distinct teacher examples a cell trains on; reference = "
+         "reference log-probs), unique examples and epochs over the cell's training data (problems for online methods, pairs "
          "for DPO/SPIN), whether the data ran out before the budget, and the flags listed under 'Budget warnings'.",
          "Not enough data: no trained cell recorded its budget use."),
         ("Off-target capability forgetting per configuration", overall, OVERALL_COLUMNS,
@@ -322,7 +322,8 @@ def build_report(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> Path:
-    """Analyse RESULTS_DIR (or several, e.g. one per phase or model scale, merged into one study) and write out_dir/index.html, out_dir/report.md, out_dir/figures/*.png and
+    """Analyse RESULTS_DIR (or several, e.g. one per phase or model scale, merged into one study) and write
+    out_dir/index.html, out_dir/report.md, out_dir/figures/*.png and
     out_dir/tables/*.csv; returns the path of index.html. Only the writer process builds it (in multi-process runs
     the others return the same path at once)."""
     if not is_writer():

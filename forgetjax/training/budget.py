@@ -3,9 +3,10 @@
 Accounting: a training token is a real (non-padding) token of a training forward pass; its cost is 3 x the forward
 FLOPs per token (forward + backward, the usual 6N convention). Methods add the FLOPs they spend outside the step by
 component (`EXTRA_COMPONENTS`: rollout = sampling with the policy or its starting point, prefill + decode; teacher =
-a teacher's generations and scoring; reference = reference-model log-probs). Teacher data cached on disk and shared
-by cells is charged in full to every cell that trains on it: each cell pays for the compute its data cost, so a
-"flops" budget means the same compute whether or not another cell built the cache first. The last offline batch is
+a teacher's generations and scoring; reference = reference-model log-probs). Teacher data generated once and shared
+by cells (a teacher stage) is charged pro rata to the distinct examples a cell draws (`SFTBatchSource`): each cell pays
+for the teacher compute behind the data it trains on, whether or not another cell built the stage first, and a cell
+that uses a tenth of the stage pays a tenth of it. The last offline batch is
 trimmed so that token, example and FLOPs budgets end exactly at the budget.
 
 Data use: a batch source that knows its data reports `DataUse` (distinct units in the training set, units consumed),
