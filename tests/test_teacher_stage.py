@@ -58,7 +58,7 @@ def test_teacher_stage_is_shared_across_seeds_starts_and_scales_and_follows_teac
         return stages_by_cell(matrix_study(tmp_path, sf_sft=args))[("base", "s", "cf_sft", "math", 0)]
 
     base = sf_stage()
-    for change in ({"temperature": 0.3}, {"n_samples": 7}, {"top_p": 0.9}, {"max_new_tokens": 99},
+    for change in ({"temperature": 0.3}, {"n_samples": 7}, {"top_p": 0.9},
                    {"generation_seed": 5}, {"teacher": "org/other-teacher"}, {"teacher_dtype": "float32"},
                    {"system": "Be brief."}):
         assert sf_stage(**change) != base, change
@@ -68,6 +68,9 @@ def test_teacher_stage_is_shared_across_seeds_starts_and_scales_and_follows_teac
     limited = matrix_study(tmp_path)
     limited.domain_sources = {"math": {"limit": 5}}
     assert stages_by_cell(limited)[("base", "s", "sf_sft", "math", 0)] != base
+    longer = matrix_study(tmp_path)
+    longer.max_new_tokens = 99  # the generation length is the study's (or the domain's), for every method
+    assert stages_by_cell(longer)[("base", "s", "sf_sft", "math", 0)] != base
     shared_dir = matrix_study(tmp_path)
     shared_dir.teacher_stages_dir = str(tmp_path / "shared")
     cell = next(c for c in expand(shared_dir) if c.method == "cf_sft")
@@ -145,7 +148,8 @@ def tiny_distill_study(tmp_path: Path, data_dir: Path) -> Path:
         "budget": {"kind": "steps", "value": 1},
         "train": {"batch_size": 8, "max_length": 128, "checkpoint": {"every": 1, "keep": 1},
                   "log": {"progress": False, "tensorboard": False, "peak_flops": 1.0e11}},
-        "method_args": {"sf_sft": {"n_samples": 2, "max_new_tokens": 6, "prompts_per_chunk": 2,
+        "max_new_tokens": 6,
+        "method_args": {"sf_sft": {"n_samples": 2, "prompts_per_chunk": 2,
                                    "temperature": 1.0, "require_finished": False, "dedupe": False}},
         "domain_sources": {"math": {"limit": 4}},
         "battery": str(battery), "representation": False,

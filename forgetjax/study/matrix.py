@@ -156,12 +156,13 @@ def check_study(cfg: StudyConfig) -> None:
     if set_by_cells:
         raise ConfigError(f"train.{set_by_cells[0]}: set per cell (from models, seeds, budget and results_dir); "
                           f"remove it from train")
+    specs = study_domains(cfg)
     for method in cfg.method_args:
         if method not in METHODS:
             raise ConfigError(f"method_args.{method}: unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
         for scale in cfg.scales:
-            resolved_method_args(method, _method_args(cfg, method, scale))
-    specs = study_domains(cfg)
+            for domain in cfg.domains:
+                resolved_method_args(method, _method_args(cfg, method, scale, specs[domain]))
     for domain in cfg.domain_sources:
         if domain not in specs:
             raise ConfigError(f"domain_sources.{domain}: unknown domain {domain!r}; known: {', '.join(sorted(specs))}")
