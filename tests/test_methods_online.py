@@ -1,6 +1,7 @@
 """Online methods (GRPO / Dr.GRPO / FRPO, π-Distill): first-update gradient = REINFORCE with a group baseline written
 out by hand, row layout under micro-batching, the reward pipeline on scripted completions, rollout reuse and resume,
 π-Distill for alpha in {0, 0.5, 1}; and (slow) learning checks on SmolLM2-135M-Instruct."""
+import dataclasses
 import json
 import os
 from concurrent.futures import Future
@@ -112,11 +113,14 @@ def recorded(monkeypatch):
     return calls
 
 
-def scripted_sampler(monkeypatch, texts_per_call):
-    """Replace sampling by fixed completions: the given texts, their toy-tokenizer ids, old log-probs -0.5."""
+def scripted_sampler(monkeypatch, texts_per_call, seen=None):
+    """Replace sampling by fixed completions: the given texts, their toy-tokenizer ids, old log-probs -0.5. The
+    prompt ids of every call are appended to ``seen`` when given."""
     calls = iter(texts_per_call)
 
     def generate(self, prompts, params):
+        if seen is not None:
+            seen.append([list(p) for p in prompts])
         texts = next(calls)
         assert len(texts) == len(prompts) * params.n
         ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"][:params.max_new_tokens] for text in texts]
@@ -368,7 +372,7 @@ def test_bad_settings_name_the_field(tiny, tmp_path):
         build_method("pi_distill", {"privileged_template": "{prompt} only"}, toy_domain(problems))
 
 
-@pytest.mark.parametrize("name", ["on_rl_grpo", "on_rl_drgrpo", "on_rl_frpo", "pi_distill"])
+@pytest.mark.parametrize("name", ["on_rl_grpo", "on_rl_drgrpo", "on_rl_frpo", "pi_distill", "self_sdft_online"])
 def test_method_configs_load_and_build(name):
     cfg = load_run_config(REPO / "configs" / "methods" / f"{name}.yaml")
     assert cfg.method == name
@@ -422,6 +426,99 @@ def test_pi_distill_trains_a_step_for_each_alpha(tiny, tmp_path, alpha):
     assert result.steps == 1 and np.isfinite(logged["loss"]) and logged["grad_norm"] > 0
     assert {"teacher_objective", "student_objective", "kl_teacher_student", "reward_mean", "rollout_s"} <= set(logged)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Online SELF
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def toy_ids(text: str) -> list[int]:
+    """The toy tokenizer's ids of a text of words t<i>, written out: word t<i> is id i."""
+    return [int(word[1:]) for word in text.split()]
+
+
+def test_self_online_batch_trains_only_verified_samples_or_rewrites(tiny, tmp_path, monkeypatch):
+    """Prompt A has one correct sample (its only target); prompt B none, so it is rewritten from the reference and
+    its one correct rewrite is its only target. Every array equals the batch built by hand from the token ids."""
+    model_dir, problems = tiny
+    args = {"group_size": 2, "max_new_tokens": 4, "rewrite_template": "{question} t9 {reference}"}
+    method = build_method("self_sdft_online", args, toy_domain(problems))
+    method.reward_pool = ParityRewards()  # correct = more than half of the words even
+    trainer = make_trainer(model_dir, method, tmp_path, batch_size=4)
+    source = method.batch_source(trainer)
+    source.problems = [dataclasses.replace(p, metadata={**p.metadata, "solution": "t61 t63"})
+                       for p in source.problems]
+    seen = []
+    scripted_sampler(monkeypatch, [["t6 t8", "t7", "t9", "t11 t13"], ["t40 t42", "t41"]], seen)
+    batch = source.next_batch(context_for(trainer))
+    a, b = source.problem_at(0), source.problem_at(1)
+    prompt = {p.id: [3, *toy_ids(p.prompt), 4, 5] for p in (a, b)}
+    assert seen[0] == [prompt[a.id], prompt[b.id]]
+    assert len(seen[1]) == 1 and seen[1][0][:len(toy_ids(b.prompt)) + 3] == [3, *toy_ids(b.prompt), 9, 61]
+    targets = [("t6 t8", a), (None, a), ("t40 t42", b), (None, b)]
+    width, total = max(len(p) for p in prompt.values()), 64
+    expected_ids = np.zeros((4, total), np.int32)
+    expected_mask = np.zeros((4, total), np.float32)
+    expected_targets = np.zeros((4, total), np.int32)
+    for row, (target, problem) in enumerate(targets):
+        ids = prompt[problem.id]
+        completion = toy_ids(target) if target else []
+        expected_ids[row, width - len(ids):width + len(completion)] = ids + completion
+        expected_mask[row, width - 1:width - 1 + len(completion)] = 1.0
+        expected_targets[row, width - 1:width - 1 + len(completion)] = completion
+    np.testing.assert_array_equal(batch.arrays["input_ids"], expected_ids)
+    np.testing.assert_array_equal(batch.arrays["loss_mask"], expected_mask)
+    np.testing.assert_array_equal(batch.arrays["targets"], expected_targets)
+    np.testing.assert_array_equal(batch.arrays["attention_mask"], expected_ids > 0)
+    assert batch.tokens == (expected_ids > 0).sum() and batch.examples == 4
+    assert batch.info["target_rate"] == 0.5 and batch.info["rewrite_target_rate"] == 0.25
+    assert batch.info["pass_rate"] == 0.25
+    flops = trainer.model_config.flops_per_token
+    sampled = [len(prompt[p.id]) + n for p, n in ((a, 2), (a, 1), (b, 1), (b, 2))]
+    rewritten = [len(seen[1][0]) + n for n in (2, 1)]
+    assert batch.extra_flops == pytest.approx(sum(n * flops(n) for n in sampled + rewritten))
+
+
+def test_self_online_without_rewrites_leaves_failing_prompts_untrained(tiny, tmp_path, monkeypatch):
+    model_dir, problems = tiny
+    method = build_method("self_sdft_online", {"group_size": 2, "max_new_tokens": 4, "rewrite": False},
+                          toy_domain(problems))
+    method.reward_pool = ParityRewards()
+    trainer = make_trainer(model_dir, method, tmp_path, batch_size=4)
+    seen = []
+    scripted_sampler(monkeypatch, [["t7", "t9", "t11", "t6 t8 t10"]], seen)
+    batch = method.batch_source(trainer).next_batch(context_for(trainer))
+    assert len(seen) == 1  # no rewrite call
+    np.testing.assert_array_equal(batch.arrays["loss_mask"].sum(axis=1), [0, 0, 0, 3])
+
+
+@pytest.mark.parametrize("domain", ["math", "code", "qa"])
+@pytest.mark.parametrize("name", ["pi_distill", "self_sdft_online"])
+def test_online_method_trains_in_every_domain(tmp_path_factory, data_dir, name, domain):
+    """Two steps on real training problems of each domain with the real verifiers (code: the sandbox), on a tiny
+    random chat model with a byte-level tokenizer; self_sdft_online's rewrites are forced by random completions."""
+    from tiny_models import make_tiny_chat_model
+
+    model_dir = tmp_path_factory.getbasetemp() / "tiny_chat"
+    if not model_dir.exists():
+        make_tiny_chat_model(model_dir)
+    source = {"math": "gsm8k", "code": "mbpp", "qa": "efficientqa"}[domain]
+    config = DomainConfig(name=domain, source=source, limit=4, data_dir=str(data_dir))
+    method = build_method(name, {"group_size": 2, "max_new_tokens": 8, "reward_workers": 1}, config)
+    model, tokenizer = forgetjax.load(model_dir)
+    out = tmp_path_factory.mktemp(f"{name}_{domain}")
+    cfg = TrainConfig(batch_size=4, micro_batches=1, max_length=2048, budget=BudgetConfig("steps", 2),
+                      checkpoint=CheckpointConfig(every=100, keep=1),
+                      log=LogConfig(progress=False, tensorboard=False, peak_flops=1e11),
+                      optimizer=OptimizerConfig(lr=1e-3, schedule="constant", max_grad_norm=None), out_dir=str(out))
+    trainer = Trainer(cfg, model, tokenizer, method, mesh=make_mesh(1, 1, 1, devices=[jax.devices()[0]]))
+    result = trainer.fit()
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 2 and all(np.isfinite(row["loss"]) for row in logged)
+    assert logged[0]["skipped_prompts"] == 0
+    if name == "self_sdft_online":
+        assert logged[0]["rewrite_prompts"] == 2  # random bytes solve nothing
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -102,3 +102,59 @@ def test_intermediate_alpha_matches_the_papers_objective(setup, beta):
     assert float(loss_sum) == pytest.approx(per_token[mask].sum(), rel=1e-4, abs=1e-5)
     swapped = -(1 - alpha) * (j_teacher - beta * kl) - alpha * (j_student - beta * kl)
     assert abs(swapped[mask].sum() - per_token[mask].sum()) > 1e-2  # the data tell the two weightings apart
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Privileged information per domain
+# ---------------------------------------------------------------------------------------------------------------
+
+def _rows(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("domain", ["math", "code", "qa"])
+def test_default_privileged_context_holds_the_domains_ground_truth(data_dir, domain):
+    """The teacher's default message is the student's prompt plus what the data file itself gives as ground truth:
+    GSM8K's final answer (after ####), MBPP's reference program, EfficientQA's gold answers."""
+    from forgetjax.envs import load_training_problems
+    from forgetjax.methods.pi_distill import privileged_prompt
+
+    source = {"math": "gsm8k", "code": "mbpp", "qa": "efficientqa"}[domain]
+    config = DomainConfig(name=domain, source=source, limit=3, data_dir=str(data_dir))
+    method = build_method("pi_distill", {}, config)
+    for problem in load_training_problems(config):
+        teacher = privileged_prompt(method.privileged_template, problem)
+        assert teacher.startswith(problem.prompt + "\n\n")
+        item = problem.metadata["item_id"]
+        if domain == "math":
+            row = _rows(data_dir / "gsm8k" / "train.jsonl")[int(item.split("-")[1])]
+            answer = row["answer"].split("####")[-1].strip().replace(",", "")
+            assert teacher.endswith(f"The correct final answer is {answer}.")
+        elif domain == "code":
+            row = next(r for r in _rows(data_dir / "mbpp" / "mbpp.jsonl") if str(r["task_id"]) == item)
+            assert teacher.endswith("```python\n" + row["code"].replace("\r\n", "\n").strip() + "\n```")
+        else:
+            part, index = item.split("-")
+            row = _rows(data_dir / "nq_open" / f"NQ-open.efficientqa.{part}.1.1.jsonl")[int(index)]
+            assert teacher.endswith("The correct answer is " + " or ".join(f'"{a}"' for a in row["answer"]) + ".")
+
+
+def test_code_tests_placeholder_and_domain_checks(data_dir):
+    """{tests} writes the MBPP asserts; a placeholder the domain cannot fill is refused when the method is built."""
+    from forgetjax.envs import load_training_problems
+    from forgetjax.methods.pi_distill import privileged_prompt
+
+    code = DomainConfig(name="code", source="mbpp", limit=2, data_dir=str(data_dir))
+    method = build_method("pi_distill", {"privileged_template": "{prompt}\nTests:\n{tests}"}, code)
+    problem = load_training_problems(code)[0]
+    row = next(r for r in _rows(data_dir / "mbpp" / "mbpp.jsonl") if str(r["task_id"]) == problem.metadata["item_id"])
+    assert privileged_prompt(method.privileged_template, problem) == (
+        problem.prompt + "\nTests:\n" + "\n".join(row["test_list"]))
+    with pytest.raises(ValueError, match=r"privileged_template uses \['\{answer\}'\].*'code'.*\{solution\} or \{tests\}"):
+        build_method("pi_distill", {"privileged_template": "{prompt} {answer}"}, code)
+    with pytest.raises(ValueError, match=r"\['\{solution\}'\].*'qa'"):
+        build_method("pi_distill", {"privileged_template": "{prompt} {solution}"}, DomainConfig(name="qa"))
+    with pytest.raises(ValueError, match="must contain the privileged information of domain 'math'"):
+        build_method("pi_distill", {"privileged_template": "{prompt} only"}, DomainConfig(name="math"))

@@ -42,7 +42,7 @@ def classify_source(source: str | Path) -> tuple[str, Path | None]:
     if HUB_ID.match(text) and not text.startswith((".", "/")):
         return "hub", None
     raise WeightsError(f"model source {text!r} is not a file, a directory, an embedded model "
-                       f"({', '.join(assets.EMBEDDED_MODELS)}) or a hub id (org/name)")
+                       f"({', '.join([*assets.EMBEDDED_MODELS, *assets.RANDOM_MODELS])}) or a hub id (org/name)")
 
 
 def check_source(source: str | Path, what: str | None = None) -> str:

@@ -49,6 +49,7 @@ METHODS: dict[str, MethodEntry] = {
     "cf_sft": MethodEntry("forgetjax.methods.distill", "CF-SFT", OFF_POLICY_SFT, "CF", teacher="cross_family"),
     "self_spin": MethodEntry("forgetjax.methods.spin", "SELF (SPIN)", ON_POLICY, "SELF"),
     "self_sdft": MethodEntry("forgetjax.methods.sdft", "SELF (SDFT)", ON_POLICY, "SELF"),
+    "self_sdft_online": MethodEntry("forgetjax.methods.self_online", "SELF (online SDFT)", ON_POLICY, "SELF"),
     "off_rl_dpo": MethodEntry("forgetjax.methods.dpo", "OFF-RL (DPO)", OTHER_POLICY, "RL"),
     "on_rl_grpo": MethodEntry("forgetjax.methods.grpo", "ON-RL (GRPO)", ON_POLICY, "RL"),
     "on_rl_drgrpo": MethodEntry("forgetjax.methods.grpo", "ON-RL (Dr.GRPO)", ON_POLICY, "RL"),

@@ -1,7 +1,9 @@
 """π-Distill (privileged-information distillation, arXiv 2602.04942): teacher and student share the parameters.
 
-The teacher sees the prompt plus privileged information (by default the ground-truth final answer; the template may
-use the worked solution instead) and samples ``group_size`` completions per prompt; the student sees the prompt only.
+The teacher sees the prompt plus privileged information and samples ``group_size`` completions per prompt; the student
+sees the prompt only. The privileged information comes from the domain (:data:`DEFAULT_PRIVILEGED_TEMPLATES`): math the
+ground-truth final answer, code the reference program, qa the gold answers; a template may use any placeholder its
+domain provides (:data:`DOMAIN_PLACEHOLDERS`), checked when the method is built.
 The same sampled tokens are scored under both contexts in the loss (two forward passes: the teacher-context rows
 ``input_ids`` ... and the student-context rows ``student_input_ids`` ..., laid out so that completion tokens share
 columns, see :mod:`forgetjax.methods.rollout`), and :func:`forgetjax.losses.pi_distill.pi_distill_loss` combines
@@ -22,21 +24,30 @@ from forgetjax.methods.registry import register
 from forgetjax.methods.rollout import (
     OnlineSource,
     RolloutArgs,
-    reference_answer,
 )
 from forgetjax.models.vocab import token_stats
 from forgetjax.tasks.prompts import user_message
 
 STUDENT = "student"
-DEFAULT_PRIVILEGED_TEMPLATE = "{prompt}\n\nThe correct final answer is {answer}."
-PLACEHOLDERS = ("{prompt}", "{answer}", "{solution}")
+DEFAULT_PRIVILEGED_TEMPLATES = {
+    "math": "{prompt}\n\nThe correct final answer is {answer}.",
+    "code": "{prompt}\n\nA correct reference solution:\n```python\n{solution}\n```",
+    "qa": "{prompt}\n\nThe correct answer is {answer}.",
+}
+DOMAIN_PLACEHOLDERS = {
+    "math": ("{answer}", "{solution}"),  # final answer; worked solution
+    "code": ("{solution}", "{tests}"),  # reference program; the reference's tests as text
+    "qa": ("{answer}",),  # the gold answers, "a" or "b"
+}
+"""The privileged-information placeholders each domain's problems can fill; {prompt} is the student's message."""
 
 
 @dataclasses.dataclass
 class PIDistillArgs(RolloutArgs):
     """π-Distill settings. ``privileged_template`` builds the teacher's user message from ``{prompt}`` (the
-    student's message) and ``{answer}`` (the reference final answer) and/or ``{solution}`` (the worked solution of the
-    data). ``beta`` weighs the k3 teacher-student KL terms; the clip ranges are those of pi_distill_loss."""
+    student's message) and the domain's privileged information (:data:`DOMAIN_PLACEHOLDERS`); None takes the
+    domain's default (:data:`DEFAULT_PRIVILEGED_TEMPLATES`). ``beta`` weighs the k3 teacher-student KL terms; the
+    clip ranges are those of pi_distill_loss."""
 
     alpha: float = 0.5
     beta: float = 0.0
@@ -44,7 +55,7 @@ class PIDistillArgs(RolloutArgs):
     clip_high: float = 0.2
     student_clip_low: float | None = 0.2
     student_clip_high: float | None = 0.2
-    privileged_template: str = DEFAULT_PRIVILEGED_TEMPLATE
+    privileged_template: str | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -52,25 +63,58 @@ class PIDistillArgs(RolloutArgs):
             raise ValueError(f"method_args.alpha must be in [0, 1], got {self.alpha}")
         if self.beta < 0:
             raise ValueError(f"method_args.beta must be >= 0, got {self.beta}")
-        if "{prompt}" not in self.privileged_template:
+        if self.privileged_template is not None and "{prompt}" not in self.privileged_template:
             raise ValueError("method_args.privileged_template must contain {prompt}")
-        if "{answer}" not in self.privileged_template and "{solution}" not in self.privileged_template:
-            raise ValueError("method_args.privileged_template must contain {answer} or {solution} (the privileged "
-                             "information)")
+
+
+def domain_template(template: str | None, domain: str) -> str:
+    """The privileged template for ``domain`` (its default when None), checked to use only placeholders the domain's
+    problems provide and at least one of them."""
+    if domain not in DEFAULT_PRIVILEGED_TEMPLATES:
+        raise ValueError(f"pi_distill: no privileged information is defined for domain {domain!r}; known: "
+                         f"{sorted(DEFAULT_PRIVILEGED_TEMPLATES)}")
+    if template is None:
+        return DEFAULT_PRIVILEGED_TEMPLATES[domain]
+    allowed = DOMAIN_PLACEHOLDERS[domain]
+    foreign = [p for placeholders in DOMAIN_PLACEHOLDERS.values() for p in placeholders
+               if p in template and p not in allowed]
+    if foreign:
+        raise ValueError(f"method_args.privileged_template uses {sorted(set(foreign))}, which domain {domain!r} "
+                         f"does not provide; use {' or '.join(allowed)}")
+    if not any(p in template for p in allowed):
+        raise ValueError(f"method_args.privileged_template must contain the privileged information of domain "
+                         f"{domain!r}: {' or '.join(allowed)}")
+    return template
+
+
+def code_tests_text(reference) -> str:
+    """A code reference's tests as text: assert lines (after any setup code), HumanEval's check function, or
+    stdin/stdout examples."""
+    kind = reference["kind"]
+    if kind == "assert":
+        return "\n".join(filter(None, [reference["setup_code"].strip(), *reference["tests"]]))
+    if kind == "humaneval":
+        return reference["test"].strip()
+    return "\n\n".join(f"Input:\n{i}\nOutput:\n{o}" for i, o in zip(reference["inputs"], reference["outputs"]))
 
 
 def privileged_prompt(template: str, problem) -> str:
-    """The teacher's user message: the template with {prompt}, {answer} and {solution} filled in (no str.format,
-    prompts contain braces)."""
+    """The teacher's user message: the template with {prompt} and the problem's privileged information filled in
+    (no str.format, prompts contain braces). A problem lacking what the template asks for (a worked solution) is an
+    error naming it."""
     text = template.replace("{prompt}", problem.prompt)
     if "{answer}" in text:
-        text = text.replace("{answer}", reference_answer(problem.reference))
+        answers = [problem.reference] if isinstance(problem.reference, str) else list(problem.reference)
+        text = text.replace("{answer}", " or ".join(f'"{a}"' for a in answers) if problem.domain == "qa"
+                            else answers[0])
+    if "{tests}" in text:
+        text = text.replace("{tests}", code_tests_text(problem.reference))
     if "{solution}" in text:
         solution = problem.metadata.get("solution")
-        if not isinstance(solution, str) or not solution:
+        if not isinstance(solution, str) or not solution.strip():
             raise ValueError(f"problem {problem.id!r} has no worked solution for {{solution}} in "
-                             "method_args.privileged_template")
-        text = text.replace("{solution}", solution)
+                             "method_args.privileged_template (code: use {tests})")
+        text = text.replace("{solution}", solution.strip())
     return text
 
 
@@ -84,11 +128,12 @@ class PIDistill(Method):
         args.validate()
         self.args = args
         self.domain = domain
+        self.privileged_template = domain_template(args.privileged_template, domain.name)
         self.advantage_mode = args.advantage or "grpo"
         self.reward_pool = None
 
     def sample_messages(self, problem):
-        return user_message(privileged_prompt(self.args.privileged_template, problem), self.args.system_prompt)
+        return user_message(privileged_prompt(self.privileged_template, problem), self.args.system_prompt)
 
     def extra_contexts(self, problem):
         return {STUDENT: user_message(problem.prompt, self.args.system_prompt)}

@@ -198,15 +198,6 @@ def reward_statistics(details: Sequence[RewardDetail], lengths: np.ndarray, fini
     }
 
 
-def reference_answer(reference: Any) -> str:
-    """A problem's final answer as text (the first acceptable one); code references have none."""
-    if isinstance(reference, str):
-        return reference
-    if isinstance(reference, (list, tuple)) and reference and isinstance(reference[0], str):
-        return reference[0]
-    raise ValueError("this problem's reference has no final answer (code problems: use {solution} instead)")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Reference model
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,12 +401,10 @@ class OnlineSource:
         rollout_s = time.perf_counter() - start
 
         rows = [(problem, contexts) for problem, contexts in chosen for _ in range(group)]
-        held = process_rows(context.mesh, len(rows))  # each process scores the rows its devices hold
         scored_at = {}
         submitted = time.perf_counter()
-        future = self.reward_pool.submit_details(
-            [(self.domain, text, problem.reference) for (problem, _), text in zip(rows[held], completions.texts[held])])
-        future.add_done_callback(lambda _: scored_at.setdefault("done", time.perf_counter()))
+        pending = self.submit_rewards(context.mesh, [problem for problem, _ in rows], completions.texts)
+        pending[0].add_done_callback(lambda _: scored_at.setdefault("done", time.perf_counter()))
 
         arrays, prompt_lengths = self._layout(rows, completions, sampler.pad_id)
         extra_flops = {"rollout": self.model_config.forward_flops(np.add(prompt_lengths, completions.lengths))}
@@ -427,10 +416,7 @@ class OnlineSource:
             extra_flops["reference"] = self.model_config.forward_flops(arrays["attention_mask"].sum(axis=1))
 
         host_done = time.perf_counter()
-        details: list[RewardDetail] = future.result()
-        if jax.process_count() > 1:
-            details = [RewardDetail(**d) for d in gather_rows([dataclasses.asdict(d) for d in details], held,
-                                                               len(rows))]
+        details = self.gather_rewards(*pending)
         reward_done = time.perf_counter()
         rewards = np.asarray([d.reward for d in details], np.float32)
         arrays["rewards"] = rewards
@@ -445,6 +431,21 @@ class OnlineSource:
                      "skipped_prompts": float(self.skipped_prompts)})
         tokens = int(sum(v.sum() for k, v in arrays.items() if k.endswith("attention_mask")))
         return Batch(arrays=arrays, tokens=tokens, examples=len(rows), extra_flops=extra_flops, info=info)
+
+    def submit_rewards(self, mesh, problems: Sequence, texts: Sequence[str]):
+        """Send each completion (row i: ``texts[i]`` answering ``problems[i]``) this process's devices hold to the
+        reward pool without waiting; the pending result for :meth:`gather_rewards`."""
+        held = process_rows(mesh, len(problems))
+        future = self.reward_pool.submit_details(
+            [(self.domain, text, problem.reference) for problem, text in zip(problems[held], texts[held])])
+        return future, held, len(problems)
+
+    def gather_rewards(self, future, held, rows: int) -> list[RewardDetail]:
+        """Every row's verdict, gathered from the processes that scored them."""
+        details: list[RewardDetail] = future.result()
+        if jax.process_count() > 1:
+            details = [RewardDetail(**d) for d in gather_rows([dataclasses.asdict(d) for d in details], held, rows)]
+        return details
 
     def _layout(self, rows, completions: Completions, pad_id: int) -> tuple[dict[str, np.ndarray], list[int]]:
         """Training arrays of every context (common prompt width, completions aligned) plus old_logp."""
