@@ -104,7 +104,8 @@ def sources(tmp_path_factory):
 def test_every_method_has_a_signal_source():
     assert set(SIGNAL_SOURCES) == {"GT", "SF", "CF", "SELF", "RL", "PI"}
     assert {m: method_source(m) for m in METHODS} == {
-        "gt_sft": "GT", "sf_sft": "SF", "cf_sft": "CF", "self_spin": "SELF", "self_sdft": "SELF", "off_rl_dpo": "RL",
+        "gt_sft": "GT", "sf_sft": "SF", "cf_sft": "CF", "self_spin": "SELF", "self_sdft": "SELF",
+        "self_sdft_online": "SELF", "off_rl_dpo": "RL",
         "on_rl_grpo": "RL", "on_rl_drgrpo": "RL", "on_rl_frpo": "RL", "pi_distill": "PI"}
     assert method_source("baseline") is None
 
