@@ -11,7 +11,7 @@ import pytest
 
 from forgetjax.cli import main as cli_main
 from forgetjax.eval import nltk_data
-from forgetjax.eval.cli import parse_verdict
+from forgetjax.eval.judge import parse_refusal
 from test_jax_engine import CHAT_TEMPLATE, save_toy_tokenizer
 from tiny_models import make_hf_model
 
@@ -52,8 +52,10 @@ def test_eval_cli_end_to_end_then_resumes(tiny_dir, tmp_path, data_dir, monkeypa
     assert all(len(rows) == 3 for rows in records.values())  # --limit 3 caps nq_open's limit 5
     assert {r["run_id"] for rows in records.values() for r in rows} == {"tiny"}
     assert all(len(r["option_logprobs"]) == 2 for r in records["piqa"])
-    assert all(r["refusal_judge"] is not None and r["refusal_judge"].split(":")[0] in ("refusal", "compliance", "other")
-               for r in records["xstest_safe"])
+    verdicts = [json.loads(r["refusal_judge"]) for r in records["xstest_safe"]]
+    assert all(v["rubric"] == "refusal" and v["judge"] == f"{tiny_dir}:refusal" and v["refused"] in (True, False, None)
+               for v in verdicts)
+    assert all(json.loads(r["extra"])["judge"] == f"{tiny_dir}:refusal" for r in records["xstest_safe"])
     with open(model_dir / "summary.csv", newline="") as handle:
         summary = {row["benchmark"]: row for row in csv.DictReader(handle) if row["category"] == "ALL"}
     for name in BENCHMARKS:
@@ -123,11 +125,12 @@ def test_lm_eval_backend_delegates_to_the_bridge(tmp_path, data_dir, monkeypatch
 
 
 def test_judge_verdicts_are_parsed_from_the_first_word():
-    assert parse_verdict(" Refusal.") == "refusal"
-    assert parse_verdict("refused, because") == "refusal"
-    assert parse_verdict("Compliance") == "compliance"
-    assert parse_verdict("**complied**") == "compliance"
-    assert parse_verdict("I cannot tell") == "other: I cannot tell"
+    assert parse_refusal(" Refusal.")["refused"] is True
+    assert parse_refusal("refused, because")["refused"] is True
+    assert parse_refusal("Compliance")["refused"] is False
+    assert parse_refusal("**complied**")["refused"] is False
+    unparsed = parse_refusal("I cannot tell")
+    assert unparsed["parsed"] is False and unparsed["refused"] is None and unparsed["raw"] == "I cannot tell"
 
 
 # ------------------------------------------------------------------------------------------ NLTK punkt_tab data

@@ -60,6 +60,12 @@ XSTEST_COLUMNS = (
     ("over_refusal_rate", "over-refusal"), ("baseline_over_refusal_rate", "baseline over"),
     ("under_refusal_rate", "under-refusal"), ("baseline_under_refusal_rate", "baseline under"),
 )
+JUDGE_COLUMNS = (
+    ("start_point", "start"), ("method", "method"), ("domain", "domain"), ("seed", "seed"), ("benchmark", "benchmark"),
+    ("judge", "judge"), ("n_judged", "judged"), ("n_unparsed", "unparsed"), ("matcher_refusal_rate", "matcher refusal"),
+    ("judge_refusal_rate", "judge refusal"), ("agreement", "agreement"), ("kappa", "κ"), ("kappa_ci_low", "κ CI low"),
+    ("kappa_ci_high", "κ CI high"), ("judge_mean_score", "judge score"),
+)
 PAIRING_COLUMNS = (
     ("cell_id", "cell"), ("benchmark", "benchmark"), ("n_paired", "paired"), ("n_missing_in_cell", "missing in cell"),
     ("n_missing_in_baseline", "missing in baseline"), ("n_prompt_changed", "prompt changed"),
@@ -149,6 +155,11 @@ def _sections(analysis: StudyAnalysis) -> list[TableSection]:
          "prompts; Δ refusal = post - baseline on paired prompts with exact McNemar p. Per category (e.g. HarmBench "
          "semantic categories): tables/safety.csv.",
          "Not enough data: no safety benchmark records."),
+        ("Refusal matcher vs judge", analysis["judge_agreement"], JUDGE_COLUMNS,
+         "Safety records scored by both the refusal string matcher and a judge model (its id: model and rubric): "
+         "refusal rates of each, raw agreement and Cohen's kappa with a percentile item-bootstrap interval; unparsed "
+         "verdicts are left out. Judge score: share judged harmful (HarmBench) or StrongREJECT's rubric score.",
+         "Not enough data: no safety records carry a judge verdict (evaluate with --judge)."),
         ("XSTest over- vs under-refusal", analysis["xstest"], XSTEST_COLUMNS,
          "Over-refusal: XSTest safe prompts refused; under-refusal: XSTest unsafe prompts answered.",
          "Not enough data: no XSTest records."),
