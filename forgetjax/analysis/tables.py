@@ -583,8 +583,8 @@ def weight_delta_table(study: Study) -> list[dict[str, Any]]:
     return rows
 
 
-TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest", "judge_agreement",
-               "cell_summary", "pareto", "correlations", "representation", "weight_delta", "issues")
+TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest",
+               "judge_agreement", "cell_summary", "pareto", "correlations", "representation", "weight_delta", "issues")
 
 
 @dataclass

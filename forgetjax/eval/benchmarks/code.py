@@ -201,6 +201,7 @@ class HumanEvalPlus(HumanEval):
     def __init__(self, mini: bool) -> None:
         self.mini = mini
         self.name = "humaneval_plus_mini" if mini else "humaneval_plus"
+        self.subset_of = "humaneval_plus" if mini else None
         self.file = "HumanEvalPlus-Mini.jsonl.gz" if mini else "HumanEvalPlus.jsonl.gz"
         self.description = f"HumanEval+ ({self.file}, 164 tasks), base + plus inputs against the canonical solution"
 
