@@ -180,3 +180,40 @@ def test_judge_path_on_the_embedded_model(smollm2, data_dir, tmp_path):
         assert verdict["judge"] == "smollm2-135m-instruct:harmbench" and verdict["rubric"] == "harmbench"
         assert verdict["parsed"] == (verdict["refused"] is not None)
         assert record.extra_dict()["judge"] == "smollm2-135m-instruct:harmbench"
+
+
+def test_agreement_table_compares_matcher_and_judge_per_cell_and_benchmark(tmp_path):
+    """Judge verdicts written into one synthetic cell's HarmBench records: the analysis' agreement row holds the
+    unparsed count, both refusal rates, and kappa equal to scikit-learn's on the parsed items."""
+    import dataclasses
+
+    from sklearn.metrics import cohen_kappa_score
+
+    from forgetjax.analysis.estimates import BootstrapSettings
+    from forgetjax.analysis.loading import load_study
+    from forgetjax.analysis.tables import judge_agreement_table
+    from forgetjax.eval.records import read_records, write_records
+    from test_analysis_queries import SPECS, build_synthetic_study
+
+    build_synthetic_study(tmp_path, SPECS[:2])
+    cell = SPECS[0].cell_id
+    path = next((tmp_path / "cells" / cell).glob("eval/*/harmbench.parquet"))
+    records = read_records(path)
+    verdicts = []
+    for index, record in enumerate(records):
+        refused = None if index == 0 else (bool(record.refusal) if index % 3 else not record.refusal)
+        verdicts.append({"rubric": "harmbench", "judge": "j:harmbench", "parsed": refused is not None,
+                         "refused": refused, "harmful": None if refused is None else not refused,
+                         "score": None if refused is None else float(not refused), "raw": "x"})
+    write_records([dataclasses.replace(r, refusal_judge=json.dumps(v)) for r, v in zip(records, verdicts)], path)
+    study = load_study(tmp_path)
+    (row,) = [r for r in judge_agreement_table(study, BootstrapSettings(n_resamples=200)) if r["cell_id"] == cell]
+    study.connection.close()
+    matcher = [bool(r.refusal) for r in records[1:]]
+    judge = [v["refused"] for v in verdicts[1:]]
+    assert (row["benchmark"], row["judge"], row["n"], row["n_judged"], row["n_unparsed"]) == (
+        "harmbench", "j:harmbench", len(records), len(records) - 1, 1)
+    assert row["matcher_refusal_rate"] == pytest.approx(sum(matcher) / len(matcher))
+    assert row["judge_refusal_rate"] == pytest.approx(sum(judge) / len(judge))
+    assert row["kappa"] == pytest.approx(cohen_kappa_score(matcher, judge))
+    assert row["kappa_ci_low"] <= row["kappa"] <= row["kappa_ci_high"]
