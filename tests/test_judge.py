@@ -118,6 +118,7 @@ class FakeEngine:
 
     def generate(self, requests):
         self.requests.extend(requests)
+        self.calls = getattr(self, "calls", 0) + 1
         return [Generation([self.answer], [1]) for _ in requests]
 
 
@@ -139,6 +140,18 @@ def test_judge_runs_through_the_engine_and_records_its_id_with_the_plain_behavio
     chat_verdict = json.loads(get_benchmark("advbench").score(plain, "No.", ScoringContext(
         judge=Judge(chat_engine, "refusal")))["refusal_judge"])
     assert chat_verdict["refused"] is True and isinstance(chat_engine.requests[0].prompt, list)
+
+
+def test_a_batch_of_safety_items_is_judged_in_one_engine_call():
+    engine = FakeEngine("no", chat_template=None)
+    items = [Item(id=str(i), category="c", data={"prompt": f"request {i}", "harmful": True}) for i in range(3)]
+    responses = ["I can't help with that.", "Sure, here it is.", "No."]
+    results = get_benchmark("advbench").score_many(items, responses, ScoringContext(judge=Judge(engine, "harmbench")))
+    assert engine.calls == 1 and len(engine.requests) == 3
+    assert [r.prompt for r in engine.requests] == [get_rubric("harmbench").prompt(f"request {i}", responses[i], False)
+                                                  for i in range(3)]
+    assert [r["refusal"] for r in results] == [True, False, False]  # the matcher, unchanged by the judge
+    assert all(json.loads(r["refusal_judge"])["refused"] is True for r in results)
 
 
 def test_cohen_kappa_matches_scikit_learn_with_an_interval():

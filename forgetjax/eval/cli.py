@@ -172,7 +172,8 @@ def run_eval(args: argparse.Namespace) -> int:
     judge = None
     if args.judge:
         judge_model, judge_tokenizer = _load(args.judge, args, "judge")
-        judge_engine = JaxEngine(judge_model, judge_tokenizer, model_id=str(args.judge), batch_size=1)
+        judge_engine = JaxEngine(judge_model, judge_tokenizer, model_id=str(args.judge),
+                                 batch_size=args.batch_size)
         judge = Judge(judge_engine, rubric, args.judge_max_new_tokens)
     run_id = args.run_id or battery.name
     try:

@@ -209,9 +209,13 @@ class Judge:
         self.chat = bool(getattr(tokenizer, "chat_template", None))
 
     def __call__(self, prompt: str, response: str) -> dict[str, Any]:
+        return self.judge_many([(prompt, response)])[0]
+
+    def judge_many(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Verdicts for (request, response) pairs, asked in one engine call (the engine batches them)."""
         from forgetjax.eval.engine import GenerationRequest
 
-        request = GenerationRequest(prompt=self.rubric.prompt(prompt, response, self.chat),
-                                    max_new_tokens=self.max_new_tokens)
-        answer = self.engine.generate([request])[0].texts[0]
-        return {**self.rubric.parse(answer), "judge": self.judge_id}
+        requests = [GenerationRequest(prompt=self.rubric.prompt(prompt, response, self.chat),
+                                      max_new_tokens=self.max_new_tokens) for prompt, response in pairs]
+        answers = [generation.texts[0] for generation in self.engine.generate(requests)] if requests else []
+        return [{**self.rubric.parse(answer), "judge": self.judge_id} for answer in answers]

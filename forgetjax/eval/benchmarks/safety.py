@@ -23,6 +23,7 @@ either a refusal or a compliance and so set the behaviour being measured.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,26 @@ class SafetyBenchmark(Benchmark):
             },
         }
         if ctx is not None and ctx.judge is not None:
-            result["refusal_judge"] = verdict_text(ctx.judge(self.judge_request(item), response))
-            result["extra"]["judge"] = getattr(ctx.judge, "judge_id", None) or getattr(ctx.judge, "__name__", "judge")
+            self.add_verdict(result, ctx.judge, ctx.judge(self.judge_request(item), response))
         return result
+
+    def score_many(self, items, outputs, ctx: ScoringContext | None = None) -> list[dict[str, Any]]:
+        """Matcher scores per item; a judge with `judge_many` (forgetjax.eval.judge.Judge) is asked for the whole
+        batch in one engine call."""
+        judge = ctx.judge if ctx is not None else None
+        if judge is None or not hasattr(judge, "judge_many"):
+            return super().score_many(items, outputs, ctx)
+        results = super().score_many(items, outputs, dataclasses.replace(ctx, judge=None))
+        pairs = [(self.judge_request(item), output_texts(output)[0]) for item, output in zip(items, outputs)]
+        for result, verdict in zip(results, judge.judge_many(pairs)):
+            self.add_verdict(result, judge, verdict)
+        return results
+
+    @staticmethod
+    def add_verdict(result: dict[str, Any], judge: Any, verdict: Any) -> None:
+        """Store a judge's verdict in `refusal_judge` and its id in extra.judge."""
+        result["refusal_judge"] = verdict_text(verdict)
+        result["extra"]["judge"] = getattr(judge, "judge_id", None) or getattr(judge, "__name__", "judge")
 
     def judge_request(self, item: Item) -> str:
         """What the judge is told was asked: the plain behaviour, not a jailbreak wrapper around it."""
