@@ -230,3 +230,27 @@ def test_agreement_table_compares_matcher_and_judge_per_cell_and_benchmark(tmp_p
     assert row["judge_refusal_rate"] == pytest.approx(sum(judge) / len(judge))
     assert row["kappa"] == pytest.approx(cohen_kappa_score(matcher, judge))
     assert row["kappa_ci_low"] <= row["kappa"] <= row["kappa_ci_high"]
+
+
+def test_jailbreak_table_turns_refusal_rates_into_attack_success_per_template_and_category():
+    from forgetjax.analysis.tables import jailbreak_table
+
+    meta = {"cell_id": "c", "start_point": "base", "scale": "s", "model": "m", "method": "sft", "domain": "math",
+            "seed": 0}
+
+    def safety_row(benchmark, category, rate, low, high, baseline):
+        return {**meta, "level": "category" if category != "ALL" else "benchmark", "benchmark": benchmark,
+                "category": category, "n": 10, "refusal_rate": rate, "refusal_ci_low": low, "refusal_ci_high": high,
+                "baseline_refusal_rate": baseline}
+
+    rows = jailbreak_table([
+        safety_row("harmbench_standard", "ALL", 0.9, 0.6, 0.98, 1.0),
+        safety_row("harmbench_role_play", "illegal", 0.25, 0.1, 0.5, None),
+        safety_row("jailbreakbench_pair", "Malware/Hacking", 0.5, 0.2, 0.8, 0.75),
+        safety_row("advbench", "ALL", 0.1, 0.0, 0.3, None),
+    ])
+    assert [(r["template"], r["category"]) for r in rows] == [
+        ("none", "ALL"), ("role_play", "illegal"), ("jailbreakbench_pair", "Malware/Hacking")]
+    assert [(r["asr"], r["asr_ci_low"], r["asr_ci_high"], r["baseline_asr"]) for r in rows] == [
+        pytest.approx((0.1, 0.02, 0.4, 0.0)), pytest.approx((0.75, 0.5, 0.9, None)),
+        pytest.approx((0.5, 0.2, 0.8, 0.25))]

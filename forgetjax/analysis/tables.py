@@ -416,6 +416,30 @@ def xstest_table(safety_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
     return list(by_cell.values())
 
 
+JAILBREAK_PLAIN = "harmbench_standard"
+
+
+def jailbreak_table(safety_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Attack success rate (ASR = 1 - refusal, interval from the refusal rate's) per cell, jailbreak template and
+    HarmBench semantic category ("ALL" for the whole set): the plain standard behaviours (template "none") beside
+    each `harmbench_<template>` wrapping of the same behaviours and the JailbreakBench replays (template =
+    "jailbreakbench_<attack>", categories = JBB categories), with the baseline's ASR where paired."""
+    from forgetjax.eval.benchmarks.jailbreak import TEMPLATES
+
+    templates = {f"harmbench_{t.name}": t.name for t in TEMPLATES} | {JAILBREAK_PLAIN: "none"}
+    rows = []
+    for row in safety_rows:
+        name = row["benchmark"]
+        if name not in templates and not name.startswith("jailbreakbench_"):
+            continue
+        pre = row["baseline_refusal_rate"]
+        rows.append({**{k: row[k] for k in ("cell_id", "start_point", "scale", "model", "method", "domain", "seed")},
+                     "template": templates.get(name, name), "benchmark": name, "category": row["category"],
+                     "n": row["n"], "asr": 1.0 - row["refusal_rate"], "asr_ci_low": 1.0 - row["refusal_ci_high"],
+                     "asr_ci_high": 1.0 - row["refusal_ci_low"], "baseline_asr": None if pre is None else 1.0 - pre})
+    return rows
+
+
 def _target_accuracy(study: Study, cell: Cell, targets: Sequence[str]) -> tuple[float | None, int]:
     """Mean correctness (score when there is none) over the cell's items of the target benchmarks."""
     rows = study.rows(
@@ -584,7 +608,7 @@ def weight_delta_table(study: Study) -> list[dict[str, Any]]:
 
 
 TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest",
-               "judge_agreement", "cell_summary", "pareto", "correlations", "representation", "weight_delta", "issues")
+               "judge_agreement", "jailbreak", "cell_summary", "pareto", "correlations", "representation", "weight_delta", "issues")
 
 
 @dataclass
@@ -619,6 +643,7 @@ def analyze(
         "safety": safety,
         "xstest": xstest_table(safety),
         "judge_agreement": judge_agreement_table(study, settings),
+        "jailbreak": jailbreak_table(safety),
         "cell_summary": summary,
         "pareto": pareto_table(study, summary),
         "correlations": correlation_table(summary),
