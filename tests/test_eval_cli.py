@@ -206,3 +206,32 @@ def test_ifeval_sentence_checkers_run_with_the_built_data(fresh_punkt_tab, data_
 def test_punkt_tab_rejects_multiline_entries():
     with pytest.raises(ValueError, match="abbrev_types.txt"):
         nltk_data.punkt_tab_texts(["dr", "bad\nentry"], [], [], {})
+
+
+BREADTH_BATTERY = """name: breadth
+format: fewshot
+batch_size: 2
+benchmarks:
+  - {name: winogrande, limit: 3}
+  - {name: xwinograd, limit: 3}
+  - {name: arc_easy, limit: 2, n_shots: 1}
+  - {name: humaneval_plus_mini, limit: 2, max_new_tokens: 4, n: 2, temperature: 0.8, pass_k: [1, 2]}
+  - {name: jailbreakbench_dsn, limit: 2, max_new_tokens: 3}
+"""
+
+
+def test_eval_cli_runs_the_breadth_benchmarks_with_a_harmbench_judge(tiny_dir, tmp_path, data_dir):
+    battery = tmp_path / "breadth.yaml"
+    battery.write_text(BREADTH_BATTERY)
+    out = tmp_path / "out"
+    assert cli_main(eval_args(tiny_dir, battery, out, data_dir, "--judge", tiny_dir, "--judge-rubric", "harmbench",
+                              "--judge-max-new-tokens", "2")) == 0
+    model_dir = out / "tiny"
+    rows = {name: pq.read_table(model_dir / f"{name}.parquet").to_pylist()
+            for name in ("winogrande", "xwinograd", "arc_easy", "humaneval_plus_mini", "jailbreakbench_dsn")}
+    assert all(len(r["option_logprobs"]) == 2 and r["k"] == 2 for r in rows["winogrande"] + rows["xwinograd"])
+    assert all(r["k"] == len(r["option_logprobs"]) for r in rows["arc_easy"])
+    assert all({"pass@1", "pass@2"} <= set(json.loads(r["extra"])) for r in rows["humaneval_plus_mini"])
+    verdicts = [json.loads(r["refusal_judge"]) for r in rows["jailbreakbench_dsn"]]
+    assert all(v["rubric"] == "harmbench" and v["judge"] == f"{tiny_dir}:harmbench" for v in verdicts)
+    assert json.loads((model_dir / "eval_run.json").read_text())["judge_rubric"] == "harmbench"
