@@ -26,7 +26,7 @@ import csv
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from forgetjax.eval.benchmarks.base import (
     Benchmark,
@@ -107,7 +107,9 @@ class SafetyBenchmark(Benchmark):
             self.add_verdict(result, ctx.judge, ctx.judge(self.judge_request(item), response))
         return result
 
-    def score_many(self, items, outputs, ctx: ScoringContext | None = None) -> list[dict[str, Any]]:
+    def score_many(
+        self, items: Sequence[Item], outputs: Sequence[Any], ctx: ScoringContext | None = None
+    ) -> list[dict[str, Any]]:
         """Matcher scores per item; a judge with `judge_many` (forgetjax.eval.judge.Judge) is asked for the whole
         batch in one engine call."""
         judge = ctx.judge if ctx is not None else None
