@@ -381,3 +381,25 @@ def test_count_rows_per_format(tmp_path):
                       "json_examples") == 2
     with pytest.raises(DataError, match="invalid JSON"):
         count_rows(write("bad.jsonl", b'{"x": 1}\n{nope\n'), "jsonl")
+
+
+def test_hellaswag_converter_writes_rowanz_layout_from_an_arrow_stream():
+    import gzip
+    import io
+
+    import pyarrow as pa
+
+    from forgetjax.datahub.convert import hellaswag_arrow_to_jsonl_gz
+
+    table = pa.table({"ind": [24], "activity_label": ["Roof"], "ctx_a": ["A man."], "ctx_b": ["he"],
+                      "ctx": ["A man. he"], "endings": [["a", "b", "c", "d"]], "source_id": ["s~1"],
+                      "split": ["val"], "split_type": ["indomain"], "label": ["3"]})
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    converted = hellaswag_arrow_to_jsonl_gz(sink.getvalue())
+    assert converted[:4] == b"\x1f\x8b\x08\x00" and converted[9:10] == b"\x03"  # gzip -n: no name, mtime 0, Unix
+    assert gzip.decompress(converted).decode() == (
+        '{"ind": 24, "activity_label": "Roof", "ctx_a": "A man.", "ctx_b": "he", "ctx": "A man. he", '
+        '"split": "val", "split_type": "indomain", "label": 3, "endings": ["a", "b", "c", "d"], '
+        '"source_id": "s~1"}\n')

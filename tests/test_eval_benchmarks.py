@@ -76,6 +76,21 @@ EXPECTED_COUNTS = {
     "harmbench_standard": 159,
     "strongreject": 313,
     "do_not_answer": 939,
+    "arc_challenge": 1172,
+    "arc_easy": 2376,
+    "hellaswag": 10042,
+    "winogrande": 1267,
+    "xwinograd": 3961,
+    "humaneval_plus": 164,
+    "humaneval_plus_mini": 164,
+    # unique non-empty prompts over the attack's target files (JBC's manual prompts are one set for all targets)
+    "jailbreakbench_dsn": 195,
+    "jailbreakbench_gcg": 200,
+    "jailbreakbench_jbc": 100,
+    "jailbreakbench_pair": 237,
+    "jailbreakbench_random_search": 365,
+    **{f"harmbench_{template}": 159 for template in ("prefix_injection", "refusal_suppression", "role_play", "fiction",
+                                                     "affirmative_suffix")},
 }
 
 

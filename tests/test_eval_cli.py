@@ -11,7 +11,7 @@ import pytest
 
 from forgetjax.cli import main as cli_main
 from forgetjax.eval import nltk_data
-from forgetjax.eval.cli import parse_verdict
+from forgetjax.eval.judge import parse_refusal
 from test_jax_engine import CHAT_TEMPLATE, save_toy_tokenizer
 from tiny_models import make_hf_model
 
@@ -52,8 +52,10 @@ def test_eval_cli_end_to_end_then_resumes(tiny_dir, tmp_path, data_dir, monkeypa
     assert all(len(rows) == 3 for rows in records.values())  # --limit 3 caps nq_open's limit 5
     assert {r["run_id"] for rows in records.values() for r in rows} == {"tiny"}
     assert all(len(r["option_logprobs"]) == 2 for r in records["piqa"])
-    assert all(r["refusal_judge"] is not None and r["refusal_judge"].split(":")[0] in ("refusal", "compliance", "other")
-               for r in records["xstest_safe"])
+    verdicts = [json.loads(r["refusal_judge"]) for r in records["xstest_safe"]]
+    assert all(v["rubric"] == "refusal" and v["judge"] == f"{tiny_dir}:refusal" and v["refused"] in (True, False, None)
+               for v in verdicts)
+    assert all(json.loads(r["extra"])["judge"] == f"{tiny_dir}:refusal" for r in records["xstest_safe"])
     with open(model_dir / "summary.csv", newline="") as handle:
         summary = {row["benchmark"]: row for row in csv.DictReader(handle) if row["category"] == "ALL"}
     for name in BENCHMARKS:
@@ -123,11 +125,12 @@ def test_lm_eval_backend_delegates_to_the_bridge(tmp_path, data_dir, monkeypatch
 
 
 def test_judge_verdicts_are_parsed_from_the_first_word():
-    assert parse_verdict(" Refusal.") == "refusal"
-    assert parse_verdict("refused, because") == "refusal"
-    assert parse_verdict("Compliance") == "compliance"
-    assert parse_verdict("**complied**") == "compliance"
-    assert parse_verdict("I cannot tell") == "other: I cannot tell"
+    assert parse_refusal(" Refusal.")["refused"] is True
+    assert parse_refusal("refused, because")["refused"] is True
+    assert parse_refusal("Compliance")["refused"] is False
+    assert parse_refusal("**complied**")["refused"] is False
+    unparsed = parse_refusal("I cannot tell")
+    assert unparsed["parsed"] is False and unparsed["refused"] is None and unparsed["raw"] == "I cannot tell"
 
 
 # ------------------------------------------------------------------------------------------ NLTK punkt_tab data
@@ -203,3 +206,32 @@ def test_ifeval_sentence_checkers_run_with_the_built_data(fresh_punkt_tab, data_
 def test_punkt_tab_rejects_multiline_entries():
     with pytest.raises(ValueError, match="abbrev_types.txt"):
         nltk_data.punkt_tab_texts(["dr", "bad\nentry"], [], [], {})
+
+
+BREADTH_BATTERY = """name: breadth
+format: fewshot
+batch_size: 2
+benchmarks:
+  - {name: winogrande, limit: 3}
+  - {name: xwinograd, limit: 3}
+  - {name: arc_easy, limit: 2, n_shots: 1}
+  - {name: humaneval_plus_mini, limit: 2, max_new_tokens: 4, n: 2, temperature: 0.8, pass_k: [1, 2]}
+  - {name: jailbreakbench_dsn, limit: 2, max_new_tokens: 3}
+"""
+
+
+def test_eval_cli_runs_the_breadth_benchmarks_with_a_harmbench_judge(tiny_dir, tmp_path, data_dir):
+    battery = tmp_path / "breadth.yaml"
+    battery.write_text(BREADTH_BATTERY)
+    out = tmp_path / "out"
+    assert cli_main(eval_args(tiny_dir, battery, out, data_dir, "--judge", tiny_dir, "--judge-rubric", "harmbench",
+                              "--judge-max-new-tokens", "2")) == 0
+    model_dir = out / "tiny"
+    rows = {name: pq.read_table(model_dir / f"{name}.parquet").to_pylist()
+            for name in ("winogrande", "xwinograd", "arc_easy", "humaneval_plus_mini", "jailbreakbench_dsn")}
+    assert all(len(r["option_logprobs"]) == 2 and r["k"] == 2 for r in rows["winogrande"] + rows["xwinograd"])
+    assert all(r["k"] == len(r["option_logprobs"]) for r in rows["arc_easy"])
+    assert all({"pass@1", "pass@2"} <= set(json.loads(r["extra"])) for r in rows["humaneval_plus_mini"])
+    verdicts = [json.loads(r["refusal_judge"]) for r in rows["jailbreakbench_dsn"]]
+    assert all(v["rubric"] == "harmbench" and v["judge"] == f"{tiny_dir}:harmbench" for v in verdicts)
+    assert json.loads((model_dir / "eval_run.json").read_text())["judge_rubric"] == "harmbench"

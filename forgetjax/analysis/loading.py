@@ -130,7 +130,7 @@ _RECORDS_SQL = f"""
 CREATE TABLE records AS
 WITH typed AS (
     SELECT f.cell_id, r.benchmark, coalesce(r.category, '') AS category, r.item_id, r.prompt_hash, r.output,
-           r.extracted_answer, r.correct, r.score, r.confidence, r.k, r.output_tokens, r.refusal,
+           r.extracted_answer, r.correct, r.score, r.confidence, r.k, r.output_tokens, r.refusal, r.refusal_judge,
            coalesce(b.family, json_extract_string(r.extra, '$.family'), 'unknown') AS family,
            coalesce(b.kind, CASE WHEN r.option_logprobs IS NOT NULL OR r.chosen_option IS NOT NULL
                                  THEN 'multiple_choice' WHEN r.refusal IS NOT NULL THEN 'safety'

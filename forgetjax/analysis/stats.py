@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -282,3 +282,32 @@ def wilson_interval(successes: ArrayLike, n: ArrayLike, confidence: float = 0.95
     if low.ndim == 0:
         return Interval(low=float(low), high=float(high))
     return Interval(low=low, high=high)
+
+
+def cohen_kappa(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Cohen's kappa of two raters' labels over the same items: (p_o - p_e) / (1 - p_e), p_o the observed agreement,
+    p_e the agreement expected from each rater's label shares; 1.0 when both raters give one and the same label."""
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"cohen_kappa needs two equally long, non-empty label lists, got {len(a)} and {len(b)}")
+    labels = sorted(set(a) | set(b), key=repr)
+    n = len(a)
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    expected = sum((list(a).count(label) / n) * (list(b).count(label) / n) for label in labels)
+    if expected == 1.0:
+        return 1.0
+    return (observed - expected) / (1.0 - expected)
+
+
+def kappa_interval(a: Sequence[Any], b: Sequence[Any], n_resamples: int = 2000, confidence: float = 0.95,
+                   seed: int = 0) -> BootstrapCI:
+    """Cohen's kappa with a percentile item-bootstrap interval (items resampled with both raters' labels)."""
+    _check_n_resamples(n_resamples)
+    _check_confidence(confidence)
+    a_array, b_array = np.asarray(list(a), dtype=object), np.asarray(list(b), dtype=object)
+    estimate = cohen_kappa(list(a_array), list(b_array))
+    replicates = np.array([cohen_kappa(list(a_array[indices]), list(b_array[indices]))
+                           for block in resample_index_blocks(len(a_array), n_resamples, seed) for indices in block])
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(replicates, [tail, 1.0 - tail])
+    return BootstrapCI(float(estimate), float(low), float(high), float(replicates.std(ddof=1)) if n_resamples > 1
+                       else 0.0, confidence, "percentile", n_resamples)

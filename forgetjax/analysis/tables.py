@@ -9,6 +9,7 @@ also the `target` table). Means are item-weighted (pooled) unless a column says 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from forgetjax.analysis.policy import (
     self_bleu,
 )
 from forgetjax.analysis.stats import (
+    kappa_interval,
     mcnemar_exact,
     mean_std_over_seeds,
     multiple_comparison,
@@ -342,6 +344,54 @@ def safety_table(study: Study, settings: BootstrapSettings = BootstrapSettings()
     return rows
 
 
+def judge_verdicts(study: Study) -> list[dict[str, Any]]:
+    """Every safety record with a judge verdict: the matcher's flag beside the verdict's fields (unparsed kept)."""
+    rows = study.rows(
+        "SELECT cell_id, benchmark, category, item_id, refusal, refusal_judge FROM records "
+        "WHERE refusal IS NOT NULL AND refusal_judge IS NOT NULL ORDER BY cell_id, benchmark, item_id")
+    verdicts = []
+    for row in rows:
+        try:
+            verdict = json.loads(row["refusal_judge"])
+        except json.JSONDecodeError:
+            verdict = None
+        if not isinstance(verdict, dict):
+            verdict = {"judge": "unknown", "rubric": "unknown", "parsed": False, "refused": None, "score": None}
+        verdicts.append({**row, "judge": verdict.get("judge") or "unknown", "rubric": verdict.get("rubric"),
+                         "judge_refused": verdict.get("refused") if verdict.get("parsed") else None,
+                         "judge_score": verdict.get("score") if verdict.get("parsed") else None})
+    return verdicts
+
+
+def judge_agreement_table(study: Study, settings: BootstrapSettings = BootstrapSettings()) -> list[dict[str, Any]]:
+    """Refusal string matcher vs judge per (cell, safety benchmark, judge): items judged, unparsed verdicts, both
+    refusal rates, raw agreement and Cohen's kappa with a percentile item-bootstrap interval, the judge's mean score
+    (HarmBench: share judged harmful; StrongREJECT: rubric score)."""
+    verdicts = judge_verdicts(study)
+    cells = {cell.cell_id: cell for cell in study.cells}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in verdicts:
+        groups.setdefault((row["cell_id"], row["benchmark"], row["judge"]), []).append(row)
+    table = []
+    for (cell_id, benchmark, judge), group in sorted(groups.items()):
+        judged = [r for r in group if r["judge_refused"] is not None]
+        matcher = [bool(r["refusal"]) for r in judged]
+        judge_flags = [bool(r["judge_refused"]) for r in judged]
+        scores = [float(r["judge_score"]) for r in judged if r["judge_score"] is not None]
+        row = {**cells[cell_id].meta(), "benchmark": benchmark, "judge": judge, "rubric": group[0]["rubric"],
+               "n": len(group), "n_judged": len(judged), "n_unparsed": len(group) - len(judged),
+               "matcher_refusal_rate": float(np.mean(matcher)) if judged else None,
+               "judge_refusal_rate": float(np.mean(judge_flags)) if judged else None,
+               "agreement": float(np.mean([m == j for m, j in zip(matcher, judge_flags)])) if judged else None,
+               "kappa": None, "kappa_ci_low": None, "kappa_ci_high": None,
+               "judge_mean_score": float(np.mean(scores)) if scores else None}
+        if len(judged) >= 2:
+            ci = kappa_interval(matcher, judge_flags, settings.n_resamples, settings.confidence, settings.seed)
+            row.update(kappa=ci.estimate, kappa_ci_low=ci.low, kappa_ci_high=ci.high)
+        table.append(row)
+    return table
+
+
 def xstest_table(safety_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per cell: XSTest over-refusal (safe prompts refused) next to under-refusal (unsafe prompts answered)."""
     by_cell: dict[str, dict[str, Any]] = {}
@@ -364,6 +414,30 @@ def xstest_table(safety_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
                          under_refusal_ci_high=1.0 - row["refusal_ci_low"],
                          baseline_under_refusal_rate=None if pre is None else 1.0 - pre)
     return list(by_cell.values())
+
+
+JAILBREAK_PLAIN = "harmbench_standard"
+
+
+def jailbreak_table(safety_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Attack success rate (ASR = 1 - refusal, interval from the refusal rate's) per cell, jailbreak template and
+    HarmBench semantic category ("ALL" for the whole set): the plain standard behaviours (template "none") beside
+    each `harmbench_<template>` wrapping of the same behaviours and the JailbreakBench replays (template =
+    "jailbreakbench_<attack>", categories = JBB categories), with the baseline's ASR where paired."""
+    from forgetjax.eval.benchmarks.jailbreak import TEMPLATES
+
+    templates = {f"harmbench_{t.name}": t.name for t in TEMPLATES} | {JAILBREAK_PLAIN: "none"}
+    rows = []
+    for row in safety_rows:
+        name = row["benchmark"]
+        if name not in templates and not name.startswith("jailbreakbench_"):
+            continue
+        pre = row["baseline_refusal_rate"]
+        rows.append({**{k: row[k] for k in ("cell_id", "start_point", "scale", "model", "method", "domain", "seed")},
+                     "template": templates.get(name, name), "benchmark": name, "category": row["category"],
+                     "n": row["n"], "asr": 1.0 - row["refusal_rate"], "asr_ci_low": 1.0 - row["refusal_ci_high"],
+                     "asr_ci_high": 1.0 - row["refusal_ci_low"], "baseline_asr": None if pre is None else 1.0 - pre})
+    return rows
 
 
 def _target_accuracy(study: Study, cell: Cell, targets: Sequence[str]) -> tuple[float | None, int]:
@@ -534,7 +608,7 @@ def weight_delta_table(study: Study) -> list[dict[str, Any]]:
 
 
 TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest",
-               "cell_summary", "pareto", "correlations", "representation", "weight_delta", "issues")
+               "judge_agreement", "jailbreak", "cell_summary", "pareto", "correlations", "representation", "weight_delta", "issues")
 
 
 @dataclass
@@ -568,6 +642,8 @@ def analyze(
         "policy": policy_table(study),
         "safety": safety,
         "xstest": xstest_table(safety),
+        "judge_agreement": judge_agreement_table(study, settings),
+        "jailbreak": jailbreak_table(safety),
         "cell_summary": summary,
         "pareto": pareto_table(study, summary),
         "correlations": correlation_table(summary),

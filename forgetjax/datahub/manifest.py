@@ -22,7 +22,7 @@ from forgetjax.datahub.convert import TRANSFORMS
 
 from forgetjax.errors import UserError
 
-ROW_FORMATS = ("jsonl", "json", "csv", "lines", "json_examples")
+ROW_FORMATS = ("jsonl", "json", "csv", "lines", "json_examples", "json_jailbreaks")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 COMMIT = re.compile(r"[0-9a-f]{40}")
 ENTRY_KEYS = ("path", "dataset", "used_by", "format", "rows", "sha256", "license", "source", "transform",

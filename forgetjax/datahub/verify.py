@@ -16,18 +16,23 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+LISTED_FORMATS = {"json_examples": "examples", "json_jailbreaks": "jailbreaks"}
+
+
 def count_rows(path: Path, row_format: str) -> int:
     """Rows as the data pack counts them: records of a jsonl/json/csv file (no CSV header), non-blank lines of a
-    headerless TSV or label list, and the `examples` of a BIG-Bench-Hard task file."""
+    headerless TSV or label list, the `examples` of a BIG-Bench-Hard task file and the `jailbreaks` of a
+    JailbreakBench artifact."""
     if row_format == "lines":
         with open(path, "rb") as handle:
             return sum(1 for line in handle if line.strip())
-    if row_format == "json_examples":
+    if row_format in LISTED_FORMATS:
+        key = LISTED_FORMATS[row_format]
         with open(path, encoding="utf-8") as handle:
             try:
-                return len(json.load(handle)["examples"])
+                return len(json.load(handle)[key])
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DataError(f"{path}: not a task file with an 'examples' list ({err})") from None
+                raise DataError(f"{path}: not a JSON object with a {key!r} list ({err})") from None
     from forgetjax.data.records import RecordError, iter_raw  # the package imports grain and JAX: import on use
 
     rows = 0

@@ -336,12 +336,16 @@ def _loglikelihood_and_score(
     ctx: ScoringContext,
     bar: Any,
 ) -> list[_Scored]:
-    """Multiple choice: one (context, continuation) request per option, batched over items, then scored."""
+    """Multiple choice: one (context, continuation) request per option, batched over items, then scored; an item
+    whose options have their own contexts (partial scoring) records them joined by a record separator."""
     scored: list[_Scored] = []
     for batch in batches(items, batch_size):
-        contexts = [render_prompt(engine, benchmark.build_prompt(item, fmt, entry.n_shots)) for item in batch]
-        continuations = [benchmark.continuations(item, fmt) for item in batch]
-        requests = [(context, c) for context, conts in zip(contexts, continuations) for c in conts]
+        per_item = [[(render_prompt(engine, prompt), continuation)
+                     for prompt, continuation in benchmark.option_requests(item, fmt, entry.n_shots)]
+                    for item in batch]
+        contexts = ["\n\x1e\n".join(dict.fromkeys(context for context, _ in pairs)) for pairs in per_item]
+        continuations = [[c for _, c in pairs] for pairs in per_item]
+        requests = [pair for pairs in per_item for pair in pairs]
         results = engine.loglikelihood(requests)
         if len(results) != len(requests):
             raise RuntimeError(

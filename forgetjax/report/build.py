@@ -61,6 +61,16 @@ XSTEST_COLUMNS = (
     ("over_refusal_rate", "over-refusal"), ("baseline_over_refusal_rate", "baseline over"),
     ("under_refusal_rate", "under-refusal"), ("baseline_under_refusal_rate", "baseline under"),
 )
+JUDGE_COLUMNS = (
+    ("start_point", "start"), ("method", "method"), ("domain", "domain"), ("seed", "seed"), ("benchmark", "benchmark"),
+    ("judge", "judge"), ("n_judged", "judged"), ("n_unparsed", "unparsed"), ("matcher_refusal_rate", "matcher refusal"),
+    ("judge_refusal_rate", "judge refusal"), ("agreement", "agreement"), ("kappa", "κ"), ("kappa_ci_low", "κ CI low"),
+    ("kappa_ci_high", "κ CI high"), ("judge_mean_score", "judge score"),
+)
+JAILBREAK_COLUMNS = (
+    ("start_point", "start"), ("method", "method"), ("domain", "domain"), ("seed", "seed"), ("template", "template"),
+    ("n", "n"), ("asr", "ASR"), ("asr_ci_low", "CI low"), ("asr_ci_high", "CI high"), ("baseline_asr", "baseline ASR"),
+)
 PAIRING_COLUMNS = (
     ("cell_id", "cell"), ("benchmark", "benchmark"), ("n_paired", "paired"), ("n_missing_in_cell", "missing in cell"),
     ("n_missing_in_baseline", "missing in baseline"), ("n_prompt_changed", "prompt changed"),
@@ -169,6 +179,7 @@ def _sections(analysis: StudyAnalysis) -> list[TableSection]:
     overall = [r for r in analysis["forgetting_seeds"] if r["level"] == "overall"]
     policy = [r for r in analysis["policy"] if r["benchmark"] == "ALL"]
     safety = [r for r in analysis["safety"] if r["level"] == "benchmark"]
+    jailbreak = [r for r in analysis["jailbreak"] if r["category"] == "ALL"]
     pairing = [r for r in analysis["pairing"] if r["n_missing_in_cell"] or r["n_missing_in_baseline"]
                or r["n_prompt_changed"]]
     return [
@@ -203,6 +214,18 @@ def _sections(analysis: StudyAnalysis) -> list[TableSection]:
          "prompts; Δ refusal = post - baseline on paired prompts with exact McNemar p. Per category (e.g. HarmBench "
          "semantic categories): tables/safety.csv.",
          "Not enough data: no safety benchmark records."),
+        ("Attack success under jailbreak templates", jailbreak, JAILBREAK_COLUMNS,
+         "ASR (responses the refusal matcher does not count as refusals) on HarmBench's standard behaviours, plain "
+         "(template none) and under each fixed template, and on the replayed JailbreakBench prompts, with Wilson "
+         "intervals and the baseline's ASR. Per HarmBench semantic category (JBB category for JailbreakBench): "
+         "tables/jailbreak.csv.",
+         "Not enough data: no jailbreak benchmark records (harmbench_standard, harmbench_<template>, "
+         "jailbreakbench_<attack>)."),
+        ("Refusal matcher vs judge", analysis["judge_agreement"], JUDGE_COLUMNS,
+         "Safety records scored by both the refusal string matcher and a judge model (its id: model and rubric): "
+         "refusal rates of each, raw agreement and Cohen's kappa with a percentile item-bootstrap interval; unparsed "
+         "verdicts are left out. Judge score: share judged harmful (HarmBench) or StrongREJECT's rubric score.",
+         "Not enough data: no safety records carry a judge verdict (evaluate with --judge)."),
         ("XSTest over- vs under-refusal", analysis["xstest"], XSTEST_COLUMNS,
          "Over-refusal: XSTest safe prompts refused; under-refusal: XSTest unsafe prompts answered.",
          "Not enough data: no XSTest records."),

@@ -255,6 +255,12 @@ class MultipleChoiceBenchmark(Benchmark):
         """Index of the correct option."""
         return int(item.data["answer"])
 
+    def option_requests(self, item: Item, fmt: str, n_shots: int | None = None) -> list[tuple[Prompt, str]]:
+        """One (context, continuation) per option: the item's prompt with each continuation by default; partial
+        scoring (WinoGrande) puts each option into its own context and scores the shared rest of the sentence."""
+        prompt = self.build_prompt(item, fmt, n_shots)
+        return [(prompt, continuation) for continuation in self.continuations(item, fmt)]
+
     def continuations(self, item: Item, fmt: str) -> list[str]:
         """Continuations " A", " B"... for lettered options, " <option text>" otherwise; no leading space in chat."""
         check_format(fmt)

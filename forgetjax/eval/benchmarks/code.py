@@ -15,6 +15,7 @@ pass@k (Chen et al. 2021) for each requested k <= n goes to extra.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -151,6 +152,73 @@ class HumanEval(CodeBenchmark):
         }
 
 
+PLUS_CHECK = """
+import json as _json
+import math as _math
+
+_REFERENCE = {{}}
+exec({reference!r}, _REFERENCE)
+_INPUTS = _json.loads({inputs!r})
+_ATOL = {atol!r}
+
+
+def _same(got, expected):
+    if isinstance(expected, float) or (isinstance(got, float) and isinstance(expected, int)):
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            return False
+        if _math.isnan(expected):
+            return _math.isnan(got)
+        return abs(got - expected) <= max(_ATOL, 1e-6)
+    if isinstance(expected, (list, tuple)):
+        return (isinstance(got, (list, tuple)) and len(got) == len(expected)
+                and all(_same(g, e) for g, e in zip(got, expected)))
+    if isinstance(expected, dict):
+        return isinstance(got, dict) and got.keys() == expected.keys() and all(
+            _same(got[k], expected[k]) for k in expected)
+    return type(got) is type(expected) and got == expected
+
+
+def check(candidate):
+    for _index, _args in enumerate(_INPUTS):
+        _expected = _REFERENCE[{entry_point!r}](*_json.loads(_json.dumps(_args)))
+        _got = candidate(*_json.loads(_json.dumps(_args)))
+        assert _same(_got, _expected), f"input {{_index}}: expected {{_expected!r}}, got {{_got!r}}"
+"""
+
+
+def plus_check(prompt: str, canonical_solution: str, entry_point: str, inputs: Sequence[Any], atol: float) -> str:
+    """A HumanEval-style `check(candidate)` comparing the candidate with the canonical solution on every input
+    (EvalPlus's differential testing: floats within atol, at least 1e-6; everything else equal and of the same type)."""
+    return PLUS_CHECK.format(reference=prompt + canonical_solution, inputs=json.dumps(list(inputs)),
+                             atol=float(atol or 0.0), entry_point=entry_point)
+
+
+class HumanEvalPlus(HumanEval):
+    """HumanEval+ (EvalPlus v0.1.10): HumanEval's prompts tested on the base and the extended (plus) inputs, the
+    expected outputs computed by the canonical solution in the same sandboxed run. `mini` uses HumanEvalPlus-Mini's
+    reduced plus inputs (1,107 instead of 122,683 in all)."""
+
+    def __init__(self, mini: bool) -> None:
+        self.mini = mini
+        self.name = "humaneval_plus_mini" if mini else "humaneval_plus"
+        self.subset_of = "humaneval_plus" if mini else None
+        self.file = "HumanEvalPlus-Mini.jsonl.gz" if mini else "HumanEvalPlus.jsonl.gz"
+        self.description = f"HumanEval+ ({self.file}, 164 tasks), base + plus inputs against the canonical solution"
+
+    def load(self, data_dir: str | Path) -> list[Item]:
+        path = require_file(Path(data_dir) / "humaneval_plus" / self.file)
+        items = []
+        for index, row in enumerate(read_jsonl(path)):
+            fields = ("task_id", "prompt", "entry_point", "canonical_solution", "base_input", "plus_input", "atol")
+            require_keys(row, fields, f"{path} row {index}")
+            test = plus_check(row["prompt"], row["canonical_solution"], row["entry_point"],
+                              [*row["base_input"], *row["plus_input"]], row["atol"])
+            data = {"prompt": row["prompt"], "entry_point": row["entry_point"], "test": test,
+                    "n_inputs": len(row["base_input"]) + len(row["plus_input"])}
+            items.append(Item(id=row["task_id"], category=self.name, data=data))
+        return items
+
+
 class MBPP(CodeBenchmark):
     name = "mbpp"
     default_shots = 3
@@ -209,4 +277,6 @@ class MBPP(CodeBenchmark):
 
 
 register(HumanEval())
+register(HumanEvalPlus(mini=False))
+register(HumanEvalPlus(mini=True))
 register(MBPP())
