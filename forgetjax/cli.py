@@ -446,7 +446,7 @@ def _print_teacher_stages(cfg, topology, prompt_len: int) -> None:
                                   new_tokens=key["max_new_tokens"], compute_bytes=DTYPE_BYTES[key["dtype"]])
         fits = "" if plan.total <= 0.85 * topology.hbm_bytes else "  DOES NOT FIT"
         if cfg.budget.kind == "flops" and plan.flops >= cfg.budget.value:
-            fits += "  OVER THE FLOPS BUDGET (cells pay it pro rata to the examples they use: none can use them all)"
+            fits += "  > FLOPS BUDGET (charged pro rata: no cell can afford all of it)"
         print(f"{stage_id:>52} {cells:>5} {prompts:>7} "
               + " ".join(format_bytes(v) for v in (plan.weights, plan.kv_cache, plan.logits, plan.total))
               + f" {plan.flops / 1e15:9.1f} {plan.seconds / 3600:7.2f}" + fits)
