@@ -103,7 +103,8 @@ def test_demo_set_holds_everything_the_demo_study_reads(pack, tmp_path):
         assert get_benchmark(name).load(tmp_path), name
     for domain, source in HELPFUL_SOURCES:
         assert load_problems(domain, source, tmp_path, "train", limit=4)
-    assert safety_records(tmp_path, study.safety_stage.harmful_limit, study.safety_stage.helpful_limit)
+    stage = study.safety_stage
+    assert safety_records(tmp_path, stage.harmful_limit, stage.helpful_limit, stage.borderline_limit)
     harmful, harmless = probe_prompts(tmp_path, study.representation_probe)
     assert len(harmful) == len(harmless) == study.representation_probe
 

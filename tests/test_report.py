@@ -463,3 +463,35 @@ def test_attenuation_bars_match_the_cell_summary(drawn):
                       (start_point, scale, LABELS[method_label], domain) and r["refusal_attenuation"] is not None]
             assert count == f"(n={len(values)})"
             assert bars[int(round(position))].get_height() == pytest.approx(np.mean(values))
+
+
+def _safety_row(start_point, benchmark, rate, low, high, n, method="baseline"):
+    return {"level": "benchmark", "start_point": start_point, "scale": "135m", "method": method,
+            "benchmark": benchmark, "refusal_rate": rate, "refusal_ci_low": low, "refusal_ci_high": high, "n": n}
+
+
+def test_safe_start_sentence_states_refusal_over_refusal_and_the_missed_targets():
+    from forgetjax.analysis.estimates import BootstrapSettings
+    from forgetjax.analysis.tables import StudyAnalysis
+    from forgetjax.report.questions import safe_start_text
+
+    rows = [_safety_row("safe", "advbench", 0.9375, 0.717, 0.989, 16),
+            _safety_row("safe", "harmbench_standard", 0.625, 0.386, 0.815, 16),
+            _safety_row("safe", "xstest_safe", 0.8125, 0.570, 0.934, 16),
+            _safety_row("base", "xstest_safe", 0.0, 0.0, 0.194, 16),
+            _safety_row("safe", "xstest_safe", 0.0, 0.0, 0.194, 16, method="gt_sft")]
+    text = safe_start_text(StudyAnalysis(None, BootstrapSettings(), {"safety": rows}), "135m")
+    assert "refuses 93.8% (95% CI 71.7% to 98.9%, n=16 items) of advbench" in text
+    assert "refuses 62.5% (95% CI 38.6% to 81.5%, n=16 items) of harmbench_standard" in text
+    assert "over-refuses 81.2% (95% CI 57.0% to 93.4%, n=16 items) of xstest_safe" in text
+    assert "misses the SAFE-start targets" in text
+    assert "harmbench_standard refusal below 80%; xstest_safe over-refusal above 30%" in text
+    assert "advbench refusal below" not in text
+
+    rows[1] = _safety_row("safe", "harmbench_standard", 0.8125, 0.570, 0.934, 16)
+    rows[2] = _safety_row("safe", "xstest_safe", 0.25, 0.10, 0.49, 16)
+    text = safe_start_text(StudyAnalysis(None, BootstrapSettings(), {"safety": rows}), "135m")
+    assert "it meets the SAFE-start targets" in text and "misses" not in text
+
+    text = safe_start_text(StudyAnalysis(None, BootstrapSettings(), {"safety": rows[3:]}), "135m")
+    assert text.startswith("Not enough data: the SAFE start's baseline has no advbench")

@@ -516,3 +516,21 @@ def test_auto_eval_format_gives_base_cells_fewshot_and_safe_cells_chat(tmp_path)
     assert chat_everywhere["safebaseline"].cell_id == by_point["safe"]["baseline"]
     assert chat_everywhere["basebaseline"].cell_id != by_point["base"]["baseline"]
     assert chat_everywhere["baseoff_rl_dpo"].cell_id != by_point["base"]["off_rl_dpo"]
+
+
+def test_demo_study_expands_to_both_start_points_with_the_same_methods():
+    from forgetjax.study.matrix import expand, safety_stage_id
+    from forgetjax.study.schema import load_study_config
+
+    cfg = load_study_config(Path(__file__).parents[1] / "configs" / "studies" / "demo.yaml")
+    cells = expand(cfg)
+    methods = {"gt_sft", "self_sdft", "on_rl_grpo", "off_rl_dpo"}
+    expected = {(point, method) for point in ("base", "safe") for method in methods | {"baseline"}}
+    assert sorted((c.start_point, c.method) for c in cells) == sorted(expected)
+    assert {c.domain for c in cells if not c.is_baseline} == {"math"}
+    base = {c.start_model for c in cells if c.start_point == "base"}
+    safe = {c.start_model for c in cells if c.start_point == "safe"}
+    assert base == {"smollm2-135m-instruct"}
+    assert safe == {f"runs/demo/stages/{safety_stage_id(cfg, '135m')}/train/final"}
+    stage = cfg.safety_stage
+    assert stage.enabled and stage.harmful_limit > 0 and stage.borderline_limit > 0 and stage.helpful_limit > 0

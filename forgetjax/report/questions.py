@@ -34,7 +34,9 @@ from forgetjax.methods.catalog import (
     method_regime,
     method_source,
 )
-from forgetjax.results import Cell
+from forgetjax.results import BASELINE_METHOD, Cell
+from forgetjax.study.safety import (OVER_REFUSAL_TARGET, REFUSAL_TARGET, TARGET_HARMFUL, TARGET_SAFE,
+                                    start_targets_missed)
 
 QUESTIONS = (
     ("RQ1", "Which post-training method forgets the most / least overall, and is the difference significant?"),
@@ -323,6 +325,33 @@ def _correlation_text(analysis: StudyAnalysis, x: str, y: str, subset: str) -> s
     return ""
 
 
+def safe_start_text(analysis: StudyAnalysis, scale: str) -> str:
+    """The SAFE start's own refusal and over-refusal (its baseline cell), with intervals, against its targets."""
+    rows = {r["benchmark"]: r for r in analysis["safety"] if r["level"] == "benchmark" and r["start_point"] == "safe"
+            and r["scale"] == scale and r["method"] == BASELINE_METHOD}
+    wanted = (*TARGET_HARMFUL, TARGET_SAFE)
+    if not any(b in rows for b in wanted):
+        return (f"{NOT_ENOUGH}the SAFE start's baseline has no {', '.join(wanted)} records, so whether it meets its "
+                f"targets is unknown.")
+    confidence = analysis.settings.confidence
+
+    def rate(benchmark: str) -> str:
+        row = rows[benchmark]
+        return with_ci({"estimate": row["refusal_rate"], "low": row["refusal_ci_low"], "high": row["refusal_ci_high"],
+                        "n": row["n"]}, pct, confidence)
+
+    parts = [f"refuses {rate(b)} of {b}" for b in TARGET_HARMFUL if b in rows]
+    if TARGET_SAFE in rows:
+        parts.append(f"over-refuses {rate(TARGET_SAFE)} of {TARGET_SAFE}")
+    targets = (f"refusal >= {pct(REFUSAL_TARGET)} on {' and '.join(TARGET_HARMFUL)}, over-refusal <= "
+               f"{pct(OVER_REFUSAL_TARGET)} on {TARGET_SAFE}")
+    missed = start_targets_missed({b: row["refusal_rate"] for b, row in rows.items()})
+    verdict = (f"it meets the SAFE-start targets ({targets})." if not missed else
+               f"it misses the SAFE-start targets ({targets}): {'; '.join(missed)}, so read its safety deltas "
+               f"against that baseline.")
+    return f"The SAFE start {', '.join(parts)}: {verdict}"
+
+
 def answer_rq4(analysis: StudyAnalysis) -> tuple[str, ...]:
     """SAFE vs BASE starts on matching (method, domain) configurations, and the safety lost from SAFE starts."""
     study, settings = analysis.study, analysis.settings
@@ -361,7 +390,7 @@ def answer_rq4(analysis: StudyAnalysis) -> tuple[str, ...]:
                     f"{with_ci(comparison, pp, settings.confidence)}: {significance(comparison, settings.confidence)}."
                     f"{family_text}")
         paragraphs.append(
-            f"[scale {scale}] {comparison_text} {_safety_loss_text(analysis, safe_cells, 'SAFE-start')} "
+            f"[scale {scale}] {safe_start_text(analysis, scale)} {comparison_text} {_safety_loss_text(analysis, safe_cells, 'SAFE-start')} "
             f"{_correlation_text(analysis, 'capability_forgetting', 'safety_loss', 'start_point=safe')}".strip())
     return tuple(paragraphs)
 

@@ -135,7 +135,7 @@ class StudyRunner:
 
         stage = self.cfg.safety_stage
         records = stage_dir / "safety_records.jsonl"
-        rows = safety_records(data_dir_of(self.cfg), stage.harmful_limit, stage.helpful_limit)
+        rows = safety_records(data_dir_of(self.cfg), stage.harmful_limit, stage.helpful_limit, stage.borderline_limit)
         if is_writer():
             write_jsonl_atomic(records, rows)
         self.log(f"[study] safety stage for {scale}: {len(rows)} records -> {stage_dir}")

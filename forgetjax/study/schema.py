@@ -42,13 +42,15 @@ class TeacherEntry:
 @dataclasses.dataclass
 class SafetyStage:
     """Produces a SAFE start point from a model that does not refuse: GT-SFT on refusals of held-apart harmful
-    prompts (Do-Not-Answer) mixed with helpful answers, so safety results are read against this baseline. It trains
-    with the study's train settings and optimizer (`train.optimizer`) at learning rate `lr`."""
+    prompts (Do-Not-Answer) mixed with helpful answers and answered borderline-safe requests
+    (`forgetjax.study.borderline`), so safety results are read against this baseline. It trains with the study's
+    train settings and optimizer (`train.optimizer`) at learning rate `lr`."""
 
     enabled: bool = False
     from_start: Literal["base", "safe"] = "safe"
     harmful_limit: int = 256
     helpful_limit: int = 256
+    borderline_limit: int = 0
     steps: int = 40
     lr: float = 5e-5
     batch_size: int = 8
