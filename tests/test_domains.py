@@ -86,7 +86,7 @@ def test_in_domain_rule_covers_targets_families_and_listed_benchmarks():
 
     mgsm = sorted(b for b in family if b.startswith("mgsm_"))
     assert in_domain("math") == sorted(["gsm8k", "math500", "word_problems", *mgsm])
-    assert in_domain("code") == ["humaneval", "mbpp"]
+    assert in_domain("code") == ["humaneval", "humaneval_plus", "humaneval_plus_mini", "mbpp"]
     assert in_domain("qa") == ["nq_open", "triviaqa"]  # MMLU and GPQA (knowledge family) stay off-target
     assert in_domain("qa", ("nq_open", "bbh")) == ["bbh", "nq_open", "triviaqa"]  # a cell's own targets count too
     assert in_domain(None, ("gsm8k",)) == [] and in_domain("unshipped", ("bbh",)) == ["bbh"]

@@ -82,6 +82,10 @@ EXPECTED_COUNTS = {
     "winogrande": 1267,
     "xwinograd": 3961,
     "humaneval_plus": 164,
+    "mmlu_robust": 14042 * 4,
+    "arc_challenge_robust": 1172 * 3,
+    "neutral_prompts": 40,
+    "json_schema": 36,
     "humaneval_plus_mini": 164,
     # unique non-empty prompts over the attack's target files (JBC's manual prompts are one set for all targets)
     "jailbreakbench_dsn": 195,

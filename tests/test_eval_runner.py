@@ -31,6 +31,7 @@ from forgetjax.eval.battery import (
     summarize,
     write_summary_csv,
 )
+from forgetjax.eval.benchmarks.base import stable_hash
 from forgetjax.eval.benchmarks import Item, get_benchmark, list_benchmarks
 from forgetjax.eval.engine import Engine, Generation, GenerationRequest, LoglikelihoodResult
 from forgetjax.eval.records import EvalRecord, RECORD_SCHEMA, read_metadata, read_records, write_records
@@ -324,7 +325,12 @@ def test_quick_battery_end_to_end_writes_one_file_per_benchmark_and_resumes(tmp_
     for entry in battery.entries:
         benchmark = get_benchmark(entry.name)
         records = read_records(model_dir / f"{entry.name}.parquet")
-        assert len(records) == min(entry.limit, len(benchmark.load(DATA_DIR))), entry.name
+        items = benchmark.load(DATA_DIR)
+        groups = {}
+        for item in items:
+            groups.setdefault(benchmark.group_id(item), []).append(item.id)
+        chosen = sorted(groups, key=lambda g: (stable_hash("subset", 11, g), g))[:entry.limit]
+        assert sorted(r.item_id for r in records) == sorted(i for g in chosen for i in groups[g]), entry.name
         assert len({r.item_id for r in records}) == len(records)
         for record in records:
             assert record.benchmark == entry.name and record.run_id == "before" and record.model_id == engine.model_id

@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 # MMLU's dev files repeat five test questions of the sister subject (shown only in the other subject's prompts).
 KNOWN_CROSS_SUBJECT = {"mmlu": {"college_medicine/0152", "college_medicine/0081", "clinical_knowledge/0252",
                                 "clinical_knowledge/0093", "clinical_knowledge/0056"}}
+KNOWN_CROSS_SUBJECT["mmlu_robust"] = {f"{item}::original" for item in KNOWN_CROSS_SUBJECT["mmlu"]}
 
 
 @pytest.mark.parametrize("name", battery_benchmarks())

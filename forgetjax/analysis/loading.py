@@ -44,7 +44,9 @@ from forgetjax.results import (
 from forgetjax.tasks.domains import is_in_domain
 
 SAFETY_FAMILIES = ("safety_refusal", "over_refusal")
-NON_CAPABILITY_FAMILIES = (*SAFETY_FAMILIES, "ai_risk")
+NON_CAPABILITY_FAMILIES = (*SAFETY_FAMILIES, "ai_risk", "robustness", "default_behaviour")
+"""Families outside pooled capability forgetting: safety and dispositions, the robustness variants (their base
+benchmark already counts each item once) and the unscored default-behaviour prompts (`analysis.captrack`)."""
 OFF_TARGET_SQL = "is_capability AND NOT in_domain"
 """The paired-table condition of the items capability forgetting is measured on: capability, not in-domain."""
 
@@ -130,7 +132,7 @@ _RECORDS_SQL = f"""
 CREATE TABLE records AS
 WITH typed AS (
     SELECT f.cell_id, r.benchmark, coalesce(r.category, '') AS category, r.item_id, r.prompt_hash, r.output,
-           r.extracted_answer, r.correct, r.score, r.confidence, r.k, r.output_tokens, r.refusal, r.refusal_judge,
+           r.extracted_answer, r.correct, r.score, r.confidence, r.k, r.output_tokens, r.refusal, r.refusal_judge, r.extra,
            coalesce(b.family, json_extract_string(r.extra, '$.family'), 'unknown') AS family,
            coalesce(b.kind, CASE WHEN r.option_logprobs IS NOT NULL OR r.chosen_option IS NOT NULL
                                  THEN 'multiple_choice' WHEN r.refusal IS NOT NULL THEN 'safety'

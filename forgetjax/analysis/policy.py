@@ -7,6 +7,7 @@ degenerate outputs are visible; use np.nanmean when averaging such values.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Hashable, Literal, Sequence
@@ -291,3 +292,56 @@ def format_compliance(extracted: Sequence[object]) -> float:
     if not flags:
         raise ValueError("extracted is empty; need at least one output")
     return sum(flags) / len(flags)
+
+
+HEDGES = ("i think", "i believe", "it seems", "perhaps", "maybe", "might", "possibly", "probably", "it depends",
+          "i'm not sure", "i am not sure", "generally", "typically", "in some cases", "it is possible")
+APOLOGIES = ("sorry", "i apologize", "i apologise", "as an ai", "as a language model")
+STYLE_FEATURES = ("words", "markdown", "list_lines", "hedges_per_100_words", "apology", "non_english")
+MIN_LETTERS_FOR_LANGUAGE = 20
+_LIST_LINE = r"^\s*(?:[-*\u2022+]|\d+[.)])\s+\S"
+_MARKDOWN = r"(?m)^\s*#{1,6}\s+\S|\*\*[^*\n]+\*\*|__[^_\n]+__|```|^\s*\|.*\|\s*$"
+
+
+def _phrase_count(text: str, phrases: Sequence[str]) -> int:
+    lowered = text.lower()
+    return sum(len(re.findall(rf"(?<![\w']){re.escape(p)}(?![\w'])", lowered)) for p in phrases)
+
+
+def detected_language(text: str) -> str | None:
+    """langdetect's language code for `text` (seeded, so deterministic), None for texts under
+    MIN_LETTERS_FOR_LANGUAGE letters or when detection fails."""
+    if sum(ch.isalpha() for ch in text) < MIN_LETTERS_FOR_LANGUAGE:
+        return None
+    from langdetect import DetectorFactory, detect
+    from langdetect.lang_detect_exception import LangDetectException
+
+    DetectorFactory.seed = 0
+    try:
+        return detect(text)
+    except LangDetectException:
+        return None
+
+
+def style_features(text: str) -> dict[str, float]:
+    """Default-behaviour features of one response (CapTrack's style dimension).
+
+    words: whitespace tokens; markdown: 1 if it has a heading, bold, a code fence or a table row; list_lines: share
+    of non-empty lines that are bullet or numbered items; hedges_per_100_words: HEDGES phrases per 100 words;
+    apology: 1 if an APOLOGIES phrase occurs; non_english: 1 if langdetect finds a language other than English
+    (0 for texts too short to tell).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"style_features expects a string, got {type(text)}")
+    words = len(text.split())
+    lines = [line for line in text.splitlines() if line.strip()]
+    list_lines = sum(bool(re.match(_LIST_LINE, line)) for line in lines)
+    language = detected_language(text)
+    return {
+        "words": float(words),
+        "markdown": float(bool(re.search(_MARKDOWN, text))),
+        "list_lines": list_lines / len(lines) if lines else 0.0,
+        "hedges_per_100_words": 100.0 * _phrase_count(text, HEDGES) / words if words else 0.0,
+        "apology": float(_phrase_count(text, APOLOGIES) > 0),
+        "non_english": float(language is not None and language != "en"),
+    }

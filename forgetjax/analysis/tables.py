@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from forgetjax.analysis.captrack import captrack_table, robustness_table, style_drift_table
 from forgetjax.analysis.estimates import (
     BootstrapSettings,
     is_number,
@@ -608,7 +609,8 @@ def weight_delta_table(study: Study) -> list[dict[str, Any]]:
 
 
 TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest",
-               "judge_agreement", "jailbreak", "cell_summary", "pareto", "correlations", "representation", "weight_delta", "issues")
+               "judge_agreement", "jailbreak", "cell_summary", "pareto", "correlations", "representation", "weight_delta", "robustness", "style_drift", "captrack",
+               "issues")
 
 
 @dataclass
@@ -632,6 +634,7 @@ def analyze(
     forgetting = forgetting_table(study, settings)
     safety = safety_table(study, settings)
     summary = cell_summary_table(study, forgetting, settings)
+    style_drift = style_drift_table(study, settings)
     tables = {
         "cells": [{**c.meta(), "status": c.status, "baseline_id": None if c.is_baseline else
                    study.baselines[c.baseline_key].cell_id} for c in study.cells],
@@ -649,6 +652,9 @@ def analyze(
         "correlations": correlation_table(summary),
         "representation": representation_table(study),
         "weight_delta": weight_delta_table(study),
+        "robustness": robustness_table(study, settings),
+        "style_drift": style_drift,
+        "captrack": captrack_table(study, style_drift, settings),
         "issues": [{"issue": issue} for issue in study.issues],
     }
     return StudyAnalysis(study, settings, tables)

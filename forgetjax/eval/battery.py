@@ -199,16 +199,27 @@ def resolve_battery(battery: Battery | str | os.PathLike[str]) -> Battery:
     return load_battery(CONFIG_DIR / f"{battery}.yaml")
 
 
-def select_subset(items: Sequence[Item], limit: int | None, seed: int) -> list[Item]:
-    """Up to `limit` items, chosen and ordered by sha256(seed, item id): independent of the input order."""
+def select_subset(
+    items: Sequence[Item], limit: int | None, seed: int, group: Callable[[Item], str] | None = None
+) -> list[Item]:
+    """Up to `limit` items, chosen and ordered by sha256(seed, item id): independent of the input order.
+
+    With `group` (a benchmark's `group_id`), groups are chosen and ordered by sha256(seed, group id) and `limit`
+    counts groups; a group's items stay together in input order. Without it every item is its own group.
+    """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):
         duplicates = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"select_subset: duplicate item ids {duplicates}")
-    ordered = sorted(items, key=lambda item: (stable_hash("subset", seed, item.id), item.id))
-    return ordered if limit is None else ordered[:limit]
+    group = group or (lambda item: item.id)
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        groups.setdefault(group(item), []).append(item)
+    ordered = sorted(groups, key=lambda key: (stable_hash("subset", seed, key), key))
+    chosen = ordered if limit is None else ordered[:limit]
+    return [item for key in chosen for item in groups[key]]
 
 
 def item_seed(seed: int, benchmark: str, item_id: str) -> int:
@@ -473,7 +484,7 @@ def _plan(
     """Load and subset one entry's items and decide whether its file is already complete."""
     entry_fmt = entry.format or fmt or battery.format
     entry_limit = effective_limit(entry.limit, limit)
-    items = select_subset(benchmark.load(data_dir), entry_limit, seed)
+    items = select_subset(benchmark.load(data_dir), entry_limit, seed, benchmark.group_id)
     path = model_dir / f"{benchmark.name}.parquet"
     expected = fingerprint(run_id, model_id, benchmark, entry, entry_fmt, seed, entry_limit, items)
     complete = path.exists() and not overwrite and _is_complete(path, expected, len(items))

@@ -233,7 +233,7 @@ def _benchmark_items(benchmark: str, data_dir: str) -> tuple[Item, ...]:
 def selected_items(benchmark: str, data_dir: str | os.PathLike[str], limit: int | None, seed: int) -> list[Item]:
     """The items a run evaluates: forgetjax's `select_subset` (all items when limit is None), in file order."""
     items = _benchmark_items(benchmark, str(Path(data_dir).resolve()))
-    chosen = {item.id for item in select_subset(items, check_limit(limit), seed)}
+    chosen = {item.id for item in select_subset(items, check_limit(limit), seed, get_benchmark(benchmark).group_id)}
     return [item for item in items if item.id in chosen]
 
 

@@ -71,6 +71,22 @@ JAILBREAK_COLUMNS = (
     ("start_point", "start"), ("method", "method"), ("domain", "domain"), ("seed", "seed"), ("template", "template"),
     ("n", "n"), ("asr", "ASR"), ("asr_ci_low", "CI low"), ("asr_ci_high", "CI high"), ("baseline_asr", "baseline ASR"),
 )
+CAPTRACK_COLUMNS = (
+    ("start_point", "start"), ("method", "method"), ("domain", "domain"), ("seed", "seed"),
+    ("dimension", "dimension"), ("n", "n"), ("pre", "baseline"), ("post", "post"), ("delta", "Δ"),
+    ("delta_ci_low", "CI low"), ("delta_ci_high", "CI high"), ("relative_drift", "relative drift"),
+)
+ROBUSTNESS_COLUMNS = (
+    ("start_point", "start"), ("method", "method"), ("domain", "domain"), ("seed", "seed"), ("benchmark", "benchmark"),
+    ("n_items", "items"), ("consistent", "consistency"), ("robust", "all correct"), ("original", "acc original"),
+    ("perturbed", "acc perturbed"), ("baseline_consistent", "baseline consistency"),
+    ("consistency_delta", "Δ consistency"), ("consistency_ci_low", "CI low"), ("consistency_ci_high", "CI high"),
+)
+STYLE_COLUMNS = (
+    ("start_point", "start"), ("method", "method"), ("domain", "domain"), ("seed", "seed"), ("feature", "feature"),
+    ("n", "n"), ("pre", "baseline"), ("post", "post"), ("delta", "Δ"), ("delta_ci_low", "CI low"),
+    ("delta_ci_high", "CI high"), ("relative_drift", "relative drift"),
+)
 PAIRING_COLUMNS = (
     ("cell_id", "cell"), ("benchmark", "benchmark"), ("n_paired", "paired"), ("n_missing_in_cell", "missing in cell"),
     ("n_missing_in_baseline", "missing in baseline"), ("n_prompt_changed", "prompt changed"),
@@ -226,6 +242,26 @@ def _sections(analysis: StudyAnalysis) -> list[TableSection]:
          "refusal rates of each, raw agreement and Cohen's kappa with a percentile item-bootstrap interval; unparsed "
          "verdicts are left out. Judge score: share judged harmful (HarmBench) or StrongREJECT's rubric score.",
          "Not enough data: no safety records carry a judge verdict (evaluate with --judge)."),
+        ("CapTrack dimensions", analysis["captrack"], CAPTRACK_COLUMNS,
+         "CapTrack's taxonomy per cell: knowledge (knowledge, truthfulness, multilingual families), skills (math, code, "
+         "reasoning, commonsense) and protocol (instruction following: IFEval, JSON-schema adherence) are off-target "
+         "accuracy on paired items; robustness is the share of items answered consistently under perturbations; "
+         "Δ = post - baseline with a paired item-bootstrap interval, relative drift = Δ / baseline. Default "
+         "behaviour is minus the mean absolute relative drift of the style features (0 = unchanged).",
+         "Not enough data: no post-trained cell has records of the CapTrack benchmarks (core battery: "
+         "mmlu_robust, arc_challenge_robust, neutral_prompts, json_schema, ifeval)."),
+        ("Robustness under perturbations", analysis["robustness"], ROBUSTNESS_COLUMNS,
+         "Each base item under its perturbations (original, shuffled options, an irrelevant sentence, a reworded "
+         "request): consistency = same semantic answer under all of them, all correct = every variant right; "
+         "accuracy of the original vs the mean over perturbed variants; Δ consistency against the baseline on the "
+         "same base items with a paired item-bootstrap interval.",
+         "Not enough data: no robustness benchmark records (<benchmark>_robust)."),
+        ("Default-behaviour drift on neutral prompts", analysis["style_drift"], STYLE_COLUMNS,
+         "Style features of responses to neutral requests (neutral_prompts): words, markdown (share with headings, "
+         "bold, code or tables), list lines (share of lines), hedges per 100 words, apology (share), non-English "
+         "(share); baseline vs post means over paired prompts, Δ with a paired item-bootstrap interval, relative "
+         "drift = Δ / baseline.",
+         "Not enough data: no neutral_prompts records paired with a baseline."),
         ("XSTest over- vs under-refusal", analysis["xstest"], XSTEST_COLUMNS,
          "Over-refusal: XSTest safe prompts refused; under-refusal: XSTest unsafe prompts answered.",
          "Not enough data: no XSTest records."),

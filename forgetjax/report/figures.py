@@ -14,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from forgetjax.analysis.captrack import CAPTRACK_DIMENSIONS
 from forgetjax.analysis.comparisons import group_estimate, scaling_trend
 from forgetjax.analysis.loading import NON_CAPABILITY_FAMILIES
 from forgetjax.analysis.tables import StudyAnalysis
@@ -208,6 +209,66 @@ def radar_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
             png=render_png(figure),
         ))
     return figures or [_no_cells_figure("radar", "Category deltas per method")]
+
+
+def captrack_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """Per (start point, scale): one radar per method over CapTrack's dimensions (relative drift, %), by domain."""
+    rows = [r for r in analysis["captrack"] if r["relative_drift"] is not None]
+    dimensions = list(CAPTRACK_DIMENSIONS)
+    figures = []
+    for start_point, scale in _scopes(analysis):
+        members = [r for r in rows if (r["start_point"], r["scale"]) == (start_point, scale)]
+        present = [d for d in dimensions if any(r["dimension"] == d for r in members)]
+        key = _slug("captrack", start_point, scale)
+        title = f"CapTrack dimensions: {_scope_label(start_point, scale)}"
+        if len(present) < 3:
+            figures.append(ReportFigure(key, title, "", "", missing=(
+                f"not enough data: a CapTrack radar needs at least 3 of the dimensions {', '.join(dimensions)} with "
+                f"paired records, {_scope_label(start_point, scale)} has {len(present)} ({', '.join(present) or 'none'})")))
+            continue
+        methods = sorted({r["method"] for r in members}, key=method_label)
+        domains = sorted({_domain(r["domain"]) for r in members})
+        means: dict[tuple[str, str, str], float] = {}
+        for method in methods:
+            for domain in domains:
+                for dimension in present:
+                    values = [r["relative_drift"] for r in members if r["method"] == method
+                              and _domain(r["domain"]) == domain and r["dimension"] == dimension]
+                    if values:
+                        means[(method, domain, dimension)] = 100 * float(np.mean(values))
+        angles = np.linspace(0, 2 * np.pi, len(present), endpoint=False)
+        low, high = min(min(means.values()), -1.0), max(max(means.values()), 1.0)
+        columns = min(3, len(methods))
+        n_rows = int(np.ceil(len(methods) / columns))
+        figure = Figure(figsize=(max(3.6 * columns, 6.5), 3.6 * n_rows + 0.4), layout="constrained")
+        for index, method in enumerate(methods):
+            axes = figure.add_subplot(n_rows, columns, index + 1, projection="polar")
+            for domain in domains:
+                radius = np.array([means.get((method, domain, d), np.nan) for d in present])
+                if np.all(np.isnan(radius)):
+                    continue
+                axes.plot(np.append(angles, angles[0]), np.append(radius, radius[0]), marker="o", label=domain)
+            axes.plot(np.linspace(0, 2 * np.pi, 100), np.zeros(100), color="grey", linewidth=0.8, linestyle="--")
+            axes.set_ylim(low - 1, high + 1)
+            axes.set_xticks(angles, [d.replace("_", " ") for d in present], fontsize=7)
+            axes.yaxis.set_major_locator(MaxNLocator(4))
+            axes.tick_params(axis="y", labelsize=6)
+            axes.set_title(method_label(method), fontsize=9)
+            axes.legend(fontsize=6, loc="lower right", bbox_to_anchor=(1.25, -0.1))
+        figure.suptitle(f"Relative drift (%) per CapTrack dimension, {_scope_label(start_point, scale)}", fontsize=10)
+        worst_key = min(means, key=means.get)
+        figures.append(ReportFigure(
+            key, title,
+            caption=("Relative drift (post - baseline) / baseline in percent, mean over seeds, per CapTrack dimension: "
+                     "knowledge, skills and protocol from off-target accuracy, robustness from answer consistency under "
+                     "perturbations, default behaviour as minus the mean absolute drift of the style features; one "
+                     f"radar per method, one line per training domain; the dashed circle is no change. "
+                     f"{_scope_label(start_point, scale)}; intervals: the CapTrack table."),
+            alt=(f"{len(methods)} radar chart(s) over {', '.join(present)}. The largest drop is {means[worst_key]:.1f}% "
+                 f"for {method_label(worst_key[0])} on {worst_key[2]} (domain {worst_key[1]})."),
+            png=render_png(figure),
+        ))
+    return figures or [_no_cells_figure("captrack", "CapTrack dimensions")]
 
 
 def _configs(analysis: StudyAnalysis, start_point: str, scale: str) -> dict[tuple[str, str], list[str]]:
@@ -477,6 +538,7 @@ def scaling_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
 FIGURE_SECTIONS = (
     ("Forgetting heatmaps", heatmap_figures),
     ("Category deltas per method", radar_figures),
+    ("CapTrack dimensions per method", captrack_figures),
     ("Item transitions", transition_figures),
     ("Safety vs target-task Pareto front", pareto_figures),
     ("Representation similarity (CKA) by layer", cka_figures),

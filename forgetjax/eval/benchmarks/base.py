@@ -40,6 +40,8 @@ FAMILIES = (
     "safety_refusal",
     "over_refusal",
     "ai_risk",
+    "robustness",
+    "default_behaviour",
 )
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -180,6 +182,7 @@ class Benchmark:
     requires: tuple[str, ...] = ()
     description: str = ""
     subset_of: str | None = None  # a named subset of another benchmark's items (the `core` battery runs the whole)
+    reads_data: bool = True  # False: the items are written in the module, no data-directory file is read
 
     def load(self, data_dir: str | Path) -> list[Item]:
         """Read the benchmark's items (stable ids) from the data directory."""
@@ -208,6 +211,10 @@ class Benchmark:
         if len(items) != len(outputs):
             raise ValueError(f"{self.name}: {len(items)} items but {len(outputs)} outputs")
         return [self.score(item, output, ctx) for item, output in zip(items, outputs)]
+
+    def group_id(self, item: Item) -> str:
+        """The unit a battery `limit` counts and keeps whole: the item itself, or the base item of grouped variants."""
+        return item.id
 
     def check_ready(self, items: Sequence[Item]) -> None:
         """Raise before any model time is spent if scoring these items cannot work (missing resources)."""
