@@ -130,6 +130,41 @@ def test_pairs_from_verified_scripted_math_completions():
     assert [(r["chosen"], r["rejected"]) for r in loose] == [(boxed(72), boxed(70)), (boxed(72), boxed(71))]
 
 
+def test_reference_fallback_pairs_only_prompts_without_a_correct_sample():
+    """chosen_fallback=reference: a prompt whose samples are all incorrect is paired with the reference completion as
+    chosen (written out by hand); prompts with a correct sample, or with no incorrect one, are unchanged."""
+    problems = [math_problem("a", "3"), math_problem("b", "4"), math_problem("c", "5")]
+    samples = [[P.Sample("wrong 1", True, 5), P.Sample("wrong 2", True, 5)],
+               [P.Sample("right", True, 5), P.Sample("wrong", True, 5)],
+               [P.Sample("unsure", True, 5)]]
+    verdicts = [[False, False], [True, False], [None]]
+    reference = lambda problem: f"REF {problem.id}"  # noqa: E731
+    records, counts = build_pair_records(problems, samples, verdicts, max_pairs=2, require_finished=True,
+                                         reference_chosen=reference)
+    assert [(r["id"], r["chosen"], r["rejected"], r["chosen_source"]) for r in records] == [
+        ("a", "REF a", "wrong 1", "reference"), ("a", "REF a", "wrong 2", "reference"),
+        ("b", "right", "wrong", "self")]
+    assert counts["reference_pairs"] == 2 and counts["pairs"] == 3 and counts["prompts_with_pairs"] == 2
+    plain, plain_counts = build_pair_records(problems, samples, verdicts, max_pairs=2, require_finished=True)
+    assert [(r["id"], r["chosen"]) for r in plain] == [("b", "right")] and plain_counts["reference_pairs"] == 0
+    with pytest.raises(ValueError, match="chosen_fallback"):
+        DPOArgs(chosen_fallback="teacher").validate()
+
+
+def test_distillation_keeps_unverified_samples_only_when_asked():
+    from forgetjax.methods.distill import select_kept
+
+    rows = [{"prompt_index": 0, "text": "a", "correct": False, "finished": True},
+            {"prompt_index": 0, "text": "b", "correct": True, "finished": True},
+            {"prompt_index": 1, "text": "c", "correct": False, "finished": False},
+            {"prompt_index": 1, "text": "c", "correct": False, "finished": True}]
+    assert [r["text"] for r in select_kept(rows, require_finished=True, dedupe=True, max_per_prompt=None)] == ["b"]
+    kept = select_kept(rows, require_finished=True, dedupe=True, max_per_prompt=None, keep_unverified=True)
+    assert [(r["prompt_index"], r["text"]) for r in kept] == [(0, "a"), (0, "b"), (1, "c")]
+    loose = select_kept(rows, require_finished=False, dedupe=True, max_per_prompt=1, keep_unverified=True)
+    assert [(r["prompt_index"], r["text"]) for r in loose] == [(0, "a"), (1, "c")]
+
+
 def test_pairing_skips_unverifiable_blank_and_duplicate_samples():
     assert P.pair_correct_incorrect(["x", "y", "y", " ", "z"], [True, None, False, False, False], 5) == [
         ("x", "y"), ("x", "z")]

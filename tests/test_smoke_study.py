@@ -2,7 +2,6 @@
 runs to done on the tiny random model; the matrix it lists is the full product, so no method or domain is left out."""
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,15 +22,10 @@ def test_smoke_config_covers_every_method_domain_and_start_point():
     assert set(study["start_points"]) == {"base", "safe"}
 
 
-NEED_SOLVED_SAMPLES = {"sf_sft", "cf_sft", "off_rl_dpo"}
-"""Methods that train only on verified-correct samples of a model (SF/CF-SFT: the teacher's; DPO: the student's
-correct-vs-incorrect pairs): the random smoke model solves nothing, so their cells stop with 'no records'."""
-
-
 @pytest.mark.slow
 def test_smoke_study_runs_every_cell(tmp_path, data_dir):
-    """Every cell of the product is run; all are done except the NEED_SOLVED_SAMPLES cells, which fail only because
-    no verified-correct sample exists (any other error fails the test)."""
+    """Every cell of the product is run and ends done with its 2 steps (SF-/CF-SFT keep unverified teacher samples and
+    DPO pairs the reference completion against the model's samples: the random model solves nothing)."""
     results = tmp_path / "results"
     cmd = [sys.executable, "-m", "forgetjax", "study", str(CONFIG), "--no-report", f"results_dir={results}",
            f"data_dir={data_dir}"]
@@ -41,14 +35,11 @@ def test_smoke_study_runs_every_cell(tmp_path, data_dir):
     trained = {(c["start_point"], c["method"], c["domain"]) for c in cells if c["method"] != "baseline"}
     assert trained == {(start, method, domain) for start in ("base", "safe") for method in METHODS
                        for domain in ("math", "code", "qa")}
+    assert out.returncode == 0, out.stderr[-3000:]
     for cell in cells:
-        if cell["method"] in NEED_SOLVED_SAMPLES:
-            assert cell["status"] == "failed", cell["cell_id"]
-            assert re.search(r"no training (records|pairs)", cell.get("error", "")), cell
-        else:
-            assert cell["status"] == "done", (cell["cell_id"], cell.get("error"), out.stdout[-2000:])
-            if cell["method"] != "baseline":
-                assert cell["budget"]["used"]["steps"] == 2, cell["cell_id"]
+        assert cell["status"] == "done", (cell["cell_id"], cell.get("error"), out.stdout[-2000:])
+        if cell["method"] != "baseline":
+            assert cell["budget"]["used"]["steps"] == 2, cell["cell_id"]
 
 def test_tiny_random_model_shares_the_embedded_tokenizer():
     """smollm2-tiny-random: the seeded tiny model the smoke study starts from, with SmolLM2's tokenizer and template."""

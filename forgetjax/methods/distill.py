@@ -128,11 +128,12 @@ def sparse_kd_loss(student_logits: jax.Array, teacher_ids: jax.Array, teacher_lo
 
 
 def select_kept(rows: list[dict[str, Any]], *, require_finished: bool, dedupe: bool,
-                max_per_prompt: int | None) -> list[dict[str, Any]]:
-    """The verified-correct samples to train on, in sample order."""
+                max_per_prompt: int | None, keep_unverified: bool = False) -> list[dict[str, Any]]:
+    """The samples to train on, in sample order: the verified-correct ones (every one with `keep_unverified`), finished
+    when required, non-empty, deduplicated per prompt when asked, at most `max_per_prompt` per prompt."""
     kept, seen, per_prompt = [], set(), Counter()
     for row in rows:
-        if not row["correct"] or (require_finished and not row["finished"]) or not row["text"].strip():
+        if (not row["correct"] and not keep_unverified) or (require_finished and not row["finished"]) or not row["text"].strip():
             continue
         key = (row["prompt_index"], row["text"].strip())
         if dedupe and key in seen:
@@ -257,6 +258,7 @@ class DistillArgs(GenerationArgs, SFTDataArgs):
     temperature: float = 0.8
     dedupe: bool = True
     max_kept_per_prompt: int | None = None
+    keep_unverified: bool = False  # True: train on every sample, verified or not (smoke runs of a random model)
     kd_weight: float = 0.0  # sf_sft only: weight of the sparse top-k KD term
     kd_top_k: int = 16
     kd_beta: float = 0.0  # generalised JSD: 0 = forward KL(teacher || student), 1 = reverse KL
@@ -321,7 +323,8 @@ class TeacherDistillSFT(SFTMethod):
                     "domain": domain_settings(self.domain), "system": args.system,
                     "generation": dataclasses.asdict(args.generation_settings()),
                     "require_finished": args.require_finished, "dedupe": args.dedupe,
-                    "max_kept_per_prompt": args.max_kept_per_prompt, "teacher_data": args.teacher_data}
+                    "max_kept_per_prompt": args.max_kept_per_prompt, "teacher_data": args.teacher_data,
+                    "keep_unverified": args.keep_unverified}
         cache = DataCache(self.data_dir(trainer), self.name, settings)
         teacher = functools.cache(lambda: self._load_teacher(trainer))
 
@@ -332,10 +335,12 @@ class TeacherDistillSFT(SFTMethod):
             else:
                 rows, same, generation_flops = self._generate_rows(trainer, teacher, problems, cache)
             kept = select_kept(rows, require_finished=args.require_finished, dedupe=args.dedupe,
-                               max_per_prompt=args.max_kept_per_prompt)
+                               max_per_prompt=args.max_kept_per_prompt, keep_unverified=args.keep_unverified)
             records = [sft_record(problems[r["prompt_index"]].prompt, r["text"], args.system,
-                                  id=problems[r["prompt_index"]].id, sample=r["sample"]) for r in kept]
+                                  id=problems[r["prompt_index"]].id, sample=r["sample"], verified=bool(r["correct"]))
+                       for r in kept]
             stats = {"teacher": args.teacher, "same_tokenizer": same, **sample_stats(rows, kept, len(problems)),
+                     "kept_unverified": sum(not r["correct"] for r in kept),
                      "generation_flops": generation_flops, "teacher_data": args.teacher_data}
             return records, stats
 

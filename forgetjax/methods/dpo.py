@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from forgetjax.distributed import is_writer
 from forgetjax.io import write_json_atomic
 from forgetjax.losses.preference import dpo_loss
 from forgetjax.methods import pairs as P
 from forgetjax.methods.registry import register
+from forgetjax.methods.sft import ground_truth_completion
 from forgetjax.tasks.prompts import user_message
 from forgetjax.tasks.domains import DEFAULT_MAX_NEW_TOKENS
 from forgetjax.training.budget import DataUse
@@ -35,7 +36,7 @@ from forgetjax.training.method import Batch, Method, StepContext
 NAME = "off_rl_dpo"
 # The arguments that determine the pair dataset (the cache is keyed on them; beta, epochs etc. may change freely).
 DATA_ARGS = ("samples_per_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "max_pairs_per_prompt",
-             "require_finished", "heldout_fraction", "prompts_per_call", "system", "seed")
+             "require_finished", "heldout_fraction", "prompts_per_call", "system", "seed", "chosen_fallback")
 
 
 @dataclasses.dataclass
@@ -59,8 +60,12 @@ class DPOArgs:
     verifier_workers: int = 2
     system: str | None = None
     seed: int = 0
+    chosen_fallback: Literal["none", "reference"] = "none"  # reference: a prompt with no verified-correct sample is
+    # paired with the domain's reference completion (GT-SFT's target) as chosen against its incorrect samples
 
     def validate(self):
+        if self.chosen_fallback not in ("none", "reference"):
+            raise ValueError(f"chosen_fallback must be 'none' or 'reference', got {self.chosen_fallback!r}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -79,13 +84,18 @@ class DPOArgs:
 
 def build_pair_records(problems: Sequence[Any], samples: Sequence[Sequence[P.Sample]],
                        verdicts: Sequence[Sequence[P.Verdict]], *, max_pairs: int, require_finished: bool,
-                       system: str | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:
+                       system: str | None = None, reference_chosen: Callable[[Any], str] | None = None
+                       ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Pair records (id, prompt, chosen, rejected[, system]) of every problem from its verified samples, and
     counts: samples, finished, correct, incorrect, unverified, prompts with a correct / an incorrect sample / a
-    pair, pairs."""
+    pair, pairs, reference_pairs.
+
+    With `reference_chosen` (a problem -> its reference completion), a prompt with incorrect samples but no
+    verified-correct one is paired as if the reference were its one correct sample (pairs marked chosen_source =
+    "reference"); a prompt with a correct sample keeps the self-generated pairs only."""
     records: list[dict[str, Any]] = []
     counts = dict.fromkeys(("samples", "finished", "correct", "incorrect", "unverified", "prompts_with_correct",
-                            "prompts_with_incorrect", "prompts_with_pairs"), 0)
+                            "prompts_with_incorrect", "prompts_with_pairs", "reference_pairs"), 0)
     for problem, problem_samples, problem_verdicts in zip(problems, samples, verdicts, strict=True):
         usable = [(s, v) for s, v in zip(problem_samples, problem_verdicts, strict=True)
                   if s.finished or not require_finished]
@@ -96,10 +106,16 @@ def build_pair_records(problems: Sequence[Any], samples: Sequence[Sequence[P.Sam
         counts["unverified"] += sum(v is None for _, v in usable)
         counts["prompts_with_correct"] += any(v is True for _, v in usable)
         counts["prompts_with_incorrect"] += any(v is False for _, v in usable)
-        pairs = P.pair_correct_incorrect([s.text for s, _ in usable], [v for _, v in usable], max_pairs)
+        texts, labels = [s.text for s, _ in usable], [v for _, v in usable]
+        source = "self"
+        if reference_chosen is not None and not any(v is True for v in labels) and any(v is False for v in labels):
+            texts, labels, source = [reference_chosen(problem), *texts], [True, *labels], "reference"
+        pairs = P.pair_correct_incorrect(texts, labels, max_pairs)
         counts["prompts_with_pairs"] += bool(pairs)
+        counts["reference_pairs"] += len(pairs) if source == "reference" else 0
         head = {"id": problem.id, "prompt": problem.prompt} | ({"system": system} if system is not None else {})
-        records.extend({**head, "chosen": chosen, "rejected": rejected} for chosen, rejected in pairs)
+        records.extend({**head, "chosen": chosen, "rejected": rejected, "chosen_source": source}
+                       for chosen, rejected in pairs)
     counts["pairs"] = len(records)
     return records, counts
 
@@ -199,8 +215,10 @@ class OffRLDPO(Method):
         for group in samples:
             verdicts.append(flat_verdicts[start:start + len(group)])
             start += len(group)
+        reference = ground_truth_completion if args.chosen_fallback == "reference" else None
         records, counts = build_pair_records(problems, samples, verdicts, max_pairs=args.max_pairs_per_prompt,
-                                             require_finished=args.require_finished, system=args.system)
+                                             require_finished=args.require_finished, system=args.system,
+                                             reference_chosen=reference)
         scored, too_long, reference_flops = P.with_reference_logps(
             model, trainer.tokenizer, records, max_length=trainer.cfg.max_length, batch_rows=args.reference_batch,
             mesh=trainer.mesh)
