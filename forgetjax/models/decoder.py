@@ -253,6 +253,14 @@ class CausalLM(nnx.Module):
                                             collect_kv=False)
         return x, None, layer_outputs
 
+    def forward_embeds(self, embeds: jax.Array, attention_mask: jax.Array | None = None,
+                       positions: jax.Array | None = None) -> jax.Array:
+        """Final residual stream (before the last norm) of input embeddings [B, T, D] given in place of
+        `embed(input_ids)`: the differentiable input of token-level attacks (one-hot tokens @ the embedding)."""
+        x, _, _ = self._forward(None, attention_mask, positions, None, False, collect_kv=False,
+                                embeds=constrain(embeds.astype(self.dtype), ("batch", "length", "act_embed")))
+        return x
+
     def prefill(self, input_ids, attention_mask, cache: KVCache, return_hidden: bool = False):
         """Fill an empty cache with a (left-padded) prompt: the same fused attention as a plain forward, the keys
         and values written into slots [0, T). Returns (hidden, cache, layer outputs)."""
@@ -266,9 +274,10 @@ class CausalLM(nnx.Module):
                         index=jnp.asarray(t, jnp.int32))
         return x, cache, layer_outputs
 
-    def _forward(self, input_ids, attention_mask, positions, segment_ids, return_hidden: bool, collect_kv: bool):
+    def _forward(self, input_ids, attention_mask, positions, segment_ids, return_hidden: bool, collect_kv: bool,
+                 embeds: jax.Array | None = None):
         cfg = self.config
-        b, t = input_ids.shape
+        b, t = (input_ids if embeds is None else embeds).shape[:2]
         unmasked = attention_mask is None and segment_ids is None
         segments = None if unmasked else segments_from(attention_mask, segment_ids, (b, t))
         if positions is None:
@@ -286,7 +295,8 @@ class CausalLM(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
-        x, (layer_outputs, kv) = jax.lax.scan(body, self.embed(input_ids), self.layer_weights())
+        x0 = self.embed(input_ids) if embeds is None else embeds
+        x, (layer_outputs, kv) = jax.lax.scan(body, x0, self.layer_weights())
         return x, kv, layer_outputs
 
     def _decode_unroll(self) -> int:
