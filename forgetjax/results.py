@@ -68,6 +68,10 @@ REPRESENTATION_SCHEMA = """representation.json (version 1); every list is aligne
   },
   "weight_delta": {                             # spectrum of W_post - W_start, per module name, per layer
       "<module>": {"frobenius_norm": [...], "spectral_norm": [...], "effective_rank": [...], "stable_rank": [...]}
+  },
+  "knowledge_probe": {                          # linear probes of true vs false statements, fit on the start model
+      "start": [...], "post": [...],            # held-out accuracy with the start / the post-trained activations
+      "n_train": int, "n_test": int             # statements in the probes' training and held-out splits
   }
 }
 Only "version" and "layers" are required; values are numbers or null (undefined, e.g. a zero direction)."""
@@ -394,6 +398,7 @@ class Representation:
     cka: tuple[float, ...] | None
     refusal_direction: dict[str, tuple[float, ...]] | None
     weight_delta: dict[str, dict[str, tuple[float, ...]]] | None
+    knowledge_probe: dict[str, Any] | None = None
 
     def cka_drift(self) -> float | None:
         """1 - mean CKA over layers (0 = unchanged representations); None without CKA values."""
@@ -451,7 +456,7 @@ def parse_representation(data: Any, source: str = "<representation.json>") -> Re
     """Validate a decoded representation.json (see REPRESENTATION_SCHEMA); errors name the field."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{source}: must be a JSON object")
-    unknown = sorted(set(data) - {"version", "layers", "cka", "refusal_direction", "weight_delta"})
+    unknown = sorted(set(data) - {"version", "layers", "cka", "refusal_direction", "weight_delta", "knowledge_probe"})
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown}")
     if data.get("version") != REPRESENTATION_VERSION:
@@ -475,7 +480,18 @@ def parse_representation(data: Any, source: str = "<representation.json>") -> Re
             str(module): _number_lists(entry, n, f"{source}: weight_delta.{module}", None)
             for module, entry in raw.items()
         }
-    return Representation(tuple(layers), cka, refusal, weight_delta)
+    probe = None
+    if data.get("knowledge_probe") is not None:
+        raw = data["knowledge_probe"]
+        where = f"{source}: knowledge_probe"
+        if not isinstance(raw, Mapping) or set(raw) != {"start", "post", "n_train", "n_test"}:
+            raise ValueError(f"{where} must be an object with start, post, n_train and n_test")
+        for key in ("n_train", "n_test"):
+            if isinstance(raw[key], bool) or not isinstance(raw[key], int) or raw[key] < 1:
+                raise ValueError(f"{where}.{key} must be a positive integer, got {raw[key]!r}")
+        probe = {**_number_lists({k: raw[k] for k in ("start", "post")}, n, where, ("start", "post")),
+                 "n_train": raw["n_train"], "n_test": raw["n_test"]}
+    return Representation(tuple(layers), cka, refusal, weight_delta, probe)
 
 
 def read_representation(path: str | os.PathLike[str]) -> Representation:
@@ -493,6 +509,7 @@ def representation_json(
     cka: Sequence[float] | None = None,
     refusal_direction: Sequence[Any] | None = None,
     weight_delta: Mapping[str, Sequence[Any]] | None = None,
+    knowledge_probe: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build a representation.json object from per-layer analysis results.
 
@@ -515,6 +532,10 @@ def representation_json(
             module: {key: [float(field_value(entry, key)) for entry in entries] for key in keys}
             for module, entries in weight_delta.items()
         }
+    if knowledge_probe is not None:
+        data["knowledge_probe"] = {"start": [float(v) for v in knowledge_probe["start"]],
+                                   "post": [float(v) for v in knowledge_probe["post"]],
+                                   "n_train": int(knowledge_probe["n_train"]), "n_test": int(knowledge_probe["n_test"])}
     return _nan_to_none(data)
 
 

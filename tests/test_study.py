@@ -87,6 +87,9 @@ def test_killed_study_resumes_without_redoing_finished_cells(tmp_path, data_dir)
     assert {p.stem for p in (cell_dir / "eval").rglob("*.parquet")} == {"mmlu", "gsm8k", "xstest_unsafe"}
     representation = json.loads((cell_dir / "representation.json").read_text())
     assert representation["layers"] == [0, 1] and len(representation["cka"]) == 2
+    probe = representation["knowledge_probe"]
+    assert len(probe["start"]) == len(probe["post"]) == 2 and probe["n_train"] + probe["n_test"] == 2 * 16
+    assert all(0.0 <= v <= 1.0 for v in probe["start"] + probe["post"])
     manifest = json.loads((results / "manifest.json").read_text())
     assert manifest["config_hash"] and manifest["packages"]["jax"].startswith("0.10")
     assert {c["status"] for c in manifest["cells"]} == {"done"}

@@ -578,7 +578,8 @@ def correlation_table(summary_rows: Sequence[Mapping[str, Any]]) -> list[dict[st
 
 
 def representation_table(study: Study) -> list[dict[str, Any]]:
-    """Long format: one row per (cell, layer) with CKA and the refusal-direction measures."""
+    """Long format: one row per (cell, layer) with CKA, the refusal-direction measures and the knowledge probe's
+    held-out accuracy with the start and the post-trained activations (probe fit on the start model)."""
     rows = []
     for cell in study.cells:
         representation = study.representations.get(cell.cell_id)
@@ -590,6 +591,10 @@ def representation_table(study: Study) -> list[dict[str, Any]]:
                    "cka": representation.cka[index] if representation.cka else None}
             for key in REFUSAL_KEYS:
                 row[f"refusal_{key}"] = refusal[key][index] if key in refusal else None
+            probe = representation.knowledge_probe or {}
+            row["probe_start"] = probe["start"][index] if probe else None
+            row["probe_post"] = probe["post"][index] if probe else None
+            row["probe_n_test"] = probe.get("n_test")
             rows.append(row)
     return rows
 

@@ -432,6 +432,56 @@ def cka_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
     return figures or [_no_cells_figure("cka", "CKA by layer")]
 
 
+def probe_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """Per scope: knowledge-probe accuracy by layer on held-out statements, the start model's activations (dashed,
+    the probe's own model) against each configuration's post-trained activations."""
+    rows = [r for r in analysis["representation"] if r["probe_post"] is not None and r["method"] != BASELINE_METHOD]
+    colors = method_colors(_all_methods(analysis))
+    figures = []
+    for start_point, scale in _scopes(analysis):
+        members = [r for r in rows if (r["start_point"], r["scale"]) == (start_point, scale)]
+        key = _slug("probe", start_point, scale)
+        title = f"Knowledge probes by layer: {_scope_label(start_point, scale)}"
+        if not members:
+            figures.append(ReportFigure(key, title, "", "", missing=(
+                f"not enough data: no representation.json with knowledge probes for {_scope_label(start_point, scale)}")))
+            continue
+        figure = Figure(figsize=(5.5, 3.6), layout="constrained")
+        axes = figure.add_subplot()
+        layers = sorted({r["layer"] for r in members})
+        start = [float(np.mean([r["probe_start"] for r in members if r["layer"] == layer])) for layer in layers]
+        axes.plot(layers, start, color="black", linestyle="--", marker=".", label="start model")
+        worst = (None, 0.0)
+        for method, domain in _config_order(members):
+            chosen = [r for r in members if r["method"] == method and _domain(r["domain"]) == domain]
+            post = [float(np.mean([r["probe_post"] for r in chosen if r["layer"] == layer])) for layer in layers]
+            axes.plot(layers, post, marker="o", color=colors.get(method, "grey"),
+                      label=f"{method_label(method)} ({domain})")
+            drop = max(s - q for s, q in zip(start, post))
+            if drop > worst[1]:
+                worst = (f"{method_label(method)} ({domain})", drop)
+        axes.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+        axes.set_xlabel("layer")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel("held-out probe accuracy")
+        axes.set_ylim(0.0, 1.05)
+        axes.legend(fontsize=7)
+        n_test = max(r["probe_n_test"] or 0 for r in members)
+        axes.set_title(f"Linear knowledge probes, {_scope_label(start_point, scale)}", fontsize=10)
+        figures.append(ReportFigure(
+            key, title,
+            caption=(f"A logistic-regression probe per layer, fit on the start model's activations of true vs false "
+                     f"statements (NQ-open items), scored on {n_test} held-out statements with the start model's "
+                     f"activations (dashed) and with each post-trained model's (mean over seeds); the dotted line is "
+                     f"chance. {_scope_label(start_point, scale)}."),
+            alt=("Line chart of probe accuracy against layer; " + (
+                f"the largest drop from the start is {100 * worst[1]:.1f} pp for {worst[0]}." if worst[0]
+                else "no configuration falls below the start model.")),
+            png=render_png(figure),
+        ))
+    return figures or [_no_cells_figure("probe", "Knowledge probes by layer")]
+
+
 def attenuation_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
     """Per scope: refusal-direction attenuation (1 - mean projection-gap ratio) per configuration, std over seeds."""
     rows = [r for r in analysis["cell_summary"]
@@ -543,6 +593,7 @@ FIGURE_SECTIONS = (
     ("Safety vs target-task Pareto front", pareto_figures),
     ("Representation similarity (CKA) by layer", cka_figures),
     ("Refusal-direction attenuation", attenuation_figures),
+    ("Linear knowledge probes by layer", probe_figures),
     ("Forgetting vs model size", scaling_figures),
 )
 

@@ -1,19 +1,26 @@
 """Representation analysis of a post-trained model against its start: CKA per layer, refusal-direction
-attenuation, and the singular-value spectrum of weight deltas per module.
+attenuation, the singular-value spectrum of weight deltas per module, and linear knowledge probes per layer.
 
 Probe prompts are fixed: harmful instructions from HarmBench's validation split (the battery evaluates its test
 split) and harmless questions from NQ-open, both chat-templated. Activations are the residual stream after every
 layer, mean-pooled over prompt tokens (CKA) or taken at the last prompt token (refusal direction).
+Knowledge probes (`analysis.probes`): statements "Question: <q>? Answer: <a>." from NQ-open dev items
+(STATEMENT_OFFSET on, apart from the harmless probes), true with the item's first answer and false with the next
+item's, as plain text (no chat template), residual stream at the last token; items are split 70/30 by a sha256 of
+their index (an item's true and false statements stay together), a probe per layer is fit on the start model's
+training split and scored on the held-out split under the start and the post-trained model.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
+from forgetjax.analysis.probes import layer_probe_accuracies
 from forgetjax.analysis.representation import (difference_of_means, direction_attenuation, linear_cka,
                                                spectrum_summary)
 from forgetjax.io import read_jsonl
@@ -30,6 +37,49 @@ def probe_prompts(data_dir: str | Path, n: int) -> tuple[list[str], list[str]]:
     rows = read_jsonl(data_dir / "nq_open" / "NQ-open.dev.jsonl")[:n]
     harmless = [row["question"].strip().capitalize() + "?" for row in rows]
     return harmful, harmless
+
+
+STATEMENT_OFFSET = 2000
+PROBE_TRAIN_SHARE = 0.7
+
+
+def knowledge_statements(data_dir: str | Path, n_items: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(statements, labels 1 = true, train flags): a true and a false statement per NQ-open item."""
+    rows = read_jsonl(Path(data_dir) / "nq_open" / "NQ-open.dev.jsonl")[STATEMENT_OFFSET:STATEMENT_OFFSET + n_items]
+    if len(rows) < 2:
+        raise ValueError(f"knowledge probes need at least 2 NQ-open items from row {STATEMENT_OFFSET}")
+    texts, labels, train = [], [], []
+    for index, row in enumerate(rows):
+        question = row["question"].strip().capitalize()
+        other = rows[(index + 1) % len(rows)]["answer"][0]
+        in_train = int(hashlib.sha256(f"probe-split-{index}".encode()).hexdigest(), 16) % 100 < 100 * PROBE_TRAIN_SHARE
+        for answer, label in ((row["answer"][0], 1), (other, 0)):
+            texts.append(f"Question: {question}? Answer: {answer}.")
+            labels.append(label)
+            train.append(in_train)
+    return texts, np.array(labels), np.array(train)
+
+
+def _statement_activations(model, tokenizer, texts: list[str]) -> np.ndarray:
+    """Last-token residual activations [L, n, d] of plain texts (no chat template)."""
+    from forgetjax.sampling.sampler import Sampler
+
+    sampler = Sampler(model, tokenizer)
+    ids, mask = sampler.left_pad([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
+    forward = jax.jit(lambda m, i, k: m.forward_hidden(i, k, return_hidden=True)[2])
+    return np.asarray(forward(model, ids, mask), np.float64)[:, :, -1, :]
+
+
+def knowledge_probe(start_model, post_model, tokenizer, data_dir: str | Path, n_items: int) -> dict:
+    """Per-layer probe accuracy on held-out statements with the start and the post-trained activations."""
+    texts, labels, train = knowledge_statements(data_dir, n_items)
+    if train.all() or not train.any():
+        raise ValueError(f"knowledge probes: {n_items} items leave an empty training or held-out split")
+    start = _statement_activations(start_model, tokenizer, texts)
+    post = _statement_activations(post_model, tokenizer, texts)
+    accuracy = layer_probe_accuracies(start[:, train], labels[train], {"start": start[:, ~train],
+                                                                        "post": post[:, ~train]}, labels[~train])
+    return {**accuracy, "n_train": int(train.sum()), "n_test": int((~train).sum())}
 
 
 def _activations(model, tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -77,4 +127,6 @@ def analyse(start_model, post_model, tokenizer, data_dir: str | Path, n_probe: i
     start_k, post_k = _kernels(start_model), _kernels(post_model)
     deltas = {module: [spectrum_summary(post_k[module][i] - start_k[module][i]) for i in layers]
               for module in MODULES}
-    return representation_json(layers, cka=cka, refusal_direction=refusal, weight_delta=deltas)
+    probe = knowledge_probe(start_model, post_model, tokenizer, data_dir, max(4 * n_probe, 16))
+    return representation_json(layers, cka=cka, refusal_direction=refusal, weight_delta=deltas,
+                               knowledge_probe=probe)
