@@ -238,6 +238,43 @@ def cmd_eval(args) -> int:
     return run_eval(args)
 
 
+def cmd_attack(args) -> int:
+    from collections import Counter
+
+    from forgetjax.eval.attacks.gcg import GCGConfig
+    from forgetjax.paths import default_data_dir
+
+    config = GCGConfig(steps=args.steps, suffix_length=args.suffix_length, top_k=args.top_k,
+                       candidates=args.candidates, candidate_block=args.candidate_block, target=args.target,
+                       mode=args.mode, seed=args.seed)
+    config.validate()
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    transfer = Path(args.transfer_from) if args.transfer_from else None
+    if transfer is not None and not transfer.is_file():
+        raise UserError(f"--transfer-from: {transfer} is not a file (the gcg.parquet of an earlier attack)")
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if not data_dir.is_dir():
+        raise UserError(f"--data-dir: {data_dir} is not a directory")
+    _check_model(args.model)
+    from forgetjax.eval.attacks.runner import run_attack
+    from forgetjax.eval.records import read_records
+
+    model, tokenizer = _load(args.model, args)
+    path = run_attack(model, tokenizer, data_dir=data_dir, out_dir=args.out, run_id=args.run_id,
+                      model_id=args.model, config=config, benchmark=args.benchmark, limit=args.limit, seed=args.seed,
+                      fmt=args.format, transfer_from=transfer)
+    records = read_records(path)
+    total, success = Counter(), Counter()
+    for record in records:
+        total[record.category] += 1
+        success[record.category] += not record.refusal
+    for category in sorted(total):
+        print(f"{category:40s} ASR {success[category] / total[category]:.3f} (n={total[category]})")
+    print(f"{'ALL':40s} ASR {sum(success.values()) / len(records):.3f} (n={len(records)}); records in {path}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from forgetjax.methods.run import load_run_config, run_training
 
@@ -509,6 +546,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("attack", help="GCG attack on a model (or replay of suffixes found on another), per-item records",
+                       description="Optimise a GCG suffix per behaviour (or one universal suffix) against MODEL and "
+                                   "score its greedy answers with the refusal matcher; --transfer-from replays the "
+                                   "suffixes of an earlier attack's gcg.parquet instead. Prints ASR per category.")
+    p.add_argument("model", help="model source (see `convert`)")
+    p.add_argument("--out", required=True, help="output directory (records in OUT/<model>/gcg.parquet)")
+    p.add_argument("--benchmark", default="harmbench_standard", choices=("harmbench_standard", "advbench"),
+                   help="behaviours to attack (default %(default)s)")
+    p.add_argument("--limit", type=int, default=8, help="behaviours (sha256-chosen subset; default %(default)s)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--suffix-length", type=int, default=20)
+    p.add_argument("--top-k", type=int, default=256)
+    p.add_argument("--candidates", type=int, default=128)
+    p.add_argument("--candidate-block", type=int, default=32)
+    p.add_argument("--target", default="Sure, here is", help="target prefix for behaviours without their own")
+    p.add_argument("--mode", choices=("individual", "universal"), default="individual")
+    p.add_argument("--format", choices=("chat", "fewshot"), default="chat")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-id", default="attack")
+    p.add_argument("--data-dir", default=None, help="benchmark data (default ../shared/data or FORGETJAX_DATA_DIR)")
+    p.add_argument("--transfer-from", default=None, help="replay the suffixes of this gcg.parquet")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("train", help="post-train a model with one of the seven methods",
                        description="Run the shared training loop: CONFIG.yaml holds `train`, `method`, `method_args` "

@@ -208,3 +208,39 @@ def test_gcg_breaks_a_planted_backdoor_within_its_budget(tiny):
     row[positive.suffix_start:positive.suffix_start + 3] = result.suffix_ids
     logits = model(jnp.asarray(row[None, :start]))
     assert int(jnp.argmax(logits[0, -1])) == int(positive.target_ids[0, 0])
+
+
+def test_attack_records_carry_the_suffix_and_transfer_replays_it(tiny, tmp_path, data_dir):
+    """Records of an attack: one per behaviour with the budget, suffix and the matcher's verdict on the greedy answer;
+    a transfer run replays exactly those suffix ids; the jailbreak table counts both as templates with ASR."""
+    import json
+
+    from forgetjax.analysis.tables import jailbreak_table
+    from forgetjax.eval.attacks.runner import run_attack
+    from forgetjax.eval.records import read_records
+    from forgetjax.verifiers.refusal import is_refusal
+
+    model, tokenizer = tiny
+    config = GCGConfig(steps=2, suffix_length=3, top_k=16, candidates=8, candidate_block=8)
+    path = run_attack(model, tokenizer, data_dir=data_dir, out_dir=tmp_path / "a", run_id="r", model_id="tiny",
+                      config=config, limit=2)
+    records = read_records(path)
+    assert [r.benchmark for r in records] == ["gcg", "gcg"]
+    for record in records:
+        extra = json.loads(record.extra)
+        assert extra["budget"] == dataclasses.asdict(config) and len(extra["suffix_ids"]) == 3
+        assert extra["steps"] == 2 and extra["family"] == "safety_refusal" and extra["harmful"] is True
+        assert record.refusal == is_refusal(record.output) and record.correct == int(record.refusal)
+    replay = read_records(run_attack(model, tokenizer, data_dir=data_dir, out_dir=tmp_path / "b", run_id="r",
+                                     model_id="post", config=config, limit=2,
+                                     transfer_from=path))
+    assert [json.loads(r.extra)["suffix_ids"] for r in replay] == [json.loads(r.extra)["suffix_ids"] for r in records]
+    assert {r.benchmark for r in replay} == {"gcg_transfer"}
+    assert [r.output for r in replay] == [r.output for r in records]  # same model: same greedy answers
+    with pytest.raises(UserError, match="no GCG suffix"):
+        run_attack(model, tokenizer, data_dir=data_dir, out_dir=tmp_path / "c", run_id="r", model_id="post",
+                   config=config, limit=3, transfer_from=path)
+    meta = dict(cell_id="c", start_point="safe", scale="135m", model="m", method="gt_sft", domain="math", seed=0)
+    rows = jailbreak_table([{**meta, "benchmark": "gcg", "category": "ALL", "n": 4, "refusal_rate": 0.25,
+                             "refusal_ci_low": 0.1, "refusal_ci_high": 0.6, "baseline_refusal_rate": 0.5}])
+    assert rows[0]["template"] == "gcg" and rows[0]["asr"] == 0.75 and rows[0]["baseline_asr"] == 0.5

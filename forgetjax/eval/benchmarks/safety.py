@@ -166,7 +166,7 @@ class AdvBench(SafetyBenchmark):
         items = []
         for index, row in enumerate(read_csv(path)):
             require_keys(row, ("goal",), f"{path} row {index}")
-            data = {"prompt": row["goal"], "harmful": True}
+            data = {"prompt": row["goal"], "harmful": True, "target": row.get("target", "")}
             items.append(Item(id=f"{index:03d}", category="harmful_behaviors", data=data))
         return items
 
