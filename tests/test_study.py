@@ -537,3 +537,44 @@ def test_demo_study_expands_to_both_start_points_with_the_same_methods():
     assert safe == {f"runs/demo/stages/{safety_stage_id(cfg, '135m')}/train/final"}
     stage = cfg.safety_stage
     assert stage.enabled and stage.harmful_limit > 0 and stage.borderline_limit > 0 and stage.helpful_limit > 0
+
+
+def test_study_attacks_every_cell_and_replays_the_baseline_suffixes(tmp_path, data_dir):
+    """With `attacks` enabled the baseline attacks its model and replays its suffixes, the post-trained cell attacks
+    itself and replays the baseline's (same suffix ids); the attack settings are in the cell ids; the analysis' jailbreak
+    table has both with the baseline's ASR; a bad attack field fails at load naming it."""
+    from forgetjax.analysis.tables import analyze
+    from forgetjax.eval.records import read_records
+    from forgetjax.study.matrix import expand
+    from forgetjax.study.schema import load_study_config
+
+    config = write_study(tmp_path, data_dir)
+    plain_ids = {c.cell_id for c in expand(load_study_config(config))}
+    study = yaml.safe_load(config.read_text())
+    study["representation"] = False
+    study["attacks"] = {"enabled": True, "limit": 2,
+                        "gcg": {"steps": 2, "suffix_length": 3, "top_k": 16, "candidates": 8, "candidate_block": 8}}
+    config.write_text(yaml.safe_dump(study))
+    attacked = expand(load_study_config(config))
+    assert not plain_ids & {c.cell_id for c in attacked}
+    out = run_study(config)
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = tmp_path / "results"
+    found = {c["method"]: c for c in cells(results).values()}
+    suffixes = {}
+    for method, cell in found.items():
+        model_dir = next((results / "cells" / cell["cell_id"] / "eval").iterdir())
+        own, replay = read_records(model_dir / "gcg.parquet"), read_records(model_dir / "gcg_transfer.parquet")
+        assert len(own) == len(replay) == 2 and "eval_asr_gcg" not in cell["metrics"] and "asr_gcg" in cell["metrics"]
+        suffixes[method] = ([json.loads(r.extra)["suffix_ids"] for r in own],
+                            [json.loads(r.extra)["suffix_ids"] for r in replay])
+    assert suffixes["gt_sft"][1] == suffixes["baseline"][0] == suffixes["baseline"][1]
+    rows = [r for r in analyze(results).tables["jailbreak"] if r["category"] == "ALL" and r["method"] == "gt_sft"]
+    assert {r["template"] for r in rows} >= {"gcg", "gcg_transfer"}
+    assert all(r["baseline_asr"] is not None for r in rows if r["template"].startswith("gcg"))
+
+    study["attacks"]["gcg"]["steps"] = 0
+    config.write_text(yaml.safe_dump(study))
+    bad = subprocess.run([sys.executable, "-m", "forgetjax.cli", "study", str(config), "--list"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "attacks.gcg.steps" in bad.stderr, bad.stderr

@@ -226,8 +226,11 @@ def evaluation_settings(cfg: StudyConfig, start_point: str) -> dict[str, Any]:
     except (UserError, FileNotFoundError) as err:
         raise ConfigError(f"battery: {err}") from None
     battery.pop("source", None)
-    return {"battery": battery, "eval_limit": cfg.eval_limit,
-            "eval_format": resolve_eval_format(cfg.eval_format, start_point)}
+    settings = {"battery": battery, "eval_limit": cfg.eval_limit,
+                "eval_format": resolve_eval_format(cfg.eval_format, start_point)}
+    if cfg.attacks.enabled:
+        settings["attacks"] = to_dict(cfg.attacks)
+    return settings
 
 
 def expand(cfg: StudyConfig) -> list[StudyCell]:

@@ -206,6 +206,8 @@ class StudyRunner:
                              progress=True)
         eval_summary = {f"eval_{row['benchmark']}": row.get("accuracy") for row in result.summary
                         if row.get("category") == "ALL" and row.get("accuracy") is not None}
+        if self.cfg.attacks.enabled:
+            eval_summary.update(self.run_attacks(cell, model, tokenizer))
         if self.cfg.representation and not cell.is_baseline:
             start_model, _ = forgetjax.load(cell.start_model)
             data = analyse(start_model, model, tokenizer, data_dir_of(self.cfg), self.cfg.representation_probe)
@@ -213,6 +215,37 @@ class StudyRunner:
                 results.write_representation(results.representation_file(self.results, cell.cell_id), data)
         self._write_cell(cell, "done", budget=budget, metrics={**train_metrics, **eval_summary},
                          wall_seconds=time.time() - started, finished=time.time())
+
+    def run_attacks(self, cell: StudyCell, model, tokenizer) -> dict[str, float]:
+        """GCG against the cell's model and the replay of its baseline's suffixes (a baseline replays its own);
+        records beside the battery's, each kept once written (a rerun resumes). Returns the ASR of both."""
+        from forgetjax.eval.attacks.runner import GCG_BENCHMARK, TRANSFER_BENCHMARK, run_attack
+        from forgetjax.eval.battery import model_slug
+        from forgetjax.eval.records import read_records
+
+        settings = self.cfg.attacks
+        eval_dir = results.cell_eval_dir(self.results, cell.cell_id)
+        common = dict(data_dir=data_dir_of(self.cfg), out_dir=eval_dir, run_id=cell.cell_id, model_id=cell.cell_id,
+                      config=settings.gcg, benchmark=settings.benchmark, limit=settings.limit, seed=cell.seed,
+                      fmt=cell.eval_format)
+        own = eval_dir / model_slug(cell.cell_id) / f"{GCG_BENCHMARK}.parquet"
+        if not own.is_file():
+            run_attack(model, tokenizer, **common)
+        baseline = next(c for c in expand(self.cfg) if c.is_baseline and (c.start_point, c.scale) ==
+                        (cell.start_point, cell.scale))
+        source = (results.cell_eval_dir(self.results, baseline.cell_id) / model_slug(baseline.cell_id)
+                  / f"{GCG_BENCHMARK}.parquet")
+        replay = eval_dir / model_slug(cell.cell_id) / f"{TRANSFER_BENCHMARK}.parquet"
+        if not replay.is_file():
+            if not source.is_file():
+                raise FileNotFoundError(f"{source}: the baseline {baseline.cell_id} has not been attacked yet (run "
+                                        "the baseline cell first)")
+            run_attack(model, tokenizer, **common, transfer_from=source)
+        asr = {}
+        for name, path in ((GCG_BENCHMARK, own), (TRANSFER_BENCHMARK, replay)):
+            records = read_records(path)
+            asr[f"asr_{name}"] = sum(not r.refusal for r in records) / len(records)
+        return asr
 
     def run(self, only_index: int | None = None) -> dict[str, Any]:
         """Run every cell, or only cell `only_index` (checked before anything is written or trained); the

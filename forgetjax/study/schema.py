@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from forgetjax.config import ConfigError
+from forgetjax.eval.attacks.gcg import GCGConfig
 from forgetjax.paths import REPO_ROOT
 from forgetjax.tasks.domains import DOMAINS_DIR, DomainSpec, domain_specs, load_domain
 from forgetjax.training.budget import BudgetConfig
@@ -37,6 +38,23 @@ class TeacherEntry:
 
     source: str
     hf_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class AttackSettings:
+    """GCG attacks in every cell's evaluation (`forgetjax.eval.attacks`): the same budget for every cell. A baseline
+    attacks its start model and replays its own suffixes (`gcg_transfer`); a post-trained cell attacks itself (`gcg`)
+    and replays its baseline's suffixes (`gcg_transfer`: do the start model's holes stay open?)."""
+
+    enabled: bool = False
+    benchmark: Literal["harmbench_standard", "advbench"] = "harmbench_standard"
+    limit: int = 8
+    gcg: GCGConfig = dataclasses.field(default_factory=GCGConfig)
+
+    def validate(self):
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {self.limit!r}")
+        self.gcg.validate()
 
 
 @dataclasses.dataclass
@@ -88,6 +106,7 @@ class StudyConfig:
     representation: bool = True
     representation_probe: int = 32
     safety_stage: SafetyStage = dataclasses.field(default_factory=SafetyStage)
+    attacks: AttackSettings = dataclasses.field(default_factory=AttackSettings)
     executor: Literal["local", "slurm", "tpu_pod", "gpu"] = "local"
 
     def validate(self):

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from forgetjax.distributed import is_writer
 from forgetjax.errors import UserError
 from forgetjax.eval.attacks.gcg import GCGConfig, build_layout, run_gcg
 from forgetjax.eval.battery import model_slug, select_subset
@@ -106,7 +107,8 @@ def run_attack(model, tokenizer, *, data_dir: str | Path, out_dir: str | Path, r
                                        answer, tokens, extra, fmt, seed))
         name = GCG_BENCHMARK
     path = Path(out_dir) / model_slug(model_id) / f"{name}.parquet"
-    write_records(records, path)
+    if is_writer():
+        write_records(records, path)
     return path
 
 
