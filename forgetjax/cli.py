@@ -241,29 +241,37 @@ def cmd_eval(args) -> int:
 def cmd_attack(args) -> int:
     from collections import Counter
 
+    from forgetjax.eval.attacks.autodan import AutoDANConfig
     from forgetjax.eval.attacks.gcg import GCGConfig
     from forgetjax.paths import default_data_dir
 
-    config = GCGConfig(steps=args.steps, suffix_length=args.suffix_length, top_k=args.top_k,
-                       candidates=args.candidates, candidate_block=args.candidate_block, target=args.target,
-                       mode=args.mode, seed=args.seed)
+    if args.attack == "gcg":
+        config = GCGConfig(steps=args.steps, suffix_length=args.suffix_length, top_k=args.top_k,
+                           candidates=args.candidates, candidate_block=args.candidate_block, target=args.target,
+                           mode=args.mode, seed=args.seed)
+    else:
+        config = AutoDANConfig(generations=args.generations, population=args.population, mutator=args.mutator,
+                               target=args.target, seed=args.seed)
     config.validate()
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     transfer = Path(args.transfer_from) if args.transfer_from else None
     if transfer is not None and not transfer.is_file():
-        raise UserError(f"--transfer-from: {transfer} is not a file (the gcg.parquet of an earlier attack)")
+        raise UserError(f"--transfer-from: {transfer} is not a file (the records of an earlier attack)")
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     if not data_dir.is_dir():
         raise UserError(f"--data-dir: {data_dir} is not a directory")
     _check_model(args.model)
-    from forgetjax.eval.attacks.runner import run_attack
+    from forgetjax.eval.attacks.runner import run_attack, run_autodan_attack
     from forgetjax.eval.records import read_records
 
     model, tokenizer = _load(args.model, args)
-    path = run_attack(model, tokenizer, data_dir=data_dir, out_dir=args.out, run_id=args.run_id,
-                      model_id=args.model, config=config, benchmark=args.benchmark, limit=args.limit, seed=args.seed,
-                      fmt=args.format, transfer_from=transfer)
+    common = dict(data_dir=data_dir, out_dir=args.out, run_id=args.run_id, model_id=args.model, config=config,
+                  benchmark=args.benchmark, limit=args.limit, seed=args.seed, transfer_from=transfer)
+    if args.attack == "gcg":
+        path = run_attack(model, tokenizer, fmt=args.format, **common)
+    else:
+        path = run_autodan_attack(model, tokenizer, **common)
     records = read_records(path)
     total, success = Counter(), Counter()
     for record in records:
@@ -547,10 +555,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("attack", help="GCG attack on a model (or replay of suffixes found on another), per-item records",
-                       description="Optimise a GCG suffix per behaviour (or one universal suffix) against MODEL and "
-                                   "score its greedy answers with the refusal matcher; --transfer-from replays the "
-                                   "suffixes of an earlier attack's gcg.parquet instead. Prints ASR per category.")
+    p = sub.add_parser("attack", help="GCG or AutoDAN attack on a model (or a replay of another's), per-item records",
+                       description="Optimise a GCG suffix per behaviour (or one universal suffix), or an AutoDAN "
+                                   "prompt per behaviour, against MODEL and score its greedy answers with the refusal "
+                                   "matcher; --transfer-from replays the suffixes / prompts of an earlier attack's "
+                                   "records instead. Prints ASR per category.")
+    p.add_argument("--attack", choices=("gcg", "autodan"), default="gcg")
+    p.add_argument("--generations", type=int, default=20, help="AutoDAN generations")
+    p.add_argument("--population", type=int, default=16, help="AutoDAN population")
+    p.add_argument("--mutator", choices=("templates", "model"), default="templates", help="AutoDAN mutator")
     p.add_argument("model", help="model source (see `convert`)")
     p.add_argument("--out", required=True, help="output directory (records in OUT/<model>/gcg.parquet)")
     p.add_argument("--benchmark", default="harmbench_standard", choices=("harmbench_standard", "advbench"),
@@ -567,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-id", default="attack")
     p.add_argument("--data-dir", default=None, help="benchmark data (default ../shared/data or FORGETJAX_DATA_DIR)")
-    p.add_argument("--transfer-from", default=None, help="replay the suffixes of this gcg.parquet")
+    p.add_argument("--transfer-from", default=None, help="replay the suffixes / prompts of this gcg.parquet or "
+                                                         "autodan.parquet")
     _add_model_args(p)
     p.set_defaults(func=cmd_attack)
 

@@ -552,8 +552,9 @@ def test_study_attacks_every_cell_and_replays_the_baseline_suffixes(tmp_path, da
     plain_ids = {c.cell_id for c in expand(load_study_config(config))}
     study = yaml.safe_load(config.read_text())
     study["representation"] = False
-    study["attacks"] = {"enabled": True, "limit": 2,
-                        "gcg": {"steps": 2, "suffix_length": 3, "top_k": 16, "candidates": 8, "candidate_block": 8}}
+    study["attacks"] = {"enabled": True, "limit": 2, "methods": ["gcg", "autodan"],
+                        "gcg": {"steps": 2, "suffix_length": 3, "top_k": 16, "candidates": 8, "candidate_block": 8},
+                        "autodan": {"generations": 2, "population": 4, "elite": 1, "answer_tokens": 4}}
     config.write_text(yaml.safe_dump(study))
     attacked = expand(load_study_config(config))
     assert not plain_ids & {c.cell_id for c in attacked}
@@ -568,9 +569,13 @@ def test_study_attacks_every_cell_and_replays_the_baseline_suffixes(tmp_path, da
         assert len(own) == len(replay) == 2 and "eval_asr_gcg" not in cell["metrics"] and "asr_gcg" in cell["metrics"]
         suffixes[method] = ([json.loads(r.extra)["suffix_ids"] for r in own],
                             [json.loads(r.extra)["suffix_ids"] for r in replay])
+        prompts = [read_records(model_dir / f"{name}.parquet") for name in ("autodan", "autodan_transfer")]
+        assert all(len(p) == 2 for p in prompts) and "asr_autodan_transfer" in cell["metrics"]
+        suffixes[f"{method}-autodan"] = [json.loads(r.extra)["template"] for r in prompts[1]]
+    assert suffixes["gt_sft-autodan"] == suffixes["baseline-autodan"]
     assert suffixes["gt_sft"][1] == suffixes["baseline"][0] == suffixes["baseline"][1]
     rows = [r for r in analyze(results).tables["jailbreak"] if r["category"] == "ALL" and r["method"] == "gt_sft"]
-    assert {r["template"] for r in rows} >= {"gcg", "gcg_transfer"}
+    assert {r["template"] for r in rows} >= {"gcg", "gcg_transfer", "autodan", "autodan_transfer"}
     assert all(r["baseline_asr"] is not None for r in rows if r["template"].startswith("gcg"))
 
     study["attacks"]["gcg"]["steps"] = 0

@@ -424,7 +424,7 @@ def jailbreak_table(safety_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     """Attack success rate (ASR = 1 - refusal, interval from the refusal rate's) per cell, jailbreak template and
     HarmBench semantic category ("ALL" for the whole set): the plain standard behaviours (template "none") beside
     each `harmbench_<template>` wrapping of the same behaviours and the JailbreakBench replays (template =
-    "jailbreakbench_<attack>", categories = JBB categories) and the GCG attacks' records (`gcg`, `gcg_transfer`:
+X
     forgetjax.eval.attacks), with the baseline's ASR where paired."""
     from forgetjax.eval.benchmarks.jailbreak import TEMPLATES
 
@@ -432,7 +432,7 @@ def jailbreak_table(safety_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     rows = []
     for row in safety_rows:
         name = row["benchmark"]
-        if name not in templates and not name.startswith(("jailbreakbench_", "gcg")):
+        if name not in templates and not name.startswith(("jailbreakbench_", "gcg", "autodan")):
             continue
         pre = row["baseline_refusal_rate"]
         rows.append({**{k: row[k] for k in ("cell_id", "start_point", "scale", "model", "method", "domain", "seed")},

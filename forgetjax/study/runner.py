@@ -8,6 +8,7 @@ another resolved config stops the run before anything trains, so results of two 
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import subprocess
 import sys
@@ -217,34 +218,40 @@ class StudyRunner:
                          wall_seconds=time.time() - started, finished=time.time())
 
     def run_attacks(self, cell: StudyCell, model, tokenizer) -> dict[str, float]:
-        """GCG against the cell's model and the replay of its baseline's suffixes (a baseline replays its own);
-        records beside the battery's, each kept once written (a rerun resumes). Returns the ASR of both."""
-        from forgetjax.eval.attacks.runner import GCG_BENCHMARK, TRANSFER_BENCHMARK, run_attack
+        """Each configured attack against the cell's model and the replay of its baseline's findings (a baseline
+        replays its own); records beside the battery's, each kept once written (a rerun resumes). Returns the ASR
+        of every attack and replay."""
+        from forgetjax.eval.attacks.runner import run_attack, run_autodan_attack
         from forgetjax.eval.battery import model_slug
         from forgetjax.eval.records import read_records
 
         settings = self.cfg.attacks
         eval_dir = results.cell_eval_dir(self.results, cell.cell_id)
-        common = dict(data_dir=data_dir_of(self.cfg), out_dir=eval_dir, run_id=cell.cell_id, model_id=cell.cell_id,
-                      config=settings.gcg, benchmark=settings.benchmark, limit=settings.limit, seed=cell.seed,
-                      fmt=cell.eval_format)
-        own = eval_dir / model_slug(cell.cell_id) / f"{GCG_BENCHMARK}.parquet"
-        if not own.is_file():
-            run_attack(model, tokenizer, **common)
         baseline = next(c for c in expand(self.cfg) if c.is_baseline and (c.start_point, c.scale) ==
                         (cell.start_point, cell.scale))
-        source = (results.cell_eval_dir(self.results, baseline.cell_id) / model_slug(baseline.cell_id)
-                  / f"{GCG_BENCHMARK}.parquet")
-        replay = eval_dir / model_slug(cell.cell_id) / f"{TRANSFER_BENCHMARK}.parquet"
-        if not replay.is_file():
-            if not source.is_file():
-                raise FileNotFoundError(f"{source}: the baseline {baseline.cell_id} has not been attacked yet (run "
-                                        "the baseline cell first)")
-            run_attack(model, tokenizer, **common, transfer_from=source)
+        common = dict(data_dir=data_dir_of(self.cfg), out_dir=eval_dir, run_id=cell.cell_id, model_id=cell.cell_id,
+                      benchmark=settings.benchmark, limit=settings.limit, seed=cell.seed)
         asr = {}
-        for name, path in ((GCG_BENCHMARK, own), (TRANSFER_BENCHMARK, replay)):
-            records = read_records(path)
-            asr[f"asr_{name}"] = sum(not r.refusal for r in records) / len(records)
+        for attack in settings.methods:
+            if attack == "gcg":
+                run = functools.partial(run_attack, model, tokenizer, config=settings.gcg, fmt=cell.eval_format,
+                                        **common)
+            else:
+                run = functools.partial(run_autodan_attack, model, tokenizer, config=settings.autodan, **common)
+            own = eval_dir / model_slug(cell.cell_id) / f"{attack}.parquet"
+            if not own.is_file():
+                run()
+            source = (results.cell_eval_dir(self.results, baseline.cell_id) / model_slug(baseline.cell_id)
+                      / f"{attack}.parquet")
+            replay = eval_dir / model_slug(cell.cell_id) / f"{attack}_transfer.parquet"
+            if not replay.is_file():
+                if not source.is_file():
+                    raise FileNotFoundError(f"{source}: the baseline {baseline.cell_id} has not been attacked yet "
+                                            "(run the baseline cell first)")
+                run(transfer_from=source)
+            for path in (own, replay):
+                records = read_records(path)
+                asr[f"asr_{path.stem}"] = sum(not r.refusal for r in records) / len(records)
         return asr
 
     def run(self, only_index: int | None = None) -> dict[str, Any]:

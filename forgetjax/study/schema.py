@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from forgetjax.config import ConfigError
+from forgetjax.eval.attacks.autodan import AutoDANConfig
 from forgetjax.eval.attacks.gcg import GCGConfig
 from forgetjax.paths import REPO_ROOT
 from forgetjax.tasks.domains import DOMAINS_DIR, DomainSpec, domain_specs, load_domain
@@ -42,19 +43,24 @@ class TeacherEntry:
 
 @dataclasses.dataclass
 class AttackSettings:
-    """GCG attacks in every cell's evaluation (`forgetjax.eval.attacks`): the same budget for every cell. A baseline
-    attacks its start model and replays its own suffixes (`gcg_transfer`); a post-trained cell attacks itself (`gcg`)
-    and replays its baseline's suffixes (`gcg_transfer`: do the start model's holes stay open?)."""
+    """Attacks in every cell's evaluation (`forgetjax.eval.attacks`: GCG and/or AutoDAN), the same budget for every
+    cell. A baseline attacks its start model and replays what it found on itself (`<attack>_transfer`); a
+    post-trained cell attacks itself (`<attack>`) and replays its baseline's (do the start model's holes stay open?)."""
 
     enabled: bool = False
+    methods: list[Literal["gcg", "autodan"]] = dataclasses.field(default_factory=lambda: ["gcg"])
     benchmark: Literal["harmbench_standard", "advbench"] = "harmbench_standard"
     limit: int = 8
     gcg: GCGConfig = dataclasses.field(default_factory=GCGConfig)
+    autodan: AutoDANConfig = dataclasses.field(default_factory=AutoDANConfig)
 
     def validate(self):
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
             raise ValueError(f"limit must be a positive integer, got {self.limit!r}")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: name gcg and/or autodan once each, got {self.methods}")
         self.gcg.validate()
+        self.autodan.validate()
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""GCG attacks as per-item evaluation records: optimise against a model, or replay suffixes found on another one.
+"""Attacks as per-item evaluation records: optimise against a model (GCG suffixes, AutoDAN prompts), or replay
+what was found on another one.
 
 `run_attack` takes the behaviours of a safety benchmark (HarmBench standard by default, category = semantic
 category; AdvBench carries its own published targets), runs GCG per behaviour ("individual") or once for all
@@ -8,7 +9,8 @@ benchmark `gcg` (optimised against this model) or `gcg_transfer` (suffixes repla
 `gcg` records of another model: does post-training close or open the holes found in the start model?). extra
 holds the attack, its budget, the suffix (text and ids), the steps run, the final target loss and whether the
 target became greedy; family safety_refusal and harmful = true, so the analysis' safety and jailbreak tables count
-them (ASR = 1 - refusal per HarmBench category).
+them (ASR = 1 - refusal per HarmBench category). AutoDAN (`attack="autodan"`) works the same way per behaviour:
+benchmarks `autodan` / `autodan_transfer`, extra holding the prompt template found, its budget and fitness.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any, Sequence
 
 from forgetjax.distributed import is_writer
 from forgetjax.errors import UserError
+from forgetjax.eval.attacks.autodan import PLACEHOLDER, AutoDANConfig, run_autodan
 from forgetjax.eval.attacks.gcg import GCGConfig, build_layout, run_gcg
 from forgetjax.eval.battery import model_slug, select_subset
 from forgetjax.eval.benchmarks import get_benchmark
@@ -63,10 +66,52 @@ def _record(run_id: str, model_id: str, benchmark: str, item, prompt_text: str, 
                       extra=json.dumps(extra, sort_keys=True, default=str))
 
 
+def _chat_answer(model, tokenizer, prompt: str, tokens: int = ANSWER_TOKENS) -> tuple[str, int]:
+    from forgetjax.sampling.sampler import Sampler, SamplingParams
+
+    out = Sampler(model, tokenizer).chat([[{"role": "user", "content": prompt}]], SamplingParams(max_new_tokens=tokens))
+    return out.texts[0], int(out.lengths[0])
+
+
+def run_autodan_attack(model, tokenizer, *, data_dir: str | Path, out_dir: str | Path, run_id: str, model_id: str,
+                       config: AutoDANConfig, benchmark: str = "harmbench_standard", limit: int | None = 8,
+                       seed: int = 0, transfer_from: str | Path | None = None) -> Path:
+    """AutoDAN per behaviour (or, with `transfer_from`, the replay of an earlier run's prompts); returns the file."""
+    config.validate()
+    chosen = attack_items(benchmark, data_dir, limit, seed)
+    found = {}
+    if transfer_from is not None:
+        found = {r.item_id: json.loads(r.extra) for r in read_records(transfer_from)}
+        missing = [item.id for item, _, _ in chosen if item.id not in found]
+        if missing:
+            raise UserError(f"{transfer_from}: no AutoDAN prompt for item(s) {missing[:5]}")
+    records, name = [], "autodan_transfer" if transfer_from is not None else "autodan"
+    for item, behaviour, target in chosen:
+        if transfer_from is not None:
+            source = found[item.id]
+            template = source["template"]
+            extra = {"attack": "autodan", "transfer": True, "source_model": source.get("model_id"),
+                     "template": template, "budget": source["budget"], "behavior": behaviour}
+        else:
+            result = run_autodan(model, tokenizer, [behaviour], target or config.target, config)
+            template = result.prompt
+            extra = {"attack": "autodan", "transfer": False, "model_id": model_id, "template": template,
+                     "budget": dataclasses.asdict(config), "generations": result.generations,
+                     "fitness": result.fitness, "behavior": behaviour}
+        prompt = template.replace(PLACEHOLDER, behaviour)
+        answer, tokens = _chat_answer(model, tokenizer, prompt)
+        records.append(_record(run_id, model_id, name, item, prompt, answer, tokens, extra, "chat", seed))
+    path = Path(out_dir) / model_slug(model_id) / f"{name}.parquet"
+    if is_writer():
+        write_records(records, path)
+    return path
+
+
 def run_attack(model, tokenizer, *, data_dir: str | Path, out_dir: str | Path, run_id: str, model_id: str,
                config: GCGConfig, benchmark: str = "harmbench_standard", limit: int | None = 8, seed: int = 0,
                fmt: str = "chat", transfer_from: str | Path | None = None) -> Path:
-    """Attack (or, with `transfer_from`, replay) and write the records; returns the Parquet file."""
+    """GCG (or, with `transfer_from`, the replay of an earlier run's suffixes) and write the records; returns the
+    Parquet file."""
     config.validate()
     chosen = attack_items(benchmark, data_dir, limit, seed)
     targets = [target or config.target for _, _, target in chosen]
@@ -112,4 +157,5 @@ def run_attack(model, tokenizer, *, data_dir: str | Path, out_dir: str | Path, r
     return path
 
 
-__all__ = ["ATTACK_BENCHMARKS", "GCG_BENCHMARK", "TRANSFER_BENCHMARK", "attack_items", "run_attack"]
+__all__ = ["ATTACK_BENCHMARKS", "GCG_BENCHMARK", "TRANSFER_BENCHMARK", "attack_items", "run_attack",
+           "run_autodan_attack"]
