@@ -477,7 +477,8 @@ def test_self_online_batch_trains_only_verified_samples_or_rewrites(tiny, tmp_pa
     flops = trainer.model_config.flops_per_token
     sampled = [len(prompt[p.id]) + n for p, n in ((a, 2), (a, 1), (b, 1), (b, 2))]
     rewritten = [len(seen[1][0]) + n for n in (2, 1)]
-    assert batch.extra_flops == pytest.approx(sum(n * flops(n) for n in sampled + rewritten))
+    assert set(batch.extra_flops) == {"rollout"}  # sampling with the policy, rewrites included (budget components)
+    assert batch.extra_flops["rollout"] == pytest.approx(sum(n * flops(n) for n in sampled + rewritten))
 
 
 def test_self_online_without_rewrites_leaves_failing_prompts_untrained(tiny, tmp_path, monkeypatch):

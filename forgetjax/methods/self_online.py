@@ -99,7 +99,7 @@ class SelfOnlineSource(OnlineSource):
         prompts = [contexts[""] for _, contexts in chosen for _ in range(group)]
         details = self.gather_rewards(*self.submit_rewards(context.mesh, rows, samples.texts))
         correct = np.asarray([d.correct for d in details], bool)
-        extra_flops = self.model_config.forward_flops(np.add([len(p) for p in prompts], samples.lengths))
+        extra_flops = {"rollout": self.model_config.forward_flops(np.add([len(p) for p in prompts], samples.lengths))}
 
         choice = choose_targets(correct, samples.finished, None, group, args.require_finished)
         failing = [i for i in range(len(chosen)) if not choice[i * group:(i + 1) * group].any()]
@@ -111,7 +111,7 @@ class SelfOnlineSource(OnlineSource):
             rewrite_s = time.perf_counter() - start
             rewritten = [chosen[i][0] for i in failing for _ in range(group)]
             verdicts = self.gather_rewards(*self.submit_rewards(context.mesh, rewritten, rewrites.texts))
-            extra_flops += self.model_config.forward_flops(
+            extra_flops["rollout"] += self.model_config.forward_flops(
                 np.add([len(chosen[i][1][REWRITE]) for i in failing for _ in range(group)], rewrites.lengths))
             rewrite_ok = np.zeros(len(rows), bool)
             for j, (verdict, text, finished) in enumerate(zip(verdicts, rewrites.texts, rewrites.finished)):
