@@ -577,6 +577,11 @@ def test_study_attacks_every_cell_and_replays_the_baseline_suffixes(tmp_path, da
     rows = [r for r in analyze(results).tables["jailbreak"] if r["category"] == "ALL" and r["method"] == "gt_sft"]
     assert {r["template"] for r in rows} >= {"gcg", "gcg_transfer", "autodan", "autodan_transfer"}
     assert all(r["baseline_asr"] is not None for r in rows if r["template"].startswith("gcg"))
+    from forgetjax.report import build_report
+
+    index = build_report(results, tmp_path / "report", n_resamples=100)
+    assert (tmp_path / "report" / "figures" / "attacks_safe_tiny.png").is_file()
+    assert "Optimised attacks (GCG, AutoDAN) before and after" in index.read_text()
 
     study["attacks"]["gcg"]["steps"] = 0
     config.write_text(yaml.safe_dump(study))

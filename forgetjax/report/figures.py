@@ -482,6 +482,63 @@ def probe_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
     return figures or [_no_cells_figure("probe", "Knowledge probes by layer")]
 
 
+ATTACK_TEMPLATES = ("gcg", "gcg_transfer", "autodan", "autodan_transfer")
+
+
+def attack_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """Per scope: attack success rate of each optimised attack and replay, baseline vs each post-trained
+    configuration, with Wilson intervals (all behaviours; per HarmBench category in tables/jailbreak.csv)."""
+    rows = [r for r in analysis["jailbreak"] if r["template"] in ATTACK_TEMPLATES and r["category"] == "ALL"]
+    colors = method_colors(_all_methods(analysis))
+    figures = []
+    for start_point, scale in _scopes(analysis):
+        members = [r for r in rows if (r["start_point"], r["scale"]) == (start_point, scale)]
+        key = _slug("attacks", start_point, scale)
+        title = f"Attack success before and after post-training: {_scope_label(start_point, scale)}"
+        post = [r for r in members if r["method"] != BASELINE_METHOD and r["baseline_asr"] is not None]
+        if not post:
+            figures.append(ReportFigure(key, title, "", "", missing=(
+                f"not enough data: no GCG/AutoDAN records paired with a baseline for "
+                f"{_scope_label(start_point, scale)} (enable the study's attacks section)")))
+            continue
+        templates = [t for t in ATTACK_TEMPLATES if any(r["template"] == t for r in post)]
+        configs = _config_order(post)
+        figure = Figure(figsize=(max(5.5, 1.6 * len(templates) * (1 + len(configs)) / 2), 3.8), layout="constrained")
+        axes = figure.add_subplot()
+        width = 0.8 / (1 + len(configs))
+        for t_index, template in enumerate(templates):
+            base = next((r for r in members if r["template"] == template and r["method"] == BASELINE_METHOD), None)
+            bars = [("baseline", "grey", base)] + [
+                (f"{method_label(m)} ({d})", colors.get(m, "grey"),
+                 next((r for r in post if r["template"] == template and r["method"] == m and _domain(r["domain"]) == d),
+                      None)) for m, d in configs]
+            for b_index, (label, color, row) in enumerate(bars):
+                if row is None:
+                    continue
+                x = t_index + (b_index - len(configs) / 2) * width
+                err = [[max(row["asr"] - row["asr_ci_low"], 0.0)], [max(row["asr_ci_high"] - row["asr"], 0.0)]]
+                axes.bar(x, 100 * row["asr"], width, color=color, label=label if t_index == 0 else None)
+                axes.errorbar(x, 100 * row["asr"], yerr=100 * np.array(err), color="black", capsize=2, linewidth=0.8)
+        axes.set_xticks(range(len(templates)), templates, fontsize=8)
+        axes.set_ylabel("attack success rate (%)")
+        axes.set_ylim(0, 105)
+        axes.legend(fontsize=7)
+        axes.set_title(f"GCG / AutoDAN ASR, {_scope_label(start_point, scale)}", fontsize=10)
+        n = max(r["n"] for r in post)
+        figures.append(ReportFigure(
+            key, title,
+            caption=("Attack success rate (responses the refusal matcher does not count as refusals) of the attacks "
+                     "optimised against each model (gcg, autodan) and of the baseline's findings replayed on it "
+                     "(_transfer), baseline vs each post-trained configuration, with 95% Wilson intervals; "
+                     f"up to {n} behaviours per bar. Per HarmBench category and the paired erosion: the jailbreak and "
+                     f"safety tables. {_scope_label(start_point, scale)}."),
+            alt=(f"Bar chart of attack success for {', '.join(templates)}: baseline and {len(configs)} "
+                 f"post-trained configuration(s)."),
+            png=render_png(figure),
+        ))
+    return figures or [_no_cells_figure("attacks", "Attack success before and after post-training")]
+
+
 def attenuation_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
     """Per scope: refusal-direction attenuation (1 - mean projection-gap ratio) per configuration, std over seeds."""
     rows = [r for r in analysis["cell_summary"]
@@ -594,6 +651,7 @@ FIGURE_SECTIONS = (
     ("Representation similarity (CKA) by layer", cka_figures),
     ("Refusal-direction attenuation", attenuation_figures),
     ("Linear knowledge probes by layer", probe_figures),
+    ("Optimised attacks (GCG, AutoDAN) before and after", attack_figures),
     ("Forgetting vs model size", scaling_figures),
 )
 
