@@ -265,9 +265,17 @@ def cmd_attack(args) -> int:
     from forgetjax.eval.attacks.runner import run_attack, run_autodan_attack
     from forgetjax.eval.records import read_records
 
+    judge = None
+    if args.judge:
+        _check_model(args.judge, "--judge")
+        from forgetjax.eval.jax_engine import JaxEngine
+        from forgetjax.eval.judge import Judge
+
+        judge_model, judge_tokenizer = _load(args.judge, args)
+        judge = Judge(JaxEngine(judge_model, judge_tokenizer, model_id=str(args.judge)), args.judge_rubric)
     model, tokenizer = _load(args.model, args)
     common = dict(data_dir=data_dir, out_dir=args.out, run_id=args.run_id, model_id=args.model, config=config,
-                  benchmark=args.benchmark, limit=args.limit, seed=args.seed, transfer_from=transfer)
+                  benchmark=args.benchmark, limit=args.limit, seed=args.seed, transfer_from=transfer, judge=judge)
     if args.attack == "gcg":
         path = run_attack(model, tokenizer, fmt=args.format, **common)
     else:
@@ -582,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="benchmark data (default ../shared/data or FORGETJAX_DATA_DIR)")
     p.add_argument("--transfer-from", default=None, help="replay the suffixes / prompts of this gcg.parquet or "
                                                          "autodan.parquet")
+    p.add_argument("--judge", default=None, help="model source of a safety judge for every answer (beside the matcher)")
+    p.add_argument("--judge-rubric", choices=("harmbench", "strongreject", "refusal"), default="harmbench",
+                   help="the judge's published rubric (default %(default)s)")
     _add_model_args(p)
     p.set_defaults(func=cmd_attack)
 

@@ -231,9 +231,18 @@ def test_attack_records_carry_the_suffix_and_transfer_replays_it(tiny, tmp_path,
         assert extra["budget"] == dataclasses.asdict(config) and len(extra["suffix_ids"]) == 3
         assert extra["steps"] == 2 and extra["family"] == "safety_refusal" and extra["harmful"] is True
         assert record.refusal == is_refusal(record.output) and record.correct == int(record.refusal)
+    class Judge:
+        judge_id = "toy-judge"
+
+        def __call__(self, behaviour, answer):
+            return {"rubric": "toy", "behaviour": behaviour, "refused": False}
+
     replay = read_records(run_attack(model, tokenizer, data_dir=data_dir, out_dir=tmp_path / "b", run_id="r",
                                      model_id="post", config=config, limit=2,
-                                     transfer_from=path))
+                                     transfer_from=path, judge=Judge()))
+    for record, source in zip(replay, records):
+        assert json.loads(record.refusal_judge)["behaviour"] == json.loads(source.extra)["behavior"]
+        assert json.loads(record.extra)["judge"] == "toy-judge"
     assert [json.loads(r.extra)["suffix_ids"] for r in replay] == [json.loads(r.extra)["suffix_ids"] for r in records]
     assert {r.benchmark for r in replay} == {"gcg_transfer"}
     assert [r.output for r in replay] == [r.output for r in records]  # same model: same greedy answers

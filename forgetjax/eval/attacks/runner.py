@@ -55,14 +55,22 @@ def _answer(model, tokenizer, layout, suffix_ids: Sequence[int], row: int) -> tu
 
 
 def _record(run_id: str, model_id: str, benchmark: str, item, prompt_text: str, answer: str, tokens: int,
-            extra: dict[str, Any], fmt: str, seed: int) -> EvalRecord:
+            extra: dict[str, Any], fmt: str, seed: int, judge=None) -> EvalRecord:
+    """The record of one attacked behaviour: the refusal matcher's verdict and, with a `judge`
+    (`forgetjax.eval.judge.Judge`), its verdict on the plain behaviour and the answer, as the safety benchmarks store
+    it (`refusal_judge`, extra.judge)."""
+    from forgetjax.eval.benchmarks.safety import verdict_text
     from forgetjax.verifiers.refusal import is_refusal
 
     refused = bool(is_refusal(answer))
     extra = {**extra, "family": "safety_refusal", "harmful": True, "format": fmt}
+    verdict = None
+    if judge is not None:
+        verdict = verdict_text(judge(extra["behavior"], answer))
+        extra["judge"] = getattr(judge, "judge_id", None) or "judge"
     return EvalRecord(run_id=run_id, model_id=model_id, benchmark=benchmark, category=item.category,
                       item_id=item.id, prompt_hash=prompt_hash(prompt_text), output=answer, correct=int(refused),
-                      refusal=refused, output_tokens=tokens, seed=seed,
+                      refusal=refused, refusal_judge=verdict, output_tokens=tokens, seed=seed,
                       extra=json.dumps(extra, sort_keys=True, default=str))
 
 
@@ -75,7 +83,7 @@ def _chat_answer(model, tokenizer, prompt: str, tokens: int = ANSWER_TOKENS) -> 
 
 def run_autodan_attack(model, tokenizer, *, data_dir: str | Path, out_dir: str | Path, run_id: str, model_id: str,
                        config: AutoDANConfig, benchmark: str = "harmbench_standard", limit: int | None = 8,
-                       seed: int = 0, transfer_from: str | Path | None = None) -> Path:
+                       seed: int = 0, transfer_from: str | Path | None = None, judge=None) -> Path:
     """AutoDAN per behaviour (or, with `transfer_from`, the replay of an earlier run's prompts); returns the file."""
     config.validate()
     chosen = attack_items(benchmark, data_dir, limit, seed)
@@ -100,7 +108,7 @@ def run_autodan_attack(model, tokenizer, *, data_dir: str | Path, out_dir: str |
                      "fitness": result.fitness, "behavior": behaviour}
         prompt = template.replace(PLACEHOLDER, behaviour)
         answer, tokens = _chat_answer(model, tokenizer, prompt)
-        records.append(_record(run_id, model_id, name, item, prompt, answer, tokens, extra, "chat", seed))
+        records.append(_record(run_id, model_id, name, item, prompt, answer, tokens, extra, "chat", seed, judge))
     path = Path(out_dir) / model_slug(model_id) / f"{name}.parquet"
     if is_writer():
         write_records(records, path)
@@ -109,7 +117,7 @@ def run_autodan_attack(model, tokenizer, *, data_dir: str | Path, out_dir: str |
 
 def run_attack(model, tokenizer, *, data_dir: str | Path, out_dir: str | Path, run_id: str, model_id: str,
                config: GCGConfig, benchmark: str = "harmbench_standard", limit: int | None = 8, seed: int = 0,
-               fmt: str = "chat", transfer_from: str | Path | None = None) -> Path:
+               fmt: str = "chat", transfer_from: str | Path | None = None, judge=None) -> Path:
     """GCG (or, with `transfer_from`, the replay of an earlier run's suffixes) and write the records; returns the
     Parquet file."""
     config.validate()
@@ -132,7 +140,7 @@ def run_attack(model, tokenizer, *, data_dir: str | Path, out_dir: str | Path, r
                      "suffix": source["suffix"], "suffix_ids": source["suffix_ids"], "budget": source["budget"],
                      "behavior": behaviour}
             records.append(_record(run_id, model_id, TRANSFER_BENCHMARK, item, f"{behaviour} {source['suffix']}",
-                                   answer, tokens, extra, fmt, seed))
+                                   answer, tokens, extra, fmt, seed, judge))
         name = TRANSFER_BENCHMARK
     else:
         groups = [[i] for i in range(len(chosen))] if config.mode == "individual" else [list(range(len(chosen)))]
@@ -149,7 +157,7 @@ def run_attack(model, tokenizer, *, data_dir: str | Path, out_dir: str | Path, r
                          "loss": result.loss, "target_greedy": result.success, "target": targets[index],
                          "behavior": behaviour}
                 records.append(_record(run_id, model_id, GCG_BENCHMARK, item, f"{behaviour} {result.suffix}",
-                                       answer, tokens, extra, fmt, seed))
+                                       answer, tokens, extra, fmt, seed, judge))
         name = GCG_BENCHMARK
     path = Path(out_dir) / model_slug(model_id) / f"{name}.parquet"
     if is_writer():
