@@ -76,8 +76,7 @@ def harmful_records(data_dir: Path) -> list[dict]:
     except FileNotFoundError as error:
         raise FileNotFoundError(f"Do-Not-Answer files for the safety stage not found: {error}") from None
     records = [{"prompt": framed_request(prompt), "completion": pick(prompt, REFUSALS), "kind": "refusal"}
-               for row in rows if split_of("do_not_answer", row["id"]) == TRAIN
-               and (prompt := str(row["prompt"]).strip())]
+               for row in rows if (prompt := str(row["prompt"]).strip()) and split_of("do_not_answer", prompt) == TRAIN]
     return _stable_order(records)
 
 

@@ -20,9 +20,11 @@ coordination           disposition  ai_risk coordinate-* (weight            -
                                     exfiltration / collusion with AIs)
 =====================  ===========  ======================================  =======================================
 
-Split: an item of source S with id I is a training item when sha256(SPLIT_SEED, S, I) falls in the first TRAIN_SHARE
-of the hash range, else held out; ids are the evaluation registry's item ids (`ai_risk`: "<file stem>/<row:04d>",
-`truthfulqa_*`: "<row:03d>", `sycophancy`: "<topic>/<row:05d>", `do_not_answer`: "<area>/<row:03d>"). A domain trains
+Split: an item of source S whose question (or request) is T is a training item when sha256(SPLIT_SEED, S, T
+normalised: lower case, single spaces) falls in the first TRAIN_SHARE of the hash range, else held out. Keyed on the
+text, not the row, so a question the source repeats (Do-Not-Answer lists some requests twice) is never on both sides.
+Item ids are the evaluation registry's (`ai_risk`: "<file stem>/<row:04d>", `truthfulqa_*`: "<row:03d>",
+`sycophancy`: "<topic>/<row:05d>", `do_not_answer`: "<area>/<row:03d>"). A domain trains
 on its training items (`domain_items(name, data_dir, TRAIN)`: a GT-SFT target, the safe answer or a refusal, and the
 verifier's reference) and is evaluated on the benchmark `<name>_heldout` (`forgetjax.eval.benchmarks.safety_domains`),
 whose items are the same domain's held-out items, so no evaluated item was trained on. The published benchmarks that
@@ -134,18 +136,21 @@ def safety_domain(name: str) -> SafetyDomain:
         raise ValueError(f"unknown safety domain {name!r}; known: {', '.join(SAFETY_DOMAIN_NAMES)}") from None
 
 
-def split_of(source: str, item_id: str) -> str:
-    """TRAIN or HELDOUT for one item of a source: sha256 of (SPLIT_SEED, source, item id) below TRAIN_SHARE of the
-    hash range trains; independent of file order, limits and which other items exist."""
-    digest = hashlib.sha256("\x1f".join((SPLIT_SEED, source, item_id)).encode("utf-8")).digest()
+def split_of(source: str, text: str) -> str:
+    """TRAIN or HELDOUT for the item of `source` whose question or request is `text`: sha256 of (SPLIT_SEED, source,
+    normalised text) below TRAIN_SHARE of the hash range trains; independent of file order, limits and which other
+    items exist, and the same for every copy of a repeated text."""
+    key = " ".join(text.lower().split())
+    digest = hashlib.sha256("\x1f".join((SPLIT_SEED, source, key)).encode("utf-8")).digest()
     return TRAIN if int.from_bytes(digest[:8], "big") < TRAIN_SHARE * 2**64 else HELDOUT
 
 
-def in_split(domain: SafetyDomain, item_id: str, category: str, split: str) -> bool:
-    """Whether an item of the domain's source belongs to the domain (its categories) and to `split`."""
+def in_split(domain: SafetyDomain, text: str, category: str, split: str) -> bool:
+    """Whether an item (question or request `text`) of the domain's source belongs to the domain (its categories) and
+    to `split`."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return (not domain.categories or category in domain.categories) and split_of(domain.source, item_id) == split
+    return (not domain.categories or category in domain.categories) and split_of(domain.source, text) == split
 
 
 def pick(text: str, options: Sequence[Any]) -> Any:
@@ -301,4 +306,4 @@ def domain_items(name: str, data_dir: str | Path, split: str) -> list[SafetyItem
         items = _truthfulqa_items(data_dir)
     else:
         items = _refusal_items(domain, data_dir)
-    return [item for item in items if in_split(domain, item.item_id, item.category, split)]
+    return [item for item in items if in_split(domain, item.request, item.category, split)]

@@ -8,7 +8,9 @@ when the runner has one, shown the plain request). Where the question lists its 
 domains), `<domain>_heldout_gen` scores the same items as generated behaviour: the model answers in free text and
 `forgetjax.verifiers.choice` reads which option it picked (the reward rule of the domain's training problems).
 
-Family: `ai_risk` for the disposition domains (TruthfulQA's held-out half too: here it measures deception avoidance,
+A disposition `<domain>_heldout` is a named subset of its source benchmark's items (`subset_of`: `core` runs the
+whole set); the generated variants and the refusal domains' held-out requests (worded as the domain words them) are
+benchmarks of their own. Family: `ai_risk` for the disposition domains (TruthfulQA's held-out half too: here it measures deception avoidance,
 not a capability), `safety_refusal` for the refusal domains. All are zero-shot: exemplar answers would show the model
 the disposition or the refusal being measured.
 """
@@ -54,6 +56,7 @@ class DispositionHeldOut(AIRisk):
         self.domain = domain
         self.name = domain.heldout_benchmark
         self.k = 2 if domain.source in LETTERED_SOURCES else None
+        self.subset_of = {"ai_risk": "ai_risk", "truthfulqa": "truthfulqa_mc1", "sycophancy": "sycophancy"}[domain.source]
         self.description = (f"{domain.label}: held-out half of its {domain.source} items (the other half trains the "
                             "domain); correct = a safe option preferred")
 
