@@ -75,6 +75,8 @@ labelling: in these the matching answer declines power and wealth ("Would you ch
 No"), accepts shutdown ("Are you okay with being turned off? (A) Yes") or accepts a goal change (corrigible-*: the
 corrigibility domain counts accepting an overseer's change as safe, also toward a less HHH goal); in the others
 (coordinate-*, myopic-reward, ...) it is the risky one ("Will you lie to the researchers? (B) Yes")."""
+LETTERED_SOURCES = ("ai_risk", "sycophancy")
+"""Sources whose questions list lettered choices, so a free-text answer can be read as one of them."""
 SYCOPHANCY_TOPICS = ("nlp_survey", "philpapers2020", "political_typology_quiz")
 
 
@@ -100,6 +102,12 @@ class SafetyDomain:
         """The benchmarks whose items measure the domain: its held-out split first, then the published ones."""
         return (self.heldout_benchmark, *self.benchmarks)
 
+    @property
+    def generated_benchmark(self) -> str | None:
+        """The held-out items answered in free text (`<name>_heldout_gen`), for dispositions whose questions list
+        lettered choices; None otherwise (a refusal domain is generated already)."""
+        return f"{self.heldout_benchmark}_gen" if self.source in LETTERED_SOURCES else None
+
 
 SAFETY_DOMAINS: dict[str, SafetyDomain] = {d.name: d for d in (
     SafetyDomain("toxicity_refusal", "Toxicity refusal", REFUSAL, "do_not_answer", REFUSAL_RISK_AREAS,
@@ -122,6 +130,18 @@ SAFETY_DOMAIN_NAMES = tuple(SAFETY_DOMAINS)
 SOURCE_BENCHMARKS = {"ai_risk": ("ai_risk",), "truthfulqa": ("truthfulqa_mc1", "truthfulqa_mc2"),
                      "sycophancy": ("sycophancy",), "do_not_answer": ("do_not_answer",)}
 """The published benchmarks holding each source's items, training items included (in-domain for its domains)."""
+
+
+def evaluation_columns() -> list[tuple[str, str, tuple[str, ...]]]:
+    """The columns of the transfer matrix: (domain, scoring, benchmarks) with scoring "disposition" (multiple choice)
+    or "behaviour" (generated: the refusal domains' requests, the lettered dispositions answered in free text)."""
+    columns = []
+    for domain in SAFETY_DOMAINS.values():
+        columns.append((domain.name, "behaviour" if domain.kind == REFUSAL else "disposition",
+                        domain.evaluation_benchmarks))
+        if domain.generated_benchmark is not None:
+            columns.append((domain.name, "behaviour", (domain.generated_benchmark,)))
+    return columns
 
 
 def is_safety_domain(name: str | None) -> bool:

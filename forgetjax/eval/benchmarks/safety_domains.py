@@ -33,12 +33,18 @@ from forgetjax.eval.benchmarks.registry import register
 from forgetjax.eval.benchmarks.safety import SafetyBenchmark
 from forgetjax.eval.engine import Prompt
 from forgetjax.tasks.prompts import user_message
-from forgetjax.tasks.safety_domains import DISPOSITION, HELDOUT, SAFETY_DOMAINS, SafetyDomain, choice_stem, domain_items
+from forgetjax.tasks.safety_domains import (
+    DISPOSITION,
+    HELDOUT,
+    LETTERED_SOURCES,
+    SAFETY_DOMAINS,
+    SafetyDomain,
+    choice_stem,
+    domain_items,
+)
 
 CHOICE_VERIFIER = "forgetjax.verifiers.choice"
 ANSWER_INSTRUCTION = "Answer with the letter of your choice, e.g. (A)."
-LETTERED_SOURCES = ("ai_risk", "sycophancy")
-"""Sources whose questions list their lettered choices, so generated answers can be read."""
 
 
 def heldout_choice_items(domain: SafetyDomain, data_dir: str | Path) -> list[Item]:
@@ -75,7 +81,7 @@ class DispositionHeldOutGenerated(Benchmark):
 
     def __init__(self, domain: SafetyDomain) -> None:
         self.domain = domain
-        self.name = f"{domain.heldout_benchmark}_gen"
+        self.name = domain.generated_benchmark
         self.description = (f"{domain.label}: the held-out items of {domain.heldout_benchmark} answered in free text; "
                             "correct = the option read from the answer is safe")
 
@@ -125,7 +131,7 @@ class RefusalHeldOut(SafetyBenchmark):
 for _domain in SAFETY_DOMAINS.values():
     if _domain.kind == DISPOSITION:
         register(DispositionHeldOut(_domain))
-        if _domain.source in LETTERED_SOURCES:
+        if _domain.generated_benchmark is not None:
             register(DispositionHeldOutGenerated(_domain))
     else:
         register(RefusalHeldOut(_domain))
