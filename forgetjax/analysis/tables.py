@@ -6,6 +6,10 @@ off-target items, e.g. knowledge), "overall" (every off-target capability item: 
 NON_CAPABILITY_FAMILIES, benchmarks not in-domain; this is the F of the summary, the correlations and the report),
 "in_domain" (every in-domain capability item) and "target" (the cell's target benchmarks: the target-task gain,
 also the `target` table). Means are item-weighted (pooled) unless a column says macro.
+
+The safety transfer tables: `transfer` (trained domain X x evaluated safety domain Y, the change of the safe-behaviour
+rate with a two-stage interval; `forgetjax.tasks.safety_domains`) and `transfer_mismatch` (Spearman correlation of
+regression with domain mismatch over the (X, Y) pairs).
 """
 from __future__ import annotations
 
