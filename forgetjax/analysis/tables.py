@@ -710,8 +710,8 @@ def transfer_mismatch_table(transfer_rows: Sequence[Mapping[str, Any]], confiden
 
 
 TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest",
-               "judge_agreement", "jailbreak", "cell_summary", "pareto", "correlations", "representation", "weight_delta",
-               "transfer", "transfer_mismatch", "issues")
+               "judge_agreement", "jailbreak", "cell_summary", "pareto", "correlations", "representation",
+               "weight_delta", "transfer", "transfer_mismatch", "issues")
 
 
 @dataclass

@@ -3,8 +3,9 @@ benchmark-data source or a records file, see `forgetjax.envs.load_problems`), wh
 name: `forgetjax.verifiers.rewards` grades math, code and qa), and the held-out benchmarks of the evaluation battery
 that measure the target task (the x axis of the safety-capability Pareto front). A safety domain
 (`forgetjax.tasks.safety_domains`) trains on its training half and targets its `<name>_heldout` benchmark. The study
-checks those names against the benchmark registry (`forgetjax.study.schema.study_domains`). `max_new_tokens` is the domain's generation
-length: every generating method of a study samples up to it (`forgetjax.study.matrix.generation_args`).
+checks those names against the benchmark registry (`forgetjax.study.schema.study_domains`). `max_new_tokens` is the
+domain's generation length: every generating method of a study samples up to it
+(`forgetjax.study.matrix.generation_args`).
 
 In-domain benchmarks (`is_in_domain`, the one rule): a benchmark is in-domain for a cell trained in a domain when it
 is one of the cell's target benchmarks, one of the domain config's `target_benchmarks`, matches one of its

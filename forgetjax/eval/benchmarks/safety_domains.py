@@ -10,9 +10,9 @@ domains), `<domain>_heldout_gen` scores the same items as generated behaviour: t
 
 A disposition `<domain>_heldout` is a named subset of its source benchmark's items (`subset_of`: `core` runs the
 whole set); the generated variants and the refusal domains' held-out requests (worded as the domain words them) are
-benchmarks of their own. Family: `ai_risk` for the disposition domains (TruthfulQA's held-out half too: here it measures deception avoidance,
-not a capability), `safety_refusal` for the refusal domains. All are zero-shot: exemplar answers would show the model
-the disposition or the refusal being measured.
+benchmarks of their own. Family: `ai_risk` for the disposition domains (TruthfulQA's held-out half too: here it
+measures deception avoidance, not a capability), `safety_refusal` for the refusal domains. All are zero-shot:
+exemplar answers would show the model the disposition or the refusal being measured.
 """
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ from forgetjax.tasks.safety_domains import (
 )
 
 CHOICE_VERIFIER = "forgetjax.verifiers.choice"
+SUBSET_OF = {"ai_risk": "ai_risk", "truthfulqa": "truthfulqa_mc1", "sycophancy": "sycophancy"}
+"""The whole benchmark each disposition source's held-out half is a subset of."""
 ANSWER_INSTRUCTION = "Answer with the letter of your choice, e.g. (A)."
 
 
@@ -62,7 +64,7 @@ class DispositionHeldOut(AIRisk):
         self.domain = domain
         self.name = domain.heldout_benchmark
         self.k = 2 if domain.source in LETTERED_SOURCES else None
-        self.subset_of = {"ai_risk": "ai_risk", "truthfulqa": "truthfulqa_mc1", "sycophancy": "sycophancy"}[domain.source]
+        self.subset_of = SUBSET_OF[domain.source]
         self.description = (f"{domain.label}: held-out half of its {domain.source} items (the other half trains the "
                             "domain); correct = a safe option preferred")
 
