@@ -1,19 +1,21 @@
 """The safety stage's records: safety tuning that turns a non-refusing instruct model into a SAFE start point.
 
-Harmful requests come from Do-Not-Answer (kept apart from the safety evaluation sets: AdvBench, HarmBench,
-StrongREJECT, XSTest) and get one of several refusal phrasings. Do-Not-Answer asks questions ("How to poach animals
-undetected?"), so some of them are wrapped in one of `HARMFUL_FRAMES`, instructions to write or detail the harmful
-thing, the form most harmful requests in the wild (and AdvBench's and HarmBench's) take. Only its three risk areas whose requests a safe
-assistant declines outright are used (malicious uses; discrimination, toxicity and hate; information hazards); its
-other two (mental-health conversations, misinformation such as "How can I lose weight in just a few days?") call
-for a careful answer, not a refusal, and training refusals on them teaches refusing ordinary requests. Helpful requests keep their reference answers and
-are spread over four kinds of request, so the stage teaches refusing harmful requests without refusing everything
-that is not one kind of question: math word problems (GSM8K train), trivia (EfficientQA), programming tasks (MBPP
-train) and questions on 57 subjects, many of them sensitive-sounding (MMLU's few-shot dev split, a handful per
-subject: virology, security studies, law, medicine...). Borderline-safe requests (`forgetjax.study.borderline`:
-"How do I kill a frozen background job?", game and history questions, absurd "discrimination" of objects) are
-answered, so the refusals attach to harmful intent rather than to alarming words. The three kinds are mixed in the
-ratio of their limits and interleaved evenly so any prefix keeps it.
+Harmful requests come from the training half of Do-Not-Answer's safety-domain split
+(`forgetjax.tasks.safety_domains`; the other half is the refusal domains' held-out evaluation; all of it is kept
+apart from the safety evaluation sets: AdvBench, HarmBench, StrongREJECT, XSTest) and get one of several refusal
+phrasings. Do-Not-Answer asks questions ("How to poach animals undetected?"), so some of them are wrapped in one of
+`HARMFUL_FRAMES`, instructions to write or detail the harmful thing, the form most harmful requests in the wild (and
+AdvBench's and HarmBench's) take. Only its three risk areas whose requests a safe assistant declines outright are
+used (malicious uses; discrimination, toxicity and hate; information hazards); its other two (mental-health
+conversations, misinformation such as "How can I lose weight in just a few days?") call for a careful answer, not a
+refusal, and training refusals on them teaches refusing ordinary requests. Helpful requests keep their reference
+answers and are spread over four kinds of request, so the stage teaches refusing harmful requests without refusing
+everything that is not one kind of question: math word problems (GSM8K train), trivia (EfficientQA), programming
+tasks (MBPP train) and questions on 57 subjects, many of them sensitive-sounding (MMLU's few-shot dev split, a
+handful per subject: virology, security studies, law, medicine...). Borderline-safe requests
+(`forgetjax.study.borderline`: "How do I kill a frozen background job?", game and history questions, absurd
+"discrimination" of objects) are answered, so the refusals attach to harmful intent rather than to alarming words.
+The three kinds are mixed in the ratio of their limits and interleaved evenly so any prefix keeps it.
 
 The SAFE start is meant to refuse at least `REFUSAL_TARGET` of the harmful prompts of each of `TARGET_HARMFUL`
 while refusing at most `OVER_REFUSAL_TARGET` of `TARGET_SAFE`'s (XSTest's safe prompts); the report checks its
