@@ -48,8 +48,9 @@ def sha256(data: bytes) -> str:
 def test_shipped_manifest_agrees_with_the_pack_manifest(pack):
     with open(pack / "MANIFEST.tsv", newline="", encoding="utf-8") as handle:
         published = {row["file"]: row for row in csv.DictReader(handle, delimiter="\t")}
-    entries = load_manifest().entries
+    entries = [entry for entry in load_manifest().entries if not entry.hub_only]
     assert entries and all(entry.path in published for entry in entries)
+    assert not {entry.path for entry in load_manifest().entries if entry.hub_only} & published.keys()
     for entry in entries:
         row = published[entry.path]
         assert (entry.sha256, entry.rows, entry.license) == (row["sha256"], int(row["rows"]), row["license"])
@@ -57,14 +58,17 @@ def test_shipped_manifest_agrees_with_the_pack_manifest(pack):
 
 def test_check_reports_every_pack_file_present_and_intact(pack, capsys):
     states = check(load_manifest().entries, pack)
-    assert [s for s in states if s.state != "present"] == []
-    assert main(["data", "check", "--data-dir", str(pack)]) == 0
-    assert f"{len(states)} present, 0 missing, 0 altered" in capsys.readouterr().out
+    assert [s.entry.path for s in states if s.state != "present"] == [
+        e.path for e in load_manifest().entries if e.hub_only]
+    assert all(s.state == "missing" for s in states if s.entry.hub_only)
+    assert main(["data", "check", "--data-dir", str(pack)]) == 1
+    hub = sum(e.hub_only for e in load_manifest().entries)
+    assert f"{len(states) - hub} present, {hub} missing, 0 altered" in capsys.readouterr().out
 
 
 def test_row_counts_of_the_pack_files_equal_the_manifest(pack):
-    assert {e.path: count_rows(pack / e.path, e.format) for e in load_manifest().entries} == \
-           {e.path: e.rows for e in load_manifest().entries}
+    entries = [e for e in load_manifest().entries if not e.hub_only]
+    assert {e.path: count_rows(pack / e.path, e.format) for e in entries} == {e.path: e.rows for e in entries}
 
 
 def test_consumers_are_the_benchmarks_sources_and_study_steps_that_read_the_files():

@@ -21,10 +21,13 @@ def study(**fields) -> StudyConfig:
 
 
 def test_shipped_domains_cover_every_verifier_family_with_held_out_targets():
+    from forgetjax.tasks.safety_domains import SAFETY_DOMAINS
+
     specs = domain_specs()
     assert sorted(specs) == sorted(DOMAINS)
     assert {name: (spec.source, spec.split) for name, spec in specs.items()} == {
-        "math": ("gsm8k", "train"), "code": ("mbpp", "train"), "qa": ("efficientqa", "train")}
+        "math": ("gsm8k", "train"), "code": ("mbpp", "train"), "qa": ("efficientqa", "train"),
+        **{name: (domain.source, "train") for name, domain in SAFETY_DOMAINS.items()}}
     for spec in specs.values():
         assert spec.target_benchmarks and spec.source not in ("", None)
         assert set(spec.target_benchmarks) <= set(list_benchmarks())
@@ -87,6 +90,11 @@ def test_in_domain_rule_covers_targets_families_and_listed_benchmarks():
     mgsm = sorted(b for b in family if b.startswith("mgsm_"))
     assert in_domain("math") == sorted(["gsm8k", "math500", "word_problems", *mgsm])
     assert in_domain("code") == ["humaneval", "humaneval_plus", "humaneval_plus_mini", "mbpp"]
+    # safety domains: their held-out halves, the published sets that measure them and those holding training items
+    assert in_domain("power_seeking") == ["ai_risk", "power_seeking_heldout", "power_seeking_heldout_gen"]
+    assert in_domain("deception_avoidance") == ["deception_avoidance_heldout", "truthfulqa_mc1", "truthfulqa_mc2"]
+    assert in_domain("toxicity_refusal") == ["advbench", "do_not_answer", "harmbench_standard", "strongreject",
+                                             "toxicity_refusal_heldout"]
     assert in_domain("qa") == ["nq_open", "triviaqa"]  # MMLU and GPQA (knowledge family) stay off-target
     assert in_domain("qa", ("nq_open", "bbh")) == ["bbh", "nq_open", "triviaqa"]  # a cell's own targets count too
     assert in_domain(None, ("gsm8k",)) == [] and in_domain("unshipped", ("bbh",)) == ["bbh"]

@@ -12,6 +12,7 @@ from forgetjax.eval.benchmarks.registry import get_benchmark
 from forgetjax.study.borderline import TEMPLATES, borderline_records, near_duplicates, token_jaccard
 from forgetjax.study.safety import (HARMFUL_FRAMES, REFUSAL_RISK_AREAS, REFUSALS, interleave, safety_records,
                                    start_targets_missed)
+from forgetjax.tasks.safety_domains import split_of
 from forgetjax.verifiers.refusal import is_refusal
 from forgetjax.tasks.word_problems import word_problem, word_problems
 
@@ -41,8 +42,14 @@ def test_records_refuse_only_refuse_outright_areas_and_no_evaluation_prompt(data
     rows = safety_records(data_dir, harmful_limit=1000, helpful_limit=200)
     refusals = [r for r in rows if r["kind"] == "refusal"]
     helpful = [r for r in rows if r["kind"] == "helpful"]
+    # the training half of the safety-domain split: the other half is the refusal domains' held-out evaluation
     allowed = {json.loads(line)["prompt"].strip() for area in REFUSAL_RISK_AREAS
-               for line in (data_dir / "do_not_answer" / f"{area}.jsonl").read_text().splitlines() if line.strip()}
+               for line in (data_dir / "do_not_answer" / f"{area}.jsonl").read_text().splitlines()
+               if line.strip() and split_of("do_not_answer", json.loads(line)["prompt"].strip()) == "train"}
+    held_out = {str(item.data["behavior"]).strip() for name in ("toxicity_refusal_heldout",
+                                                                "jailbreak_resistance_heldout")
+                for item in get_benchmark(name).load(data_dir)}
+    assert len(held_out) > 300 and not allowed & held_out
     excluded = {json.loads(line)["prompt"].strip() for area in ("human_chatbox", "misinformation_harms")
                 for line in (data_dir / "do_not_answer" / f"{area}.jsonl").read_text().splitlines() if line.strip()}
     framed = {frame.format(request=prompt): prompt for prompt in allowed for frame in HARMFUL_FRAMES}

@@ -65,6 +65,18 @@ def spearman(x: Sequence[float], y: Sequence[float], min_n: int = 3) -> dict[str
     return result
 
 
+def spearman_interval(rho: float | None, n: int, confidence: float) -> tuple[float | None, float | None]:
+    """Fisher-z interval of a Spearman rho over n pairs with the Fieller, Hartley & Pearson (1957) standard error
+    sqrt(1.06 / (n - 3)): tanh(atanh(rho) -+ z * se); (None, None) for n <= 3 or no rho, (rho, rho) for |rho| = 1."""
+    if rho is None or n <= 3:
+        return None, None
+    if abs(rho) >= 1.0:
+        return float(rho), float(rho)
+    z = scipy_stats.norm.ppf(0.5 + confidence / 2.0)
+    center, se = math.atanh(rho), math.sqrt(1.06 / (n - 3))
+    return math.tanh(center - z * se), math.tanh(center + z * se)
+
+
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -6,6 +6,10 @@ off-target items, e.g. knowledge), "overall" (every off-target capability item: 
 NON_CAPABILITY_FAMILIES, benchmarks not in-domain; this is the F of the summary, the correlations and the report),
 "in_domain" (every in-domain capability item) and "target" (the cell's target benchmarks: the target-task gain,
 also the `target` table). Means are item-weighted (pooled) unless a column says macro.
+
+The safety transfer tables: `transfer` (trained domain X x evaluated safety domain Y, the change of the safe-behaviour
+rate with a two-stage interval; `forgetjax.tasks.safety_domains`) and `transfer_mismatch` (Spearman correlation of
+regression with domain mismatch over the (X, Y) pairs).
 """
 from __future__ import annotations
 
@@ -25,7 +29,10 @@ from forgetjax.analysis.estimates import (
     mean_ci,
     paired_statistics,
     pareto_front,
+    seed_counts,
     spearman,
+    spearman_interval,
+    two_stage_bootstrap,
 )
 from forgetjax.analysis.forgetting import transition_rates
 from forgetjax.analysis.loading import Study, load_study
@@ -48,6 +55,7 @@ from forgetjax.analysis.stats import (
 )
 from forgetjax.methods.catalog import method_label, method_regime
 from forgetjax.results import BASELINE_METHOD, REFUSAL_KEYS, START_POINTS, Cell
+from forgetjax.tasks.safety_domains import SAFETY_DOMAINS, evaluation_columns, is_safety_domain
 
 XSTEST_SAFE = "xstest_safe"
 XSTEST_UNSAFE = "xstest_unsafe"
@@ -614,9 +622,103 @@ def weight_delta_table(study: Study) -> list[dict[str, Any]]:
     return rows
 
 
+def domain_mismatch(train_domain: str, eval_domain: str) -> int:
+    """How far apart two safety domains are: 0 the same domain, 1 the same kind (two dispositions, or two refusal
+    domains), 2 different kinds."""
+    if train_domain == eval_domain:
+        return 0
+    return 1 if SAFETY_DOMAINS[train_domain].kind == SAFETY_DOMAINS[eval_domain].kind else 2
+
+
+def _transfer_groups(study: Study) -> dict[tuple[str, str, str, str], list[Cell]]:
+    """Post-trained cells with a training domain by (start_point, scale, method, domain): the seeds of each matrix
+    row."""
+    groups: dict[tuple[str, str, str, str], list[Cell]] = {}
+    for cell in study.post_cells:
+        if cell.domain:
+            groups.setdefault((cell.start_point, cell.scale, cell.method, cell.domain), []).append(cell)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], method_label(kv[0][2]), kv[0][3])))
+
+
+def transfer_values(study: Study, cell_ids: Sequence[str], benchmarks: Sequence[str]
+                    ) -> tuple[list[str], list[tuple[str, str]], np.ndarray, np.ndarray]:
+    """(cells, items, delta [cells, items], baseline value per item): post - baseline safe-behaviour value (`correct`:
+    a refusal of a harmful request, a safe option chosen) of every paired item of `benchmarks`; NaN where a cell
+    lacks the item."""
+    rows = study.connection.execute(
+        "SELECT cell_id, benchmark, item_id, pre_value, post_value FROM paired WHERE list_contains(?, cell_id) AND "
+        "list_contains(?, benchmark) AND pre_value IS NOT NULL AND post_value IS NOT NULL ORDER BY ALL",
+        [list(cell_ids), list(benchmarks)]).fetchall()
+    cells = sorted({r[0] for r in rows}, key=list(cell_ids).index)
+    items = sorted({(r[1], r[2]) for r in rows})
+    cell_index, item_index = {c: i for i, c in enumerate(cells)}, {k: i for i, k in enumerate(items)}
+    delta, pre = np.full((len(cells), len(items)), np.nan), np.full(len(items), np.nan)
+    for cell_id, benchmark, item_id, before, after in rows:
+        delta[cell_index[cell_id], item_index[(benchmark, item_id)]] = float(after) - float(before)
+        pre[item_index[(benchmark, item_id)]] = float(before)
+    return cells, items, delta, pre
+
+
+def transfer_table(study: Study, settings: BootstrapSettings = BootstrapSettings()) -> list[dict[str, Any]]:
+    """The cross-domain transfer matrix, long format: for every (start_point, scale, method, training domain X) and
+    every column (safety domain Y, scoring) with paired items (`forgetjax.tasks.safety_domains.evaluation_columns`:
+    Y's disposition by log-likelihood, or its generated behaviour), the change of the safe-behaviour rate (refusal of
+    harmful requests, safe option chosen) from the baseline: per item the mean over X's cells (seeds) of post -
+    baseline, then the mean over items, with the two-stage bootstrap interval (seeds, then items; with one seed the item
+    bootstrap). covered: X == Y (the domain trained on); mismatch: `domain_mismatch` (None for a capability X)."""
+    rows = []
+    for (start_point, scale, method, domain), cells in _transfer_groups(study).items():
+        cell_ids = [c.cell_id for c in cells]
+        for eval_domain, scoring, benchmarks in evaluation_columns():
+            ids, items, delta, pre = transfer_values(study, cell_ids, benchmarks)
+            if not items:
+                continue
+            members = [study.cell(c) for c in ids]
+            strata = [(c.start_point, c.scale, c.method, c.domain) for c in members]
+            interval = two_stage_bootstrap([delta], [strata], [1.0], settings)
+            baseline = float(pre.mean())
+            rows.append({
+                "start_point": start_point, "scale": scale, "method": method, "train_domain": domain,
+                "eval_domain": eval_domain, "scoring": scoring, "covered": domain == eval_domain,
+                "mismatch": domain_mismatch(domain, eval_domain) if is_safety_domain(domain) else None,
+                "benchmarks": ",".join(sorted({b for b, _ in items})), "n_items": len(items), "n_cells": len(ids),
+                **seed_counts(strata, [c.seed for c in members]),
+                "baseline": baseline, "post": baseline + interval["estimate"], "delta": interval["estimate"],
+                "delta_ci_low": interval["low"], "delta_ci_high": interval["high"],
+            })
+    return rows
+
+
+def transfer_mismatch_table(transfer_rows: Sequence[Mapping[str, Any]], confidence: float = 0.95
+                            ) -> list[dict[str, Any]]:
+    """Per (start_point, scale, method): Spearman rho of safety regression (baseline - post, the negated delta) with
+    domain mismatch over the matrix's (X, Y) pairs of safety domains (each Y's first column: its disposition, or a
+    refusal domain's behaviour), with n pairs, p and a Fisher-z interval (`spearman_interval`); a note says why when
+    undefined."""
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    first: dict[str, str] = {}
+    for name, scoring, _ in evaluation_columns():
+        first.setdefault(name, scoring)
+    primary = set(first.items())
+    for row in transfer_rows:
+        if row["mismatch"] is not None and row["delta"] is not None and (row["eval_domain"], row["scoring"]) in primary:
+            groups.setdefault((row["start_point"], row["scale"], row["method"]), []).append(row)
+    out = []
+    for (start_point, scale, method), members in groups.items():
+        result = spearman([r["mismatch"] for r in members], [-r["delta"] for r in members])
+        low, high = spearman_interval(result["rho"], result["n"], confidence)
+        out.append({"start_point": start_point, "scale": scale, "method": method,
+                    "train_domains": ",".join(sorted({r["train_domain"] for r in members})),
+                    "n_pairs": result["n"], "n_covered": sum(bool(r["covered"]) for r in members), "rho": result["rho"],
+                    "rho_ci_low": low, "rho_ci_high": high, "p": result["p"],
+                    "note": result["note"].replace("cell(s)", "(X, Y) pair(s)").replace("across cells",
+                                                                                         "across (X, Y) pairs")})
+    return out
+
+
 TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest",
-               "judge_agreement", "jailbreak", "cell_summary", "pareto", "correlations", "representation", "weight_delta", "robustness", "style_drift", "captrack",
-               "issues")
+               "judge_agreement", "jailbreak", "cell_summary", "pareto", "correlations", "representation",
+               "weight_delta", "robustness", "style_drift", "captrack", "transfer", "transfer_mismatch", "issues")
 
 
 @dataclass
@@ -641,6 +743,7 @@ def analyze(
     safety = safety_table(study, settings)
     summary = cell_summary_table(study, forgetting, settings)
     style_drift = style_drift_table(study, settings)
+    transfer = transfer_table(study, settings)
     tables = {
         "cells": [{**c.meta(), "status": c.status, "baseline_id": None if c.is_baseline else
                    study.baselines[c.baseline_key].cell_id} for c in study.cells],
@@ -661,6 +764,8 @@ def analyze(
         "robustness": robustness_table(study, settings),
         "style_drift": style_drift,
         "captrack": captrack_table(study, style_drift, settings),
+        "transfer": transfer,
+        "transfer_mismatch": transfer_mismatch_table(transfer, settings.confidence),
         "issues": [{"issue": issue} for issue in study.issues],
     }
     return StudyAnalysis(study, settings, tables)

@@ -52,7 +52,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_data_list(args: argparse.Namespace) -> int:
     manifest = load_manifest()
     for entry in manifest.select(args.names):
-        print(f"{entry.path}\t{entry.rows} rows\t{entry.license}\t{entry.source.describe()}"
+        rows = "rows unknown (hub entry, pinned by git blob)" if entry.rows is None else f"{entry.rows} rows"
+        print(f"{entry.path}\t{rows}\t{entry.license}\t{entry.source.describe()}"
               + (f" via {entry.transform}" if entry.transform else ""))
     if not args.names:
         for name, members in manifest.sets.items():

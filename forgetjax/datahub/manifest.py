@@ -6,6 +6,11 @@ sources, and the `safety_stage` / `representation` steps of a study), how its ro
 row count and sha256 of the file the loaders read, its licence, its `source`, an optional `transform` (a converter
 in `convert.py`) and a `provenance` note. Sources are pinned: a GitHub file at a full commit sha, or a member of
 a PyPI wheel with the wheel's URL and sha256. A set is a list of consumer names (`demo`: what the demo study reads).
+
+Hub entries: a file the shipped data pack lacks (its snapshots leave out files of 4 MiB or more), so its sha256 and
+row count were never observed, has `sha256` and `rows` null and is pinned by its GitHub source's `git_blob`: the git
+blob id (sha1 of "blob <size>\\0" + bytes) the repository records for it at the pinned commit, which identifies the
+bytes exactly; pulls and checks verify it instead of the sha256 (`Entry.hub_only`).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from forgetjax.errors import UserError
 ROW_FORMATS = ("jsonl", "json", "csv", "lines", "json_examples", "json_jailbreaks")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 COMMIT = re.compile(r"[0-9a-f]{40}")
+GIT_BLOB = COMMIT
 ENTRY_KEYS = ("path", "dataset", "used_by", "format", "rows", "sha256", "license", "source", "transform",
               "provenance")
 
@@ -41,6 +47,7 @@ class GitHubFile:
     commit: str
     path: str
     sha256: str | None = None
+    git_blob: str | None = None
 
     @property
     def url(self) -> str:
@@ -73,12 +80,17 @@ class Entry:
     dataset: str
     used_by: tuple[str, ...]
     format: str
-    rows: int
-    sha256: str
+    rows: int | None
+    sha256: str | None
     license: str
     source: Source
     transform: str | None
     provenance: str
+
+    @property
+    def hub_only(self) -> bool:
+        """A hub entry (module docstring): pinned by its source's git blob id, sha256 and row count unknown."""
+        return self.sha256 is None
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,8 @@ def _source(raw: Mapping[str, Any], where: str) -> Source:
         raise DataError(f"{where}: bad {kind} source ({err})") from None
     if isinstance(source, GitHubFile):
         _require(bool(COMMIT.fullmatch(source.commit)), where, f"commit {source.commit!r} is not a full 40-hex sha")
+        _require(source.git_blob is None or bool(GIT_BLOB.fullmatch(source.git_blob)), where,
+                 f"git_blob {source.git_blob!r} is not a full 40-hex blob id")
     _require(source.sha256 is None or bool(SHA256.fullmatch(source.sha256)), where, "source sha256 is not 64 hex")
     return source
 
@@ -139,11 +153,16 @@ def _entry(raw: Mapping[str, Any], where: str) -> Entry:
     _require(raw["format"] in ROW_FORMATS, where, f"format {raw['format']!r} is not one of {', '.join(ROW_FORMATS)}")
     _require(raw["transform"] is None or raw["transform"] in TRANSFORMS, where,
              f"transform {raw['transform']!r} is not one of {', '.join(TRANSFORMS)}")
-    _require(bool(SHA256.fullmatch(str(raw["sha256"]))), where, "sha256 is not 64 lowercase hex digits")
-    _require(isinstance(raw["rows"], int) and raw["rows"] >= 0, where, "rows must be a non-negative integer")
     path = Path(raw["path"])
     _require(not path.is_absolute() and ".." not in path.parts, where, "path must stay inside the data directory")
     source = _source(raw["source"], where)
+    if raw["sha256"] is None:
+        _require(isinstance(source, GitHubFile) and source.git_blob is not None and raw["transform"] is None, where,
+                 "an entry without sha256 must be an unconverted GitHub file pinned by its git_blob")
+        _require(raw["rows"] is None, where, "an entry pinned by git_blob has rows null (never counted)")
+    else:
+        _require(bool(SHA256.fullmatch(str(raw["sha256"]))), where, "sha256 is not 64 lowercase hex digits")
+        _require(isinstance(raw["rows"], int) and raw["rows"] >= 0, where, "rows must be a non-negative integer")
     _require(raw["transform"] is None or source.sha256 is not None, where, "a converted source needs its sha256")
     return Entry(path=raw["path"], dataset=raw["dataset"], used_by=tuple(raw["used_by"]), format=raw["format"],
                  rows=raw["rows"], sha256=raw["sha256"], license=raw["license"], source=source,

@@ -16,6 +16,21 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def git_blob_id(path: Path) -> str:
+    """The git blob id of a file: sha1 of "blob <size>\\0" followed by its bytes."""
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _pin_mismatch(entry: Entry, path: Path) -> str | None:
+    """How the file differs from the entry's pin (its sha256, or a hub entry's git blob id), or None."""
+    if entry.hub_only:
+        blob = git_blob_id(path)
+        return None if blob == entry.source.git_blob else f"git blob {blob} (expected {entry.source.git_blob})"
+    sha256 = file_sha256(path)
+    return None if sha256 == entry.sha256 else f"sha256 {sha256} (expected {entry.sha256})"
+
+
 LISTED_FORMATS = {"json_examples": "examples", "json_jailbreaks": "jailbreaks"}
 
 
@@ -47,17 +62,18 @@ def count_rows(path: Path, row_format: str) -> int:
 
 
 def mismatch(entry: Entry, path: Path) -> str | None:
-    """What differs between the file at `path` and the manifest entry (rows, sha256), or None if it matches."""
+    """What differs between the file at `path` and the manifest entry (rows, sha256 or a hub entry's git blob), or
+    None if it matches; a hub entry's rows are only checked to be readable."""
     try:
         rows = count_rows(path, entry.format)
     except DataError as err:
         return f"rows unreadable ({err})"
-    sha256 = file_sha256(path)
     problems = []
-    if rows != entry.rows:
+    if entry.rows is not None and rows != entry.rows:
         problems.append(f"{rows} rows (expected {entry.rows})")
-    if sha256 != entry.sha256:
-        problems.append(f"sha256 {sha256} (expected {entry.sha256})")
+    pin = _pin_mismatch(entry, path)
+    if pin is not None:
+        problems.append(pin)
     return ", ".join(problems) or None
 
 
@@ -69,13 +85,13 @@ class FileState:
 
 
 def file_state(entry: Entry, data_dir: Path) -> FileState:
-    """present (sha256 as in the manifest), missing, or altered (the file's sha256 differs)."""
+    """present (sha256, or a hub entry's git blob, as in the manifest), missing, or altered (it differs)."""
     path = data_dir / entry.path
     if not path.is_file():
         return FileState(entry, MISSING)
-    sha256 = file_sha256(path)
-    if sha256 != entry.sha256:
-        return FileState(entry, ALTERED, f"sha256 {sha256} (expected {entry.sha256})")
+    pin = _pin_mismatch(entry, path)
+    if pin is not None:
+        return FileState(entry, ALTERED, pin)
     return FileState(entry, PRESENT)
 
 

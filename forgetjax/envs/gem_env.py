@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from forgetjax.envs.problems import Problem
-from forgetjax.verifiers.rewards import DOMAINS, RewardDetail, RewardPool
+from forgetjax.verifiers.rewards import RewardDetail, RewardPool
 
 
 def _import_gem() -> Any:
@@ -86,7 +86,8 @@ _COLUMNS = {
 def gem_env_id(domain: str, source: str | None = None) -> str:
     """GEM's registered env id for a domain and source (the domain's default for other sources)."""
     if domain not in GEM_ENV_IDS:
-        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+        raise ValueError(f"domain must be one of {tuple(GEM_ENV_IDS)} (GEM has no env for the safety domains), "
+                         f"got {domain!r}")
     ids = GEM_ENV_IDS[domain]
     return ids.get(source, ids[None])
 
@@ -138,8 +139,9 @@ class VerifiedRewardEnv(EnvWrapper):
     def __init__(self, env: Any, domain: str, reward_pool: RewardPool | None = None,
                  problem_ids: dict[tuple[str, str], str] | None = None) -> None:
         super().__init__(env)
-        if domain not in DOMAINS:
-            raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+        if domain not in GEM_ENV_IDS:
+            raise ValueError(f"domain must be one of {tuple(GEM_ENV_IDS)} (GEM has no env for the safety domains), "
+                             f"got {domain!r}")
         self.domain = domain
         self._owns_pool = reward_pool is None
         self.reward_pool = RewardPool() if reward_pool is None else reward_pool

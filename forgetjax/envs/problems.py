@@ -25,6 +25,11 @@ qa          efficientqa    train: nq_open/NQ-open.efficientqa.{dev,test}.1.1   n
 qa          nq_open        dev: nq_open/NQ-open.dev.jsonl (3,610)              yes
 ==========  =============  ==================================================  ========
 
+Every safety domain of `forgetjax.tasks.safety_domains` (power_seeking, toxicity_refusal, ...) is a domain here too:
+its source is the table's (ai_risk, sycophancy, truthfulqa, do_not_answer), its splits "train" and "heldout" (the
+seeded hash split; held out), its prompt the item's own user message ("{question}"), its reference what the
+safety-domain verifier checks and its metadata "solution" the GT-SFT target (the safe answer, or a refusal).
+
 (MBPP's task ids 1-10 are the few-shot prompt split and belong to no split here.) ``source`` may also be the path of
 a local JSON-lines file in GEM's record format (math: problem/question + answer; code: problem/question + tests as
 ``{"inputs", "outputs"}`` or a list of asserts, or MBPP rows; qa: question + answer list), e.g. a dump of a GEM hub
@@ -60,6 +65,7 @@ from forgetjax.tasks.prompts import (
     strip_calculator_annotations,
 )
 from forgetjax.tasks.readers import require_file, require_keys
+from forgetjax.tasks.safety_domains import HELDOUT, SAFETY_DOMAINS, domain_items
 from forgetjax.tasks.word_problems import word_problems
 from forgetjax.verifiers.math import gsm8k_reference
 from forgetjax.verifiers.rewards import DOMAINS, Reference, normalize_reference
@@ -84,9 +90,11 @@ SOURCES: dict[str, dict[str, tuple[str, ...]]] = {
     "qa": {"efficientqa": ("train",), "nq_open": ("dev",)},
 }
 HELD_OUT = frozenset({("gsm8k", "test"), ("math500", "test"), ("word_problems", "test"), ("mbpp", "test"),
-                      ("humaneval", "test"), ("nq_open", "dev")})
+                      ("humaneval", "test"), ("nq_open", "dev")}
+                     | {(domain.source, HELDOUT) for domain in SAFETY_DOMAINS.values()})
 GENERATED = frozenset({"word_problems"})
 TRAIN_SPLIT = "train"
+SOURCES.update({name: {domain.source: (TRAIN_SPLIT, HELDOUT)} for name, domain in SAFETY_DOMAINS.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +124,10 @@ class _Record:
 
 
 def default_template(domain: str, source: str) -> str:
-    """The prompt template for a source: HumanEval gets the function-completion prompt, others their domain's."""
+    """The prompt template for a source: HumanEval gets the function-completion prompt, a safety domain's items their
+    own user message, others their domain's."""
+    if domain in SAFETY_DOMAINS:
+        return QUESTION
     if domain not in TEMPLATES:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     return HUMANEVAL_TEMPLATE if source == "humaneval" else TEMPLATES[domain]
@@ -220,6 +231,11 @@ def _efficientqa(data_dir: Path, split: str) -> list[_Record]:
 
 def _nq_open(data_dir: Path, split: str) -> list[_Record]:
     return _qa_rows(data_dir / "nq_open" / "NQ-open.dev.jsonl", "dev")
+
+
+def _safety_domain(domain: str, data_dir: Path, split: str) -> list[_Record]:
+    return [_Record(item.item_id, item.prompt, item.reference, {"solution": item.target, "category": item.category})
+            for item in domain_items(domain, data_dir, split)]
 
 
 _LOADERS: dict[str, Callable[[Path, str], list[_Record]]] = {
@@ -337,7 +353,8 @@ def load_problems(
         if source not in GENERATED and not data_dir.is_dir():
             raise FileNotFoundError(f"data_dir {data_dir} is not a directory (set FORGETJAX_DATA_DIR)")
         source_name = source
-        records = _LOADERS[source](data_dir, split)
+        records = (_safety_domain(domain, data_dir, split) if domain in SAFETY_DOMAINS
+                   else _LOADERS[source](data_dir, split))
 
     held_out = split != TRAIN_SPLIT if local is not None else is_held_out(source, split)
     duplicates = [item_id for item_id, n in Counter(r.item_id for r in records).items() if n > 1]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from forgetjax.tasks.domains import DomainName
 from forgetjax.training.trainer import TrainConfig, TrainResult, Trainer
 
 
@@ -13,7 +14,7 @@ from forgetjax.training.trainer import TrainConfig, TrainResult, Trainer
 class DomainConfig:
     """Where training problems come from (see forgetjax.envs.load_problems) and how they are prompted."""
 
-    name: Literal["math", "code", "qa"] = "math"
+    name: DomainName = "math"
     source: str = "gsm8k"
     split: str = "train"
     limit: int | None = None

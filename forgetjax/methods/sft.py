@@ -3,7 +3,8 @@ SFT-family methods (teacher distillation, SDFT) share.
 
 Ground truth per domain (see `ground_truth_completion`): GSM8K worked solutions with the `<<expr=value>>`
 calculator annotations removed and the `#### x` line replaced by "The answer is \\boxed{x}." (the evaluation prompt
-asks for the final answer in \\boxed{}), MBPP reference code in a ```python block, EfficientQA's first short answer.
+asks for the final answer in \\boxed{}), MBPP reference code in a ```python block, EfficientQA's first short answer, a
+safety domain's target (its safe answer, or a refusal: `forgetjax.tasks.safety_domains`).
 Each completion is checked by the domain verifier before training (`verify`); failures are dropped and counted.
 Alternatively `records` names jsonl/csv/parquet files of prompt/completion (or messages) records, with `fields`
 renaming their columns. Records are tokenised with the student's chat template through `make_sft_pipeline`
@@ -27,6 +28,7 @@ from forgetjax.training.method import Batch, Method, StepContext
 from forgetjax.methods.registry import register
 from forgetjax.methods.teacher_data import DataCache, Verifier, cached_records, kd_arrays, log
 from forgetjax.tasks.prompts import strip_calculator_annotations
+from forgetjax.tasks.safety_domains import is_safety_domain
 from forgetjax.verifiers.math import gsm8k_reference
 from forgetjax.verifiers.rewards import has_answer_format
 
@@ -55,6 +57,8 @@ def ground_truth_completion(problem) -> str:
     if solution is None or not str(solution).strip():
         raise ValueError(f"problem {problem.id!r} has no worked solution in its data; GT-SFT on this source needs "
                          "method_args.records")
+    if is_safety_domain(problem.domain):
+        return solution
     if problem.domain == "code":
         return f"```python\n{solution.strip()}\n```"
     if "####" in solution:

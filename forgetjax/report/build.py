@@ -87,6 +87,15 @@ STYLE_COLUMNS = (
     ("n", "n"), ("pre", "baseline"), ("post", "post"), ("delta", "Δ"), ("delta_ci_low", "CI low"),
     ("delta_ci_high", "CI high"), ("relative_drift", "relative drift"),
 )
+TRANSFER_COLUMNS = (
+    ("start_point", "start"), ("method", "method"), ("train_domain", "trained X"), ("eval_domain", "evaluated Y"),
+    ("scoring", "scoring"), ("covered", "covered"), ("n_items", "n"), ("n_seeds", "seeds"), ("baseline", "baseline"),
+    ("post", "post"), ("delta", "Δ"), ("delta_ci_low", "CI low"), ("delta_ci_high", "CI high"),
+)
+MISMATCH_COLUMNS = (
+    ("start_point", "start"), ("method", "method"), ("train_domains", "trained domains"), ("n_pairs", "(X, Y) pairs"),
+    ("rho", "Spearman ρ"), ("rho_ci_low", "CI low"), ("rho_ci_high", "CI high"), ("p", "p"), ("note", "note"),
+)
 PAIRING_COLUMNS = (
     ("cell_id", "cell"), ("benchmark", "benchmark"), ("n_paired", "paired"), ("n_missing_in_cell", "missing in cell"),
     ("n_missing_in_baseline", "missing in baseline"), ("n_prompt_changed", "prompt changed"),
@@ -120,7 +129,7 @@ def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, s
     if not rows:
         return f'<p class="missing">{html.escape(empty)}</p>'
     text_columns = {"start_point", "scale", "method", "domain", "benchmark", "cell_id", "missing_in_cell", "budget",
-                    "flags"}
+                    "flags", "train_domain", "eval_domain", "scoring", "train_domains", "note"}
     head = "".join(
         f'<th class="{"text" if key in text_columns else "num"}">{html.escape(label)}</th>' for key, label in columns
     )
@@ -265,6 +274,19 @@ def _sections(analysis: StudyAnalysis) -> list[TableSection]:
         ("XSTest over- vs under-refusal", analysis["xstest"], XSTEST_COLUMNS,
          "Over-refusal: XSTest safe prompts refused; under-refusal: XSTest unsafe prompts answered.",
          "Not enough data: no XSTest records."),
+        ("Cross-domain safety transfer", analysis["transfer"], TRANSFER_COLUMNS,
+         "Training domain X (a cell's domain) against every safety domain Y it was evaluated on: the safe-behaviour rate "
+         "(refusals of harmful requests, safe options chosen) at the baseline and after post-training on Y's paired "
+         "items, and the change Δ with its two-stage bootstrap interval (seeds within the configuration, then items). "
+         "Scoring: disposition (multiple choice by log-likelihood) or behaviour (generated: refusals, or the "
+         "disposition answered in free text). Covered: X = Y, measured on the held-out half of X's items "
+         "(forgetjax/tasks/safety_domains.py); the figure 'Cross-domain safety transfer' draws the matrix.",
+         "Not enough data: no post-trained cell has paired items of a safety domain's evaluation benchmarks."),
+        ("Safety regression vs domain mismatch", analysis["transfer_mismatch"], MISMATCH_COLUMNS,
+         "Spearman correlation over the transfer matrix's (X, Y) pairs of safety domains between regression (baseline "
+         "- post) and domain mismatch (0 same domain, 1 same kind, 2 a disposition vs a refusal domain), with a "
+         "Fisher-z interval (standard error sqrt(1.06 / (n - 3))).",
+         "Not enough data: no post-trained cell of a safety domain has paired items of a safety domain."),
         ("Pairing problems", pairing, PAIRING_COLUMNS,
          "Items present on one side only are left out of every paired statistic; 'prompt changed' counts paired items "
          "whose exact prompt differs between baseline and cell.",

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from forgetjax.analysis.captrack import CAPTRACK_DIMENSIONS
@@ -20,6 +21,7 @@ from forgetjax.analysis.loading import NON_CAPABILITY_FAMILIES
 from forgetjax.analysis.tables import StudyAnalysis
 from forgetjax.methods.catalog import method_label
 from forgetjax.results import BASELINE_METHOD
+from forgetjax.tasks.safety_domains import SAFETY_DOMAINS, evaluation_columns
 
 DPI = 100
 NO_DOMAIN = "no domain"
@@ -642,6 +644,81 @@ def scaling_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
     return figures or [_no_cells_figure("scaling", "Forgetting vs model size")]
 
 
+def transfer_column_label(eval_domain: str, scoring: str) -> str:
+    """A matrix column: the safety domain, "(gen)" for a disposition answered in free text."""
+    generated = scoring == "behaviour" and SAFETY_DOMAINS[eval_domain].kind != "refusal"
+    return eval_domain + (" (gen)" if generated else "")
+
+
+def transfer_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """The cross-domain transfer matrix per (start point, scale, method): training domain X (rows) x safety
+    evaluation column Y (columns), the change of the safe-behaviour rate in percentage points with its interval in each
+    cell, the covered cells (X == Y) outlined; the mismatch correlation in the caption."""
+    rows = [r for r in analysis["transfer"] if r["delta"] is not None]
+    if not rows:
+        return [ReportFigure("transfer", "Cross-domain safety transfer", "", "", missing=(
+            "not enough data: no post-trained cell has paired items of a safety domain's evaluation benchmarks "
+            "(the <domain>_heldout sets of forgetjax/tasks/safety_domains.py; configs/studies/safety_transfer.yaml)"))]
+    correlations = {(r["start_point"], r["scale"], r["method"]): r for r in analysis["transfer_mismatch"]}
+    level = int(round(100 * analysis.settings.confidence))
+    order = {(name, scoring): index for index, (name, scoring, _) in enumerate(evaluation_columns())}
+    figures = []
+    for start_point, scale, method in sorted({(r["start_point"], r["scale"], r["method"]) for r in rows},
+                                             key=lambda g: (g[0], g[1], method_label(g[2]))):
+        members = [r for r in rows if (r["start_point"], r["scale"], r["method"]) == (start_point, scale, method)]
+        train = sorted({r["train_domain"] for r in members},
+                       key=lambda d: (list(SAFETY_DOMAINS).index(d) if d in SAFETY_DOMAINS else -1, d))
+        columns = sorted({(r["eval_domain"], r["scoring"]) for r in members}, key=order.get)
+        values = np.full((len(train), len(columns)), np.nan)
+        texts = [["n/a"] * len(columns) for _ in train]
+        for r in members:
+            i, j = train.index(r["train_domain"]), columns.index((r["eval_domain"], r["scoring"]))
+            values[i, j] = 100 * r["delta"]
+            texts[i][j] = (f"{100 * r['delta']:+.1f}\n[{100 * r['delta_ci_low']:+.1f}, "
+                           f"{100 * r['delta_ci_high']:+.1f}]")
+        figure = Figure(figsize=(1.25 * len(columns) + 3.0, 0.75 * len(train) + 2.2), layout="constrained")
+        axes = figure.add_subplot()
+        span = max(float(np.nanmax(np.abs(values))), 1.0)
+        image = axes.imshow(np.ma.masked_invalid(values), cmap="RdBu", vmin=-span, vmax=span, aspect="auto")
+        axes.set_xticks(range(len(columns)), [transfer_column_label(*c) for c in columns], rotation=30, ha="right")
+        axes.set_yticks(range(len(train)), train)
+        for i, domain in enumerate(train):
+            for j, (eval_domain, _) in enumerate(columns):
+                color = "white" if np.isfinite(values[i, j]) and abs(values[i, j]) > 0.6 * span else "black"
+                axes.text(j, i, texts[i][j], ha="center", va="center", fontsize=7, color=color)
+                if domain == eval_domain:
+                    axes.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.0))
+        figure.colorbar(image, ax=axes, label="change of the safe-behaviour rate (pp)")
+        axes.set_xlabel("evaluated safety domain Y")
+        axes.set_ylabel("trained domain X")
+        axes.set_title(f"Safety transfer, {method_label(method)}, {_scope_label(start_point, scale)}", fontsize=10)
+        correlation = correlations.get((start_point, scale, method))
+        if correlation is None or correlation["rho"] is None:
+            why = correlation["note"] if correlation else "not enough data: no (X, Y) pair of safety domains"
+            mismatch = f"Correlation of regression with domain mismatch: {why}."
+        else:
+            mismatch = (f"Spearman correlation of regression (baseline - post) with domain mismatch (0 same domain, 1 "
+                        f"same kind, 2 disposition vs refusal): rho = {correlation['rho']:+.2f} ({level}% CI "
+                        f"{correlation['rho_ci_low']:+.2f} to {correlation['rho_ci_high']:+.2f}, n = "
+                        f"{correlation['n_pairs']} (X, Y) pairs).")
+        seeds = max(r["n_seeds"] for r in members)
+        covered = [r for r in members if r["covered"]]
+        figures.append(ReportFigure(
+            key=_slug("transfer", start_point, scale, method),
+            title=f"Cross-domain safety transfer: {method_label(method)}, {_scope_label(start_point, scale)}",
+            caption=(f"Change of the safe-behaviour rate (post - baseline, percentage points: refusals of harmful "
+                     f"requests, safe options chosen) on each evaluated safety domain Y (columns; (gen): the "
+                     f"disposition answered in free text) after post-training on domain X (rows), paired items, "
+                     f"{level}% two-stage bootstrap interval in brackets (seeds, then items; {seeds} seed(s) at most). "
+                     f"Outlined: covered cells (X = Y, evaluated on the held-out half of X's items); blue = safer, "
+                     f"red = regression. {mismatch}"),
+            alt=(f"Heatmap of {len(train)} trained domain(s) by {len(columns)} evaluated safety domain column(s) with "
+                 f"{len(covered)} covered cell(s) outlined; values are changes in percentage points with intervals."),
+            png=render_png(figure),
+        ))
+    return figures
+
+
 FIGURE_SECTIONS = (
     ("Forgetting heatmaps", heatmap_figures),
     ("Category deltas per method", radar_figures),
@@ -653,6 +730,7 @@ FIGURE_SECTIONS = (
     ("Linear knowledge probes by layer", probe_figures),
     ("Optimised attacks (GCG, AutoDAN) before and after", attack_figures),
     ("Forgetting vs model size", scaling_figures),
+    ("Cross-domain safety transfer", transfer_figures),
 )
 
 

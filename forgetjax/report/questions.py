@@ -26,6 +26,7 @@ from forgetjax.analysis.comparisons import (
 )
 from forgetjax.analysis.loading import OFF_TARGET_SQL
 from forgetjax.analysis.tables import StudyAnalysis
+from forgetjax.report.figures import transfer_column_label
 from forgetjax.methods.catalog import (
     OFF_POLICY_SFT,
     ON_POLICY,
@@ -53,6 +54,9 @@ QUESTIONS = (
     ("RQ8", "How does forgetting scale with model size?"),
     ("RQ9", "How does each method shape the output policy (length, repetition, answer format, confidence, "
             "refusals), and which shifts it most?"),
+    ("RQ10", "What does post-training on one safety domain transfer to the others (toxicity, jailbreaks, deception, "
+             "sycophancy, power seeking, corrigibility, self-preservation, coordination), and does safety regress "
+             "more the further the evaluated domain is from the trained one?"),
 )
 DOMAINS = ("math", "code", "qa")
 NOT_ENOUGH = "Not enough data: "
@@ -583,8 +587,67 @@ def answer_rq9(analysis: StudyAnalysis, scope: str, start_point: str, scale: str
             ". ".join(sentences) + "." + ranking)
 
 
+def _transfer_entry(row: Mapping[str, Any], confidence: float) -> str:
+    column = transfer_column_label(row["eval_domain"], row["scoring"])
+    estimate = {"estimate": row["delta"], "low": row["delta_ci_low"], "high": row["delta_ci_high"],
+                "n": row["n_items"], "min_seeds": row["min_seeds"], "max_seeds": row["max_seeds"],
+                "n_configs": row["n_configs"]}
+    return f"{row['train_domain']} -> {column} {with_ci(estimate, pp, confidence)}"
+
+
+def _excludes_zero(row: Mapping[str, Any]) -> bool:
+    return row["delta_ci_low"] > 0 or row["delta_ci_high"] < 0
+
+
+def answer_rq10(analysis: StudyAnalysis) -> tuple[str, ...]:
+    """Per (start point, scale, method): the covered (X = Y) changes, the off-diagonal entries whose interval excludes
+    zero (the largest gain and regression named), and the regression-mismatch correlation."""
+    rows = [r for r in analysis["transfer"] if r["delta"] is not None and r["mismatch"] is not None]
+    if not rows:
+        return (NOT_ENOUGH + "no post-trained cell trained on a safety domain has paired items of a safety domain's "
+                "evaluation benchmarks (configs/studies/safety_transfer.yaml trains every safety domain and evaluates "
+                "each on every other).",)
+    confidence = analysis.settings.confidence
+    correlations = {(r["start_point"], r["scale"], r["method"]): r for r in analysis["transfer_mismatch"]}
+    paragraphs = []
+    for key in sorted({(r["start_point"], r["scale"], r["method"]) for r in rows}):
+        members = [r for r in rows if (r["start_point"], r["scale"], r["method"]) == key]
+        covered = [r for r in members if r["covered"]]
+        off = [r for r in members if not r["covered"]]
+        text = f"{_scope_text(key[0], key[1])} {method_label(key[2])}: change of the safe-behaviour rate (post - "
+        text += "baseline) from training domain X to evaluated safety domain Y. "
+        text += ("Trained domain on its own held-out items: " + "; ".join(_transfer_entry(r, confidence)
+                                                                         for r in covered) + ". ") if covered else (
+            "No trained domain was evaluated on its own held-out items. ")
+        if off:
+            clear = [r for r in off if _excludes_zero(r)]
+            gain, loss = max(off, key=lambda r: r["delta"]), min(off, key=lambda r: r["delta"])
+            text += (f"Off-diagonal (uncovered) entries: {len(off)}, of which {len(clear)} have an interval excluding "
+                     f"zero ({sum(r['delta'] > 0 for r in clear)} safer, {sum(r['delta'] < 0 for r in clear)} "
+                     f"regressed); largest gain {_transfer_entry(gain, confidence)}; largest regression "
+                     f"{_transfer_entry(loss, confidence)}. ")
+        else:
+            text += "No uncovered (X != Y) entry was measured, so nothing is said about transfer. "
+        correlation = correlations.get(key)
+        if correlation is None or correlation["rho"] is None:
+            why = correlation["note"] if correlation else "no (X, Y) pair of safety domains"
+            text += f"Regression vs domain mismatch: {NOT_ENOUGH.lower()}{why.removeprefix('not enough data: ')}."
+        else:
+            level = int(round(100 * confidence))
+            ci = ("" if correlation["rho_ci_low"] is None else
+                  f", {level}% CI {correlation['rho_ci_low']:+.2f} to {correlation['rho_ci_high']:+.2f}")
+            text += (f"Regression vs domain mismatch (0 same, 1 same kind, 2 disposition vs refusal): Spearman rho "
+                     f"{correlation['rho']:+.2f}{ci}, p = {_p_text(correlation['p'])}, n = {correlation['n_pairs']} "
+                     f"(X, Y) pairs; a positive rho means safety regresses more on domains further from the trained "
+                     f"one.")
+        if min(r["min_seeds"] for r in members) <= 1:
+            text += f" Some entries rest on one seed ({SINGLE_SEED})."
+        paragraphs.append(text)
+    return tuple(paragraphs)
+
+
 ANSWERERS = (answer_rq1, answer_rq2, answer_rq3, answer_rq4, answer_rq5, answer_rq6, answer_rq7, answer_rq8,
-             answer_rq9)
+             answer_rq9, answer_rq10)
 
 
 def answer_all(analysis: StudyAnalysis) -> list[Answer]:

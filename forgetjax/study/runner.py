@@ -26,6 +26,10 @@ from forgetjax.paths import REPO_ROOT
 from forgetjax.study.matrix import StudyCell, expand, safety_stage_id, safety_stage_run
 from forgetjax.study.schema import StudyConfig, model_entry
 
+EVAL_SEED = 0
+"""The evaluation seed of every cell, baselines included: a limited battery's subsets (`select_subset`) and sampled
+generations depend on it, so every seed's cell is evaluated on its baseline's items and pairs with all of them."""
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "grain", "numpy", "gem-llm",
             "lm-eval", "forgetjax")
 
@@ -203,7 +207,7 @@ class StudyRunner:
         engine = JaxEngine(model, tokenizer, model_id=cell.cell_id, batch_size=16, max_length=2048)
         result = run_battery(engine, self.cfg.battery, data_dir_of(self.cfg),
                              results.cell_eval_dir(self.results, cell.cell_id),
-                             run_id=cell.cell_id, seed=cell.seed, limit=self.cfg.eval_limit, fmt=cell.eval_format,
+                             run_id=cell.cell_id, seed=EVAL_SEED, limit=self.cfg.eval_limit, fmt=cell.eval_format,
                              progress=True)
         eval_summary = {f"eval_{row['benchmark']}": row.get("accuracy") for row in result.summary
                         if row.get("category") == "ALL" and row.get("accuracy") is not None}

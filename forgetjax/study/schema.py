@@ -14,7 +14,7 @@ from forgetjax.config import ConfigError
 from forgetjax.eval.attacks.autodan import AutoDANConfig
 from forgetjax.eval.attacks.gcg import GCGConfig
 from forgetjax.paths import REPO_ROOT
-from forgetjax.tasks.domains import DOMAINS_DIR, DomainSpec, domain_specs, load_domain
+from forgetjax.tasks.domains import DOMAINS_DIR, DomainName, DomainSpec, domain_specs, load_domain
 from forgetjax.training.budget import BudgetConfig
 
 
@@ -98,7 +98,7 @@ class StudyConfig:
     scales: list[str] = dataclasses.field(default_factory=list)
     start_points: list[Literal["base", "safe"]] = dataclasses.field(default_factory=lambda: ["base", "safe"])
     methods: list[str] = dataclasses.field(default_factory=list)
-    domains: list[Literal["math", "code", "qa"]] = dataclasses.field(default_factory=lambda: ["math"])
+    domains: list[DomainName] = dataclasses.field(default_factory=lambda: ["math"])
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     budget: BudgetConfig = dataclasses.field(default_factory=lambda: BudgetConfig("tokens", 200_000))
     max_new_tokens: int | None = None  # generation length of every method in every domain; None: each domain's

@@ -1,9 +1,11 @@
 """Training domains, one YAML file each in `configs/domains/`: where a domain's training problems come from (a
 benchmark-data source or a records file, see `forgetjax.envs.load_problems`), which verifier scores them (the domain
 name: `forgetjax.verifiers.rewards` grades math, code and qa), and the held-out benchmarks of the evaluation battery
-that measure the target task (the x axis of the safety-capability Pareto front). The study checks those names
-against the benchmark registry (`forgetjax.study.schema.study_domains`). `max_new_tokens` is the domain's generation
-length: every generating method of a study samples up to it (`forgetjax.study.matrix.generation_args`).
+that measure the target task (the x axis of the safety-capability Pareto front). A safety domain
+(`forgetjax.tasks.safety_domains`) trains on its training half and targets its `<name>_heldout` benchmark. The study
+checks those names against the benchmark registry (`forgetjax.study.schema.study_domains`). `max_new_tokens` is the
+domain's generation length: every generating method of a study samples up to it
+(`forgetjax.study.matrix.generation_args`).
 
 In-domain benchmarks (`is_in_domain`, the one rule): a benchmark is in-domain for a cell trained in a domain when it
 is one of the cell's target benchmarks, one of the domain config's `target_benchmarks`, matches one of its
@@ -20,15 +22,19 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from forgetjax.paths import CONFIGS_DIR
+from forgetjax.tasks.safety_domains import SAFETY_DOMAIN_NAMES
 
 DOMAINS_DIR = CONFIGS_DIR / "domains"
+DOMAIN_NAMES = ("math", "code", "qa", *SAFETY_DOMAIN_NAMES)
+"""Every training domain: the three capability domains and the safety domains (`forgetjax.tasks.safety_domains`)."""
+DomainName = Literal[DOMAIN_NAMES]
 DEFAULT_MAX_NEW_TOKENS = 512
 """Generation length of a domain without one, and every generating method's default (room for chain of thought)."""
 
 
 @dataclasses.dataclass
 class DomainSpec:
-    name: Literal["math", "code", "qa"] = "math"
+    name: DomainName = "math"
     description: str = ""
     source: str = "gsm8k"
     split: str = "train"
@@ -56,10 +62,12 @@ def load_domain(path: str | Path) -> DomainSpec:
     """A DomainSpec from a YAML file; its file name must match its `name`."""
     from forgetjax.config import load_config
 
+    from forgetjax.config import ConfigError
+
     path = Path(path)
     spec = load_config(DomainSpec, path)
     if path.stem != spec.name:
-        raise ValueError(f"{path}: name {spec.name!r} does not match the file name {path.stem!r}")
+        raise ConfigError(f"{path}: name {spec.name!r} does not match the file name {path.stem!r}")
     return spec
 
 

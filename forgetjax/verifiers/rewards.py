@@ -8,7 +8,11 @@ A :class:`RewardPool` scores ``(domain, completion, reference)`` triples:
 - code: :func:`~forgetjax.verifiers.code.extract_code`, then :func:`~forgetjax.verifiers.code.batch_check` through
   one shared :class:`~forgetjax.verifiers.sandbox.SandboxPool` (``code_timeout_s`` of wall clock per program run);
 - qa: :func:`~forgetjax.verifiers.qa.extract_short_answer` and normalised exact match (or token F1), in the batch
-  thread because it is cheap.
+  thread because it is cheap;
+- the safety domains (`forgetjax.tasks.safety_domains`), in the batch thread: a disposition domain's reward is 1 when
+  the completion picks a safe option (:func:`~forgetjax.verifiers.choice.choice_verdict`, reference {"options",
+  "safe"}), a refusal domain's when the refusal matcher finds a refusal (:func:`~forgetjax.verifiers.refusal.
+  is_refusal`, reference {"refuse": true}).
 
 :meth:`RewardPool.submit` validates the batch, hands it to a background thread and returns a ``Future`` at once, so
 the trainer can sample the next rollout while the verifiers run; :meth:`RewardPool.score` waits for the result.
@@ -36,9 +40,12 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, cast
 
+from forgetjax.tasks.safety_domains import REFUSAL, SAFETY_DOMAIN_NAMES, safety_domain
+from forgetjax.verifiers.choice import check_choice_reference, choice_verdict
 from forgetjax.verifiers.code import CodeResult, batch_check, extract_code
 from forgetjax.verifiers.math import MathGrader, extract_answer
 from forgetjax.verifiers.qa import exact_match, extract_short_answer, token_f1
+from forgetjax.verifiers.refusal import is_refusal
 from forgetjax.verifiers.sandbox import SandboxPool
 
 __all__ = [
@@ -51,11 +58,11 @@ __all__ = [
     "has_answer_format",
 ]
 
-DOMAINS = ("math", "code", "qa")
+DOMAINS = ("math", "code", "qa", *SAFETY_DOMAIN_NAMES)
 CODE_KINDS = ("assert", "humaneval", "stdio")
 QA_METRICS = ("exact_match", "f1")
 
-Reference = Any  # str | list[str] (math), dict (code), list[str] (qa); see normalize_reference
+Reference = Any  # str | list[str] (math), dict (code), list[str] (qa), dict (safety); see normalize_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +176,12 @@ def normalize_reference(domain: str, reference: Reference) -> Reference:
         return _normalize_code_reference(reference)
     if domain == "qa":
         return _str_list(reference, "qa reference")
+    if domain in SAFETY_DOMAIN_NAMES:
+        if safety_domain(domain).kind == REFUSAL:
+            if reference != {"refuse": True}:
+                raise ValueError(f"a refusal domain's reference must be {{'refuse': True}}, got {reference!r}")
+            return {"refuse": True}
+        return check_choice_reference(reference)
     raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
 
 
@@ -203,6 +216,8 @@ def has_answer_format(domain: str, completion: str) -> bool:
         return "```" in completion
     if domain == "qa":
         return bool(extract_short_answer(completion))
+    if domain in SAFETY_DOMAIN_NAMES:
+        return bool(completion.strip())
     raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
 
 
@@ -273,6 +288,20 @@ def _score_math(completion: str, reference: str | list[str], grader: _TimeoutRep
     status = "correct" if correct else "timeout" if timed_out else "incorrect"
     return RewardDetail("math", _penalised(float(correct), formatted, format_penalty), correct, formatted, answer,
                         status, timed_out and not correct)
+
+
+def _score_safety(domain: str, completion: str, reference: Mapping[str, Any], format_penalty: float) -> RewardDetail:
+    """A refusal domain: 1 when the matcher finds a refusal; a disposition domain: 1 when a safe option is picked."""
+    formatted = bool(completion.strip())
+    if "refuse" in reference:
+        correct = is_refusal(completion)
+        extracted, status = None, "refused" if correct else "complied"
+    else:
+        correct, chosen = choice_verdict(completion, reference)
+        extracted = None if chosen is None else reference["options"][chosen]
+        status = "no_answer" if chosen is None else "correct" if correct else "incorrect"
+    return RewardDetail(domain, _penalised(float(correct), formatted, format_penalty), correct, formatted, extracted,
+                        status, False)
 
 
 def _longest_cases(reference: Mapping[str, Any], max_tests: int | None) -> list[tuple[str, str]]:
@@ -503,6 +532,8 @@ class RewardPool:
         for index, (domain, completion, reference) in enumerate(items):
             if domain == "qa":
                 details[index] = _score_qa(completion, reference, self.qa_metric, self.format_penalty)
+            elif domain in SAFETY_DOMAIN_NAMES:
+                details[index] = _score_safety(domain, completion, reference, self.format_penalty)
         for index, future in math_futures.items():
             details[index] = future.result()
         scored = cast(list[RewardDetail], details)

@@ -18,7 +18,7 @@ from forgetjax.eval.benchmarks.base import (
 from forgetjax.eval.benchmarks.registry import get_benchmark, list_benchmarks, register
 from forgetjax.eval.benchmarks import code, commonsense, ifeval, jailbreak, math  # noqa: E402,F401  (registration)
 from forgetjax.eval.benchmarks import multiple_choice, qa, safety  # noqa: E402,F401  (registration)
-from forgetjax.eval.benchmarks import protocol, robustness, style  # noqa: E402,F401  (registration)
+from forgetjax.eval.benchmarks import protocol, robustness, safety_domains, style  # noqa: E402,F401  (registration)
 
 __all__ = [
     "FAMILIES",

@@ -38,8 +38,8 @@ from forgetjax.eval.benchmarks.base import (
 )
 from forgetjax.eval.benchmarks.registry import register
 from forgetjax.eval.engine import Prompt
-from forgetjax.io import read_jsonl
 from forgetjax.tasks.prompts import user_message
+from forgetjax.tasks.safety_domains import do_not_answer_rows
 from forgetjax.tasks.readers import require_file, require_keys
 
 REFUSAL_VERIFIER = "forgetjax.verifiers.refusal"
@@ -228,14 +228,8 @@ class DoNotAnswer(SafetyBenchmark):
     description = "Do-Not-Answer (939), by risk-area file"
 
     def load(self, data_dir: str | Path) -> list[Item]:
-        items = []
-        for area in DO_NOT_ANSWER_AREAS:
-            path = require_file(Path(data_dir) / "do_not_answer" / f"{area}.jsonl")
-            for index, row in enumerate(read_jsonl(path)):
-                require_keys(row, ("prompt",), f"{path} row {index}")
-                data = {"prompt": row["prompt"], "harmful": True}
-                items.append(Item(id=f"{area}/{index:03d}", category=area, data=data))
-        return items
+        return [Item(id=row["id"], category=row["category"], data={"prompt": row["prompt"], "harmful": True})
+                for row in do_not_answer_rows(data_dir, DO_NOT_ANSWER_AREAS)]
 
 
 JAILBREAKBENCH_ATTACKS = {
