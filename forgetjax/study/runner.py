@@ -28,7 +28,8 @@ from forgetjax.study.schema import StudyConfig, model_entry
 
 EVAL_SEED = 0
 """The evaluation seed of every cell, baselines included: a limited battery's subsets (`select_subset`) and sampled
-generations depend on it, so every seed's cell is evaluated on its baseline's items and pairs with all of them."""
+generations depend on it, so every seed's cell is evaluated on its baseline's items and pairs with all of them (the
+attacked behaviours too)."""
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "grain", "numpy", "gem-llm",
             "lm-eval", "forgetjax")
@@ -234,7 +235,7 @@ class StudyRunner:
         baseline = next(c for c in expand(self.cfg) if c.is_baseline and (c.start_point, c.scale) ==
                         (cell.start_point, cell.scale))
         common = dict(data_dir=data_dir_of(self.cfg), out_dir=eval_dir, run_id=cell.cell_id, model_id=cell.cell_id,
-                      benchmark=settings.benchmark, limit=settings.limit, seed=cell.seed)
+                      benchmark=settings.benchmark, limit=settings.limit, seed=EVAL_SEED)
         asr = {}
         for attack in settings.methods:
             if attack == "gcg":
