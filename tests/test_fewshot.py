@@ -63,7 +63,12 @@ def test_fewshot_exemplars_are_never_evaluated_items(name, data_dir):
     from forgetjax.eval.benchmarks import get_benchmark
 
     benchmark = get_benchmark(name)
-    items = benchmark.load(data_dir)
+    try:
+        items = benchmark.load(data_dir)
+    except FileNotFoundError as err:  # only the hub-only sets may be absent (the pack has no sycophancy evals)
+        if "sycophancy" not in name:
+            raise
+        pytest.skip(f"{name}: {err}")
     evaluated = {benchmark.question(item).strip(): item for item in items}
     n = benchmark.n_shots(None)
     if benchmark.shot_source:
