@@ -185,7 +185,8 @@ SEED_METRICS = ("acc_pre", "acc_post", "delta", "forgetting", "backward_transfer
 
 
 def forgetting_over_seeds(forgetting_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample std over seeds per (start_point, scale, method, domain, level, benchmark, family, category).
+    """Mean and sample std over seeds per (start_point, scale, method, domain, axes, level, benchmark, family,
+    category).
 
     Category-level rows are left out (too fine to be useful over seeds); std is NaN with a single seed. Two cells
     of one group with the same seed (results of two study configs) are an error, never pooled as if seeds.
@@ -194,16 +195,16 @@ def forgetting_over_seeds(forgetting_rows: Sequence[Mapping[str, Any]]) -> list[
     for row in forgetting_rows:
         if row["level"] == "category":
             continue
-        key = (row["start_point"], row["scale"], row["method"], row["domain"], row["level"], row["benchmark"],
-               row["family"], row["category"])
+        key = (row["start_point"], row["scale"], row["method"], row["domain"], row["axes"], row["level"],
+               row["benchmark"], row["family"], row["category"])
         groups.setdefault(key, []).append(row)
     out = []
     for key, members in groups.items():
-        names = ("start_point", "scale", "method", "domain", "level", "benchmark", "family", "category")
+        names = ("start_point", "scale", "method", "domain", "axes", "level", "benchmark", "family", "category")
         row: dict[str, Any] = dict(zip(names, key))
         if len({m["seed"] for m in members}) != len(members):
             raise ValueError(
-                f"cells {sorted(m['cell_id'] for m in members)} share a seed for {dict(zip(names[:4], key))}: "
+                f"cells {sorted(m['cell_id'] for m in members)} share a seed for {dict(zip(names[:5], key))}: "
                 f"results of different study configs in one results directory; keep one config's cells")
         row["in_domain"] = members[0]["in_domain"]
         row["n_seeds"] = len({m["seed"] for m in members})
@@ -634,7 +635,7 @@ def analyze(
     summary = cell_summary_table(study, forgetting, settings)
     tables = {
         "cells": [{**c.meta(), "status": c.status, "baseline_id": None if c.is_baseline else
-                   study.baselines[c.baseline_key].cell_id} for c in study.cells],
+                   study.baselines[c.baseline_key].cell_id} for c in [*study.cells, *study.axis_cells]],
         "pairing": pairing_table(study),
         "forgetting": forgetting,
         "forgetting_seeds": forgetting_over_seeds(forgetting),

@@ -114,6 +114,11 @@ class StudyRunner:
                 "start_model": cell.start_model, "matched": cell.matched, "run": cell.run,
                 "target_benchmarks": list(cell.target_benchmarks), "evaluation": cell.resolved.get("evaluation"),
                 "eval_format": cell.eval_format, "resolved": cell.resolved, **extra}
+        if cell.axes:
+            data["axes"] = cell.axes
+            data["axis_reference"] = all(entry["reference"] for entry in cell.axes.values())
+        if cell.is_merge:
+            data["merge"] = {"parent": cell.merge_parent, "interpolate": cell.merge_alpha}
         data.setdefault("budget", {})
         data.setdefault("metrics", {})
         results.write_cell_data(self.results, data)
@@ -180,9 +185,11 @@ class StudyRunner:
 
         started = time.time()
         self._write_cell(cell, "running", started=started)
-        budget, train_metrics = {}, {}
+        budget, train_metrics, extra = {}, {}, {}
         model_source = cell.start_model
-        if not cell.is_baseline:
+        if cell.is_merge:
+            model, tokenizer = self._merged_model(cell)
+        elif not cell.is_baseline:
             if cell.teacher_stage:
                 self.run_teacher_stage(cell)
             run = dict(cell.run)
@@ -197,8 +204,11 @@ class StudyRunner:
                       "data": result.data, "flags": result.flags}
             train_metrics = {f"train_{k}": v for k, v in result.final_metrics.items()
                              if isinstance(v, (int, float))}
+            if result.kl_to_start is not None:
+                extra["kl_to_start"] = result.kl_to_start
             model_source = str(results.cell_model_dir(self.results, cell.cell_id))
-        model, tokenizer = self._load(model_source)
+        if not cell.is_merge:
+            model, tokenizer = self._load(model_source)
         engine = JaxEngine(model, tokenizer, model_id=cell.cell_id, batch_size=16, max_length=2048)
         result = run_battery(engine, self.cfg.battery, data_dir_of(self.cfg),
                              results.cell_eval_dir(self.results, cell.cell_id),
@@ -212,7 +222,21 @@ class StudyRunner:
             if is_writer():
                 results.write_representation(results.representation_file(self.results, cell.cell_id), data)
         self._write_cell(cell, "done", budget=budget, metrics={**train_metrics, **eval_summary},
-                         wall_seconds=time.time() - started, finished=time.time())
+                         wall_seconds=time.time() - started, finished=time.time(), **extra)
+
+    def _merged_model(self, cell: StudyCell):
+        """(model, tokenizer) of a merge cell: its start model and its parent's final model interpolated at alpha
+        (`forgetjax.training.interpolate`); UserError when the parent has not finished."""
+        import forgetjax
+        from forgetjax.training.interpolate import interpolate_models
+
+        if self.status(cell.merge_parent) != results.DONE_STATUS:
+            raise UserError(f"merge cell {cell.cell_id}: its trained cell {cell.merge_parent} is not done "
+                            f"(status {self.status(cell.merge_parent)!r}); run it first, then rerun the study")
+        self._models.clear()
+        start, tokenizer = forgetjax.load(cell.start_model)
+        post, _ = forgetjax.load(str(results.cell_model_dir(self.results, cell.merge_parent)))
+        return interpolate_models(start, post, cell.merge_alpha), tokenizer
 
     def run(self, only_index: int | None = None) -> dict[str, Any]:
         """Run every cell, or only cell `only_index` (checked before anything is written or trained); the
