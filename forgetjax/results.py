@@ -181,6 +181,7 @@ class Cell:
     evaluation: Mapping[str, Any] = field(default_factory=dict)
     axes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     axis_reference: bool = True
+    kl_to_start: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def axes_label(self) -> str:
@@ -282,7 +283,7 @@ def parse_cell(data: Any, source: str = "<cell.json>") -> Cell:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"{source}: field 'seed' must be an integer, got {seed!r}")
     extras = {}
-    for name in ("budget", "metrics", "evaluation"):
+    for name in ("budget", "metrics", "evaluation", "kl_to_start"):
         value = data.get(name) or {}
         if not isinstance(value, Mapping):
             raise ValueError(f"{source}: field {name!r} must be a JSON object, got {type(value).__name__}")
@@ -329,6 +330,7 @@ def cell_json(cell: Cell) -> dict[str, Any]:
         "evaluation": dict(cell.evaluation),
         **({"axes": {k: dict(v) for k, v in cell.axes.items()}, "axis_reference": cell.axis_reference}
            if cell.axes else {}),
+        **({"kl_to_start": dict(cell.kl_to_start)} if cell.kl_to_start else {}),
     }
 
 

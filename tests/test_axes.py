@@ -241,3 +241,54 @@ def test_sequence_lengths_count_packed_segments():
     assert sequence_lengths(mask) == [4, 2]
     assert sequence_lengths(mask, segments) == [2, 2, 2]
 
+
+
+RECORD_FIELDS = ("benchmark", "category", "item_id", "prompt_hash", "output", "extracted_answer", "correct", "score",
+                 "option_logprobs", "chosen_option", "confidence", "k", "output_tokens", "refusal", "seed")
+
+
+def _records(results: Path, cell_id: str) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    out = {}
+    for path in sorted((results / "cells" / cell_id / "eval").rglob("*.parquet")):
+        table = pq.read_table(path).to_pylist()
+        out[path.stem] = [{k: row.get(k) for k in RECORD_FIELDS} for row in table]
+    return out
+
+
+def test_interpolation_endpoints_reproduce_the_start_and_post_trained_records(tmp_path, data_dir):
+    """A study with an adapter axis and merge {interpolate: [0, 0.5, 1]}: alpha 0 gives exactly the baseline's
+    records, alpha 1 exactly the trained cell's (full and LoRA), and the report renders the axis sections."""
+    from forgetjax.study.runner import StudyRunner
+    from test_study import write_study
+
+    path = write_study(tmp_path, data_dir)
+    study = yaml.safe_load(path.read_text())
+    study["axes"] = {"adapter": ["full", {"lora": {"rank": 4, "alpha": 8}}], "merge": {"interpolate": [0.0, 0.5, 1.0]}}
+    study["representation"] = False
+    study["train"]["batch_size"] = 8  # the 8 test devices: fsdp 8
+    path.write_text(yaml.safe_dump(study))
+    cfg = load_study_config(path)
+    summary = StudyRunner(cfg, source=str(path), log=lambda *_: None).run()
+    assert summary["failed"] == 0 and summary["done"] == 1 + 2 + 6
+    results = Path(cfg.results_dir)
+    cells = expand(cfg)
+    baseline = next(c for c in cells if c.is_baseline)
+    base_records = _records(results, baseline.cell_id)
+    assert base_records and all(base_records.values())
+    for parent in (c for c in cells if not c.is_baseline and not c.is_merge):
+        merged = {c.merge_alpha: c for c in cells if c.merge_parent == parent.cell_id}
+        assert _records(results, merged[0.0].cell_id) == base_records
+        assert _records(results, merged[1.0].cell_id) == _records(results, parent.cell_id)
+        data = json.loads((results / "cells" / merged[0.5].cell_id / "cell.json").read_text())
+        assert data["merge"] == {"parent": parent.cell_id, "interpolate": 0.5} and data["axis_reference"] is False
+        trained = json.loads((results / "cells" / parent.cell_id / "cell.json").read_text())
+        assert trained["axes"]["adapter"]["reference"] == (parent.axes["adapter"]["label"] == "full")
+        assert trained["kl_to_start"]["measured_steps"] == 2 and trained["kl_to_start"]["last"] > 0
+        assert trained["budget"]["used"]["flops_by_component"]["reference"] > 0
+    from forgetjax.report import build_report
+
+    index = build_report(results, tmp_path / "report", n_resamples=100)
+    text = index.read_text()
+    assert "Mitigation axes" in text

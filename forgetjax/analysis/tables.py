@@ -79,7 +79,7 @@ def pairing_table(study: Study, max_examples: int = 5) -> list[dict[str, Any]]:
         GROUP BY ALL ORDER BY cell_id, benchmark
         """
     )
-    meta = {cell.cell_id: cell.meta() for cell in study.cells}
+    meta = {cell.cell_id: cell.meta() for cell in [*study.cells, *study.axis_cells]}
     out = []
     for row in rows:
         row["missing_in_cell"] = ";".join(row["missing_in_cell"] or [])
@@ -369,7 +369,7 @@ def judge_agreement_table(study: Study, settings: BootstrapSettings = BootstrapS
     refusal rates, raw agreement and Cohen's kappa with a percentile item-bootstrap interval, the judge's mean score
     (HarmBench: share judged harmful; StrongREJECT: rubric score)."""
     verdicts = judge_verdicts(study)
-    cells = {cell.cell_id: cell for cell in study.cells}
+    cells = {cell.cell_id: cell for cell in [*study.cells, *study.axis_cells]}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in verdicts:
         groups.setdefault((row["cell_id"], row["benchmark"], row["judge"]), []).append(row)
@@ -609,7 +609,8 @@ def weight_delta_table(study: Study) -> list[dict[str, Any]]:
 
 
 TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest",
-               "judge_agreement", "jailbreak", "cell_summary", "pareto", "correlations", "representation", "weight_delta", "issues")
+               "judge_agreement", "jailbreak", "cell_summary", "pareto", "correlations", "representation", "weight_delta",
+               "axes", "issues")
 
 
 @dataclass
@@ -629,6 +630,8 @@ def analyze(
     settings: BootstrapSettings = BootstrapSettings(),
 ) -> StudyAnalysis:
     """Load one results directory, or several merged into one study (`load_study`), and compute every table."""
+    from forgetjax.analysis.axes import axis_table  # it builds on comparisons, which reads this module's constants
+
     study = load_study(results_dirs)
     forgetting = forgetting_table(study, settings)
     safety = safety_table(study, settings)
@@ -650,6 +653,7 @@ def analyze(
         "correlations": correlation_table(summary),
         "representation": representation_table(study),
         "weight_delta": weight_delta_table(study),
+        "axes": axis_table(study, settings),
         "issues": [{"issue": issue} for issue in study.issues],
     }
     return StudyAnalysis(study, settings, tables)

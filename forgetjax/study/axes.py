@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 from typing import Any, Mapping, Sequence
 
 from forgetjax.config import ConfigError, build_section, to_dict
@@ -249,7 +248,3 @@ def describe_axes(axes: Sequence[Axis], merge: MergeAxis | None) -> list[str]:
         lines.append(f"axis merge [derived cells, no training]{only}: interpolate "
                      + ", ".join(f"{a:g}" for a in merge.interpolate))
     return lines
-
-
-def canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
