@@ -20,7 +20,7 @@ from forgetjax.analysis.loading import Study
 from forgetjax.results import Cell
 
 MERGE_AXIS = "merge"
-REFERENCE_LABEL = "trained (no interpolation)"
+REFERENCE_LABEL = "trained"
 STATISTICS = (("forgetting", "off_target", "F"), ("refusal_drop", "off_target", "refusal_drop"),
               ("delta", "target", "target_gain"))
 """(statistic, item scope, column prefix) of each estimate in the axis table."""
