@@ -287,8 +287,36 @@ def test_interpolation_endpoints_reproduce_the_start_and_post_trained_records(tm
         assert trained["axes"]["adapter"]["reference"] == (parent.axes["adapter"]["label"] == "full")
         assert trained["kl_to_start"]["measured_steps"] == 2 and trained["kl_to_start"]["last"] > 0
         assert trained["budget"]["used"]["flops_by_component"]["reference"] > 0
+    from forgetjax.analysis.estimates import BootstrapSettings
+    from forgetjax.analysis.tables import analyze
+
+    analysis = analyze(results, BootstrapSettings(n_resamples=100))
+    rows = {(r["axis"], r["value"]): r for r in analysis["axes"]}
+    for column in ("F", "refusal_drop", "target_gain"):
+        assert rows[("merge", "interpolate=0")][column] == 0.0  # alpha 0 is the start model itself
+        assert rows[("merge", "interpolate=1")][column] == rows[("merge", "trained")][column]
+    lora = next(c for c in cells if c.axes.get("adapter", {}).get("label", "full") != "full" and not c.is_merge)
+    full = next(c for c in cells if c.axes.get("adapter", {}).get("label") == "full" and not c.is_merge)
+    pre = {r["item_id"]: r["correct"] for r in base_records["mmlu"]}  # the only off-target capability benchmark
+    for cell, label in ((full, "full"), (lora, lora.axes["adapter"]["label"])):
+        post = {r["item_id"]: r["correct"] for r in _records(results, cell.cell_id)["mmlu"]}
+        expected = np.mean([pre[i] * (1 - post[i]) for i in pre])
+        assert rows[("adapter", label)]["F"] == pytest.approx(expected)
+    analysis.study.connection.close()
+
     from forgetjax.report import build_report
+    from test_report import PROBE_BODY, PROBE_HEAD, find_chromium, run_chromium
 
     index = build_report(results, tmp_path / "report", n_resamples=100)
     text = index.read_text()
-    assert "Mitigation axes" in text
+    assert "Mitigation axes" in text and "RQ10" in text and 'id="axis_merge_safe_tiny"' in text
+    probe = tmp_path / "probe.html"
+    probe.write_text(text.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_BODY + "</body>", 1))
+    stdout, stderr = run_chromium(find_chromium(), probe, tmp_path / "profile")
+    import re
+
+    match = re.search(r'<pre id="probe-result">(.*?)</pre>', stdout, flags=re.S)
+    assert match, stderr[-2000:]
+    result = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert len(result["images"]) == text.count("<img ") and result["errors"] == []
+    assert all(image["complete"] and image["w"] > 0 and image["bw"] > 0 for image in result["images"])
