@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -320,3 +321,34 @@ def test_interpolation_endpoints_reproduce_the_start_and_post_trained_records(tm
     result = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     assert len(result["images"]) == text.count("<img ") and result["errors"] == []
     assert all(image["complete"] and image["w"] > 0 and image["bw"] > 0 for image in result["images"])
+
+
+def test_kl_contexts_of_paired_and_privileged_batches(tiny_dir):
+    """DPO/SPIN rows (chosen_ / rejected_, each with its own loss mask) and pi-Distill's student rows (sharing the
+    batch's loss mask): the KL sums every context's completion tokens, as numpy does on full logits."""
+    from flax import nnx as flax_nnx
+
+    from forgetjax.methods.dpo import OffRLDPO
+    from forgetjax.methods.pi_distill import PIDistill
+    from forgetjax.training.kl_monitor import context_keys, kl_sums
+
+    first = SyntheticSource(160, 4, 16, 0).next_batch(None).arrays
+    second = SyntheticSource(160, 4, 16, 1).next_batch(None).arrays
+    pairs = {**{f"chosen_{k}": v for k, v in first.items()}, **{f"rejected_{k}": v for k, v in second.items()}}
+    assert context_keys(pairs, OffRLDPO.kl_contexts) == (("chosen_", "chosen_loss_mask"),
+                                                         ("rejected_", "rejected_loss_mask"))
+    privileged = {**first, **{f"student_{k}": v for k, v in second.items() if k != "loss_mask"}}
+    assert context_keys(privileged, PIDistill.kl_contexts) == (("student_", "loss_mask"),)
+    policy, _ = forgetjax.load(tiny_dir)
+    start, _ = forgetjax.load(tiny_dir)
+    _randomise_lora(apply_lora(policy, LoraConfig(rank=2, alpha=4.0)))
+    graphdef, trainable, frozen = flax_nnx.split(policy, flax_nnx.LoRAParam, ...)
+    start_lora = jax.tree.map(jnp.zeros_like, trainable)  # B = 0: the adapter off, the start model
+    total, count = kl_sums(graphdef, trainable, frozen, start_lora, pairs, context_keys(pairs, OffRLDPO.kl_contexts))
+    expected, tokens = 0.0, 0.0
+    for arrays in (first, second):
+        args = [arrays[k] for k in ("input_ids", "attention_mask", "positions", "segment_ids")]
+        per_token = _numpy_kl(np.asarray(policy(*args)), np.asarray(start(*args)))
+        expected += float((per_token * arrays["loss_mask"]).sum())
+        tokens += float(arrays["loss_mask"].sum())
+    assert float(count) == tokens and float(total) == pytest.approx(expected, rel=1e-3) and expected > 0
