@@ -3,6 +3,8 @@
 Idempotent and resumable: a cell whose cell.json says "done" is skipped; an interrupted cell resumes (training from
 its newest checkpoint, evaluation per finished benchmark file); a failing cell is recorded with its error and the
 others go on. A manifest records the config hash, code version, package versions, seeds, budgets and wall time.
+A merge cell (the study's `axes.merge`) trains nothing: it interpolates its start model and its trained parent's final
+weights and is evaluated like a cell; it runs after its parent and fails, naming the parent, when that is not done.
 Each cell.json keeps the resolved config its id hashes (`resolved`, and its `evaluation`); a cell directory holding
 another resolved config stops the run before anything trains, so results of two configs are never mixed.
 """
@@ -22,6 +24,7 @@ from forgetjax.distributed import agree, is_writer, run_once
 from forgetjax.errors import UserError
 from forgetjax.io import write_json_atomic, write_jsonl_atomic
 from forgetjax.paths import REPO_ROOT
+from forgetjax.study.axes import axes_text
 from forgetjax.study.matrix import StudyCell, expand, safety_stage_id, safety_stage_run
 from forgetjax.study.schema import StudyConfig, model_entry
 
@@ -84,7 +87,8 @@ class StudyRunner:
             "seeds": self.cfg.seeds, "budget": to_dict(self.cfg.budget), "started": started, "finished": finished,
             "wall_seconds": (finished or time.time()) - started,
             "cells": [{"cell_id": c.cell_id, "method": c.method, "domain": c.domain, "seed": c.seed,
-                       "start_point": c.start_point, "scale": c.scale, "status": self.status(c.cell_id)}
+                       "start_point": c.start_point, "scale": c.scale, "status": self.status(c.cell_id),
+                       **({"axes": axes_text(c.axes)} if c.axes else {})}
                       for c in cells],
         }
         write_json_atomic(results.manifest_file(self.results), manifest)
