@@ -365,8 +365,13 @@ def cmd_study(args) -> int:
                             f"it to each task (use --executor local)")
         indices = [check_cell_index(args.cell_index, len(cells))]
     if args.list:
+        from forgetjax.study.axes import axes_text, describe_axes
+        from forgetjax.study.matrix import study_axes
+
+        for line in describe_axes(*study_axes(cfg)):
+            print(line)
         for i in indices:
-            print(f"{i:4d}  {cells[i].cell_id}")
+            print(f"{i:4d}  {cells[i].cell_id}" + (f"  {axes_text(cells[i].axes)}" if cells[i].axes else ""))
         return 0
     if executor in ("slurm", "tpu_pod"):
         return _launch_study(args, executor, len(cells), results)
@@ -440,7 +445,18 @@ def cmd_plan(args) -> int:
     first = settings[cfg.scales[0]] if cfg.scales else train_memory_settings(TrainConfig())
     print(f"topology {topology.name}: {topology.devices} devices x {topology.hbm_bytes / 2**30:.0f} GiB; "
           f"global batch {first['global_batch']} x {first['seq_len']} tokens, remat {first['remat']}")
-    reference = any(method.startswith("on_rl") for method in cfg.methods)  # GRPO family: a live KL reference
+    from forgetjax.study.axes import describe_axes
+    from forgetjax.study.matrix import study_axes
+
+    axes, merge = study_axes(cfg)
+    for line in describe_axes(axes, merge):
+        print(line)
+    adapters = [(value.label, value.setting) for axis in axes if axis.key == "train.lora"
+                for value in axis.values] or [(None, None)]
+    # the KL to the start model (every method when train.kl_to_start.every > 0) keeps a frozen reference copy
+    reference = any(method.startswith("on_rl") for method in cfg.methods) or any(
+        from_dict(TrainConfig, train_settings(cfg, scale), source=f"{args.config}: train").kl_to_start.every > 0
+        for scale in cfg.scales)
     header = (f"{'scale':>8} {'params':>8} {'mesh (data,fsdp,tensor)':>24} {'params':>12} {'grads':>12} "
               f"{'optimizer':>12} {'activations':>12} {'logits':>12} {'reference':>12} {'kv cache':>12} "
               f"{'total':>12}")
@@ -452,12 +468,17 @@ def cmd_plan(args) -> int:
             model_cfg = config_from_hf(entry.hf_config, where=f"models[{entry.scale}].hf_config")
         else:
             model_cfg = load_config(entry.base or entry.safe)
-        est = choose_mesh(model_cfg, topology, **settings[entry.scale], rollout_batch=args.rollout_batch,
-                          rollout_len=args.rollout_len, reference=reference)
-        fits = "" if est.total <= 0.85 * topology.hbm_bytes else "  DOES NOT FIT"
-        print(f"{entry.scale:>8} {model_cfg.num_params() / 1e9:7.2f}B {str((est.data, est.fsdp, est.tensor)):>24} "
-              + " ".join(format_bytes(v) for v in (est.params, est.gradients, est.optimizer, est.activations,
-                                                   est.logits, est.reference, est.kv_cache, est.total)) + fits)
+        for label, lora in adapters:
+            memory = dict(settings[entry.scale])
+            if label is not None:
+                memory["lora_rank"] = lora["rank"] if lora else None
+            est = choose_mesh(model_cfg, topology, **memory, rollout_batch=args.rollout_batch,
+                              rollout_len=args.rollout_len, reference=reference)
+            fits = "" if est.total <= 0.85 * topology.hbm_bytes else "  DOES NOT FIT"
+            name = entry.scale if label is None else f"{entry.scale} {label}"
+            print(f"{name:>8} {model_cfg.num_params() / 1e9:7.2f}B {str((est.data, est.fsdp, est.tensor)):>24} "
+                  + " ".join(format_bytes(v) for v in (est.params, est.gradients, est.optimizer, est.activations,
+                                                       est.logits, est.reference, est.kv_cache, est.total)) + fits)
     _print_teacher_stages(cfg, topology, args.teacher_prompt_len)
     return 0
 

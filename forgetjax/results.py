@@ -13,7 +13,11 @@ cell.json: {"cell_id": str (= the directory name), "start_point": "base"|"safe",
 "method": str ("baseline" for the cell without post-training, one per (start_point, scale)), "domain": "math"|
 "code"|"qa"|other str|null, "seed": int, "status": "pending"|"running"|"done"|"failed", "budget": {...},
 "metrics": {...}, "target_benchmarks": [str, ...], "evaluation": {...} (optional: the resolved battery, limit and
-format it was evaluated with)}; the runner adds what it ran (start_model, matched, run, the resolved config its id
+format it was evaluated with), "axes": {name: {"value", "label", "reference": bool}} (optional: the study axes'
+values, `forgetjax.study.axes`; a merge cell's "merge" axis among them), "axis_reference": bool (optional, default
+true: every axis at its reference value and no merge), "merge": {"parent", "interpolate"} (merge cells), "kl_to_start":
+{"last", "mean", "max", "measured_steps"} (trained cells: KL(policy || start) per completion token)}; the runner adds
+what it ran (start_model, matched, run, the resolved config its id
 hashes, times, error). JSON is written standard (NaN as null), keys sorted, atomically. The cells read together
 must share one evaluation (`discover_cells`).
 
@@ -179,6 +183,14 @@ class Cell:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     target_benchmarks: tuple[str, ...] = ()
     evaluation: Mapping[str, Any] = field(default_factory=dict)
+    axes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    axis_reference: bool = True
+    kl_to_start: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def axes_label(self) -> str:
+        """"adapter=full merge=interpolate=0.5" ("" for a cell of a study without axes)."""
+        return " ".join(f"{name}={entry['label']}" for name, entry in sorted(self.axes.items()))
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -211,7 +223,17 @@ class Cell:
             "method": self.method,
             "domain": self.domain,
             "seed": self.seed,
+            "axes": self.axes_label,
         }
+
+
+def _check_axes(axes: Any, source: str) -> dict[str, dict[str, Any]]:
+    """A cell's recorded axes: {name: {"value": JSON, "label": str, "reference": bool}}."""
+    if not isinstance(axes, Mapping) or not all(
+            isinstance(entry, Mapping) and {"value", "label", "reference"} <= set(entry)
+            and isinstance(entry["label"], str) and isinstance(entry["reference"], bool) for entry in axes.values()):
+        raise ValueError(f"{source}: field 'axes' must map axis names to {{value, label, reference}}, got {axes!r}")
+    return {str(name): dict(entry) for name, entry in axes.items()}
 
 
 def _string_field(data: Mapping[str, Any], name: str, source: str) -> str:
@@ -265,7 +287,7 @@ def parse_cell(data: Any, source: str = "<cell.json>") -> Cell:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"{source}: field 'seed' must be an integer, got {seed!r}")
     extras = {}
-    for name in ("budget", "metrics", "evaluation"):
+    for name in ("budget", "metrics", "evaluation", "kl_to_start"):
         value = data.get(name) or {}
         if not isinstance(value, Mapping):
             raise ValueError(f"{source}: field {name!r} must be a JSON object, got {type(value).__name__}")
@@ -274,8 +296,12 @@ def parse_cell(data: Any, source: str = "<cell.json>") -> Cell:
     targets = data.get("target_benchmarks") or []
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"{source}: field 'target_benchmarks' must be a list of benchmark names, got {targets!r}")
+    axes = _check_axes(data.get("axes") or {}, source)
+    reference = data.get("axis_reference", True)
+    if not isinstance(reference, bool):
+        raise ValueError(f"{source}: field 'axis_reference' must be true or false, got {reference!r}")
     return Cell(start_point=start_point, domain=domain, seed=seed, target_benchmarks=tuple(targets), **strings,
-                **extras)
+                **extras, axes=axes, axis_reference=reference)
 
 
 def read_cell(path: str | os.PathLike[str]) -> Cell:
@@ -306,6 +332,9 @@ def cell_json(cell: Cell) -> dict[str, Any]:
         "metrics": dict(cell.metrics),
         "target_benchmarks": list(cell.target_benchmarks),
         "evaluation": dict(cell.evaluation),
+        **({"axes": {k: dict(v) for k, v in cell.axes.items()}, "axis_reference": cell.axis_reference}
+           if cell.axes else {}),
+        **({"kl_to_start": dict(cell.kl_to_start)} if cell.kl_to_start else {}),
     }
 
 

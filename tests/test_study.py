@@ -310,7 +310,7 @@ def test_plan_reads_the_training_config_defaults(tmp_path, capsys):
     assert "global batch 16 x 512 tokens, remat none" in out
     expected = choose_mesh(config_from_hf(QWEN_05B), parse_topology("v5e-8"), global_batch=16, seq_len=512,
                            param_bytes=4, compute_bytes=4, remat="none", moments_bytes=4, rollout_batch=256,
-                           rollout_len=1024, logit_chunk=1024)
+                           rollout_len=1024, logit_chunk=1024, reference=True)  # study cells: KL to the start
     assert f"{expected.total / 2**30:8.2f} GiB" in out
 
 

@@ -85,9 +85,9 @@ def item_means(
 
 
 def _strata(study: Study, cell_ids: Sequence[str]) -> tuple[list[tuple], list[int]]:
-    """Each cell's configuration (start_point, scale, method, domain) and seed."""
+    """Each cell's configuration (start_point, scale, method, domain, axis values) and seed."""
     cells = [study.cell(c) for c in cell_ids]
-    return [(c.start_point, c.scale, c.method, c.domain) for c in cells], [c.seed for c in cells]
+    return [(c.start_point, c.scale, c.method, c.domain, c.axes_label) for c in cells], [c.seed for c in cells]
 
 
 def group_estimate(

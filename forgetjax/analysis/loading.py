@@ -19,6 +19,7 @@ different formats measures the prompt, not the training, so loading refuses it n
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ OFF_TARGET_SQL = "is_capability AND NOT in_domain"
 class Study:
     """The analysed cells of one or several results directories with their records loaded into DuckDB.
 
+    `cells`: the baselines and the post-trained cells at the reference of every study axis (all of them in a study
+    without axes), the cells every method comparison reads; `axis_cells`: the other post-trained cells (other axis
+    values, merge cells), read by the axis report (`forgetjax.analysis.axes`). DuckDB tables hold both.
     DuckDB tables: `cells` (Cell columns + baseline_id), `records` (every record + cell_id, family, kind,
     harmful) and `paired` (one row per post-trained cell x item present in the cell and its baseline, with
     `in_domain` and `is_target` from `benchmark_scope`: one row per post-trained cell x benchmark of its baseline).
@@ -66,15 +70,21 @@ class Study:
     baselines: dict[tuple[str, str], Cell]
     representations: dict[str, Representation]
     issues: list[str]
+    axis_cells: list[Cell] = dataclasses.field(default_factory=list)
 
     @property
     def post_cells(self) -> list[Cell]:
-        """The analysed post-trained cells (each has a baseline)."""
+        """The analysed post-trained cells at every axis' reference (each has a baseline)."""
         return [c for c in self.cells if not c.is_baseline]
+
+    @property
+    def all_post_cells(self) -> list[Cell]:
+        """Every analysed post-trained cell: the reference ones and the axis cells."""
+        return [*self.post_cells, *self.axis_cells]
 
     def cell(self, cell_id: str) -> Cell:
         """The analysed cell with this id."""
-        for cell in self.cells:
+        for cell in [*self.cells, *self.axis_cells]:
             if cell.cell_id == cell_id:
                 return cell
         raise KeyError(f"no analysed cell {cell_id!r}")
@@ -114,8 +124,8 @@ def _cells_table(cells: Sequence[Cell], baselines: Mapping[tuple[str, str], Cell
     schema = pa.schema(
         [
             ("cell_id", pa.string()), ("start_point", pa.string()), ("scale", pa.string()), ("model", pa.string()),
-            ("method", pa.string()), ("domain", pa.string()), ("seed", pa.int64()), ("status", pa.string()),
-            ("baseline_id", pa.string()),
+            ("method", pa.string()), ("domain", pa.string()), ("seed", pa.int64()), ("axes", pa.string()),
+            ("status", pa.string()), ("baseline_id", pa.string()),
         ]
     )
     return pa.Table.from_pylist(rows, schema=schema)
@@ -337,4 +347,6 @@ def load_study(
         path = representation_file(homes[cell.cell_id], cell.cell_id)
         if path.is_file():
             representations[cell.cell_id] = read_representation(path)
-    return Study(dirs, con, cells, baselines, representations, issues)
+    reference = [c for c in cells if c.is_baseline or c.axis_reference]
+    return Study(dirs, con, reference, baselines, representations, issues,
+                 axis_cells=[c for c in cells if not (c.is_baseline or c.axis_reference)])

@@ -88,7 +88,7 @@ def pairing_table(study: Study, max_examples: int = 5) -> list[dict[str, Any]]:
         GROUP BY ALL ORDER BY cell_id, benchmark
         """
     )
-    meta = {cell.cell_id: cell.meta() for cell in study.cells}
+    meta = {cell.cell_id: cell.meta() for cell in [*study.cells, *study.axis_cells]}
     out = []
     for row in rows:
         row["missing_in_cell"] = ";".join(row["missing_in_cell"] or [])
@@ -194,7 +194,8 @@ SEED_METRICS = ("acc_pre", "acc_post", "delta", "forgetting", "backward_transfer
 
 
 def forgetting_over_seeds(forgetting_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample std over seeds per (start_point, scale, method, domain, level, benchmark, family, category).
+    """Mean and sample std over seeds per (start_point, scale, method, domain, axes, level, benchmark, family,
+    category).
 
     Category-level rows are left out (too fine to be useful over seeds); std is NaN with a single seed. Two cells
     of one group with the same seed (results of two study configs) are an error, never pooled as if seeds.
@@ -203,16 +204,16 @@ def forgetting_over_seeds(forgetting_rows: Sequence[Mapping[str, Any]]) -> list[
     for row in forgetting_rows:
         if row["level"] == "category":
             continue
-        key = (row["start_point"], row["scale"], row["method"], row["domain"], row["level"], row["benchmark"],
-               row["family"], row["category"])
+        key = (row["start_point"], row["scale"], row["method"], row["domain"], row["axes"], row["level"],
+               row["benchmark"], row["family"], row["category"])
         groups.setdefault(key, []).append(row)
     out = []
     for key, members in groups.items():
-        names = ("start_point", "scale", "method", "domain", "level", "benchmark", "family", "category")
+        names = ("start_point", "scale", "method", "domain", "axes", "level", "benchmark", "family", "category")
         row: dict[str, Any] = dict(zip(names, key))
         if len({m["seed"] for m in members}) != len(members):
             raise ValueError(
-                f"cells {sorted(m['cell_id'] for m in members)} share a seed for {dict(zip(names[:4], key))}: "
+                f"cells {sorted(m['cell_id'] for m in members)} share a seed for {dict(zip(names[:5], key))}: "
                 f"results of different study configs in one results directory; keep one config's cells")
         row["in_domain"] = members[0]["in_domain"]
         row["n_seeds"] = len({m["seed"] for m in members})
@@ -377,7 +378,7 @@ def judge_agreement_table(study: Study, settings: BootstrapSettings = BootstrapS
     refusal rates, raw agreement and Cohen's kappa with a percentile item-bootstrap interval, the judge's mean score
     (HarmBench: share judged harmful; StrongREJECT: rubric score)."""
     verdicts = judge_verdicts(study)
-    cells = {cell.cell_id: cell for cell in study.cells}
+    cells = {cell.cell_id: cell for cell in [*study.cells, *study.axis_cells]}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in verdicts:
         groups.setdefault((row["cell_id"], row["benchmark"], row["judge"]), []).append(row)
@@ -718,7 +719,8 @@ def transfer_mismatch_table(transfer_rows: Sequence[Mapping[str, Any]], confiden
 
 TABLE_NAMES = ("cells", "pairing", "forgetting", "forgetting_seeds", "target", "policy", "safety", "xstest",
                "judge_agreement", "jailbreak", "cell_summary", "pareto", "correlations", "representation",
-               "weight_delta", "robustness", "style_drift", "captrack", "transfer", "transfer_mismatch", "issues")
+               "weight_delta", "robustness", "style_drift", "captrack", "transfer", "transfer_mismatch", "axes",
+               "issues")
 
 
 @dataclass
@@ -738,6 +740,8 @@ def analyze(
     settings: BootstrapSettings = BootstrapSettings(),
 ) -> StudyAnalysis:
     """Load one results directory, or several merged into one study (`load_study`), and compute every table."""
+    from forgetjax.analysis.axes import axis_table  # it builds on comparisons, which reads this module's constants
+
     study = load_study(results_dirs)
     forgetting = forgetting_table(study, settings)
     safety = safety_table(study, settings)
@@ -746,7 +750,7 @@ def analyze(
     transfer = transfer_table(study, settings)
     tables = {
         "cells": [{**c.meta(), "status": c.status, "baseline_id": None if c.is_baseline else
-                   study.baselines[c.baseline_key].cell_id} for c in study.cells],
+                   study.baselines[c.baseline_key].cell_id} for c in [*study.cells, *study.axis_cells]],
         "pairing": pairing_table(study),
         "forgetting": forgetting,
         "forgetting_seeds": forgetting_over_seeds(forgetting),
@@ -766,6 +770,7 @@ def analyze(
         "captrack": captrack_table(study, style_drift, settings),
         "transfer": transfer,
         "transfer_mismatch": transfer_mismatch_table(transfer, settings.confidence),
+        "axes": axis_table(study, settings),
         "issues": [{"issue": issue} for issue in study.issues],
     }
     return StudyAnalysis(study, settings, tables)

@@ -156,6 +156,7 @@ class OffRLDPO(Method):
 
     name = NAME
     trim = "pairs"
+    kl_contexts = ("chosen_", "rejected_")  # the KL to the start model is measured on these rows
 
     def __init__(self, args: DPOArgs, domain, *, problems: Sequence[Any] | None = None,
                  verifier: P.VerdictFn | None = None):

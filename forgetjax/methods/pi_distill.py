@@ -123,6 +123,7 @@ class PIDistill(Method):
 
     name = "pi_distill"
     trim = "none"
+    kl_contexts = (f"{STUDENT}_",)  # the KL to the start model is measured on these rows
 
     def __init__(self, args: PIDistillArgs, domain):
         args.validate()

@@ -211,20 +211,13 @@ def _context_logprobs(graphdef, trainable, frozen, arrays: dict) -> jax.Array:
 
 
 class ReferenceModel:
-    """A frozen copy of the starting parameters whose token log-probs anchor the KL penalty.
+    """The frozen starting parameters (`Trainer.start_parameters`: a copy in the compute dtype and the parameters'
+    sharding, so a bf16 run's reference costs half the float32 master weights) whose token log-probs anchor the KL
+    penalty."""
 
-    The copy is kept in the compute dtype (the forward pass casts every weight to it anyway, so the log-probs are
-    unchanged) and in the parameters' sharding: a bf16 run's reference costs half the float32 master weights."""
-
-    def __init__(self, graphdef, trainable, frozen, mesh=None, compute_dtype=None):
+    def __init__(self, graphdef, trainable, frozen, mesh=None):
         self.graphdef = graphdef
-
-        def frozen_copy(x):  # always a new buffer: the train step donates the live ones
-            if compute_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != compute_dtype:
-                return x.astype(compute_dtype)
-            return x.copy()
-
-        self.trainable = jax.tree.map(frozen_copy, trainable)
+        self.trainable = trainable
         self.frozen = frozen
         self.mesh = mesh
 
@@ -499,7 +492,5 @@ class OnlineSource:
 
 
 def reference_from_trainer(trainer) -> ReferenceModel:
-    """A frozen copy of the trainer's current (= starting, before any restore) parameters."""
-    compute_dtype = nnx.merge(trainer.graphdef, trainer.state.trainable, trainer.state.frozen).dtype
-    return ReferenceModel(trainer.graphdef, trainer.state.trainable, trainer.state.frozen, mesh=trainer.mesh,
-                          compute_dtype=compute_dtype)
+    """The trainer's starting parameters (taken before any step or restore) as a reference model."""
+    return ReferenceModel(trainer.graphdef, trainer.start_parameters(), trainer.state.frozen, mesh=trainer.mesh)

@@ -162,6 +162,7 @@ class SelfSPIN(Method):
 
     name = NAME
     trim = "pairs"
+    kl_contexts = ("chosen_", "rejected_")  # the KL to the start model is measured on these rows
 
     def __init__(self, args: SPINArgs, domain, *, examples: Sequence[RealExample] | None = None):
         args.validate()

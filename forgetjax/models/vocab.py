@@ -10,7 +10,8 @@ per row, T padded to a multiple of c; 0 runs one unchunked pass.
 `logit_stats` is the reduction of one block of logits, shared with the logits-level losses.
 
 `token_stats(model, ...)` runs the decoder and `head_stats(model, hidden)` the model's head; both use the model's
-chunk size (`set_logit_chunk`, default `DEFAULT_CHUNK`) unless `chunk` is given.
+chunk size (`set_logit_chunk`, default `DEFAULT_CHUNK`) unless `chunk` is given. `token_kl(model, reference, ...)`
+is the full-vocabulary KL between two models' next-token distributions, chunked the same way.
 """
 from __future__ import annotations
 
@@ -86,18 +87,28 @@ def vocab_stats(hidden: jax.Array, norm_scale: jax.Array, head: jax.Array, *, ti
     hidden [B, T, D]: the final residual stream (before the final norm); head: the tied embedding [V, D] when
     `tied`, else the head kernel [D, V], used in hidden's dtype with float32 accumulation; targets [B, T] and
     gather_ids [B, T, K] are split with the positions; `requests` are logit_stats' other flags."""
-    b, t, d = hidden.shape
-    head = head.astype(hidden.dtype)
-    contract = (((1,), (1,)), ((), ())) if tied else (((1,), (0,)), ((), ()))
-
     def block(h, block_targets, block_ids):
-        x = rms_norm(h, norm_scale, eps).reshape(-1, d)
-        logits = jax.lax.dot_general(x, head, contract, preferred_element_type=jnp.float32)
-        logits = constrain(logits.reshape(*h.shape[:2], logits.shape[-1]), ("batch", "length", "act_vocab"))
-        return logit_stats(logits, targets=block_targets, gather_ids=block_ids, **requests)
+        return logit_stats(_project(h, norm_scale, head, tied, eps), targets=block_targets, gather_ids=block_ids,
+                           **requests)
 
+    return _chunked(block, chunk, hidden, targets, gather_ids)
+
+
+def _project(hidden: jax.Array, norm_scale: jax.Array, head: jax.Array, tied: bool, eps: float) -> jax.Array:
+    """float32 logits [B, c, V] = rms_norm(hidden) @ head of one chunk of final hidden states [B, c, D]."""
+    d = hidden.shape[-1]
+    x = rms_norm(hidden, norm_scale, eps).reshape(-1, d)
+    contract = (((1,), (1,)), ((), ())) if tied else (((1,), (0,)), ((), ()))
+    logits = jax.lax.dot_general(x, head.astype(hidden.dtype), contract, preferred_element_type=jnp.float32)
+    return constrain(logits.reshape(*hidden.shape[:2], logits.shape[-1]), ("batch", "length", "act_vocab"))
+
+
+def _chunked(block, chunk: int, *xs):
+    """`block(*xs)` computed `chunk` tokens per device at a time (module docstring): every x is [B, T, ...] (or None)
+    and split along T; the rematerialised chunk results are joined back to [B, T, ...]."""
+    b, t = xs[0].shape[:2]
     if not chunk or t == 0:
-        return block(hidden, targets, gather_ids)
+        return block(*xs)
     width = min(t, max(1, chunk * batch_shards(b) // b))
     n = -(-t // width)
 
@@ -111,9 +122,35 @@ def vocab_stats(hidden: jax.Array, norm_scale: jax.Array, head: jax.Array, *, ti
         y = jnp.moveaxis(y, 0, 1)
         return y.reshape(b, n * width, *y.shape[3:])[:, :t]
 
-    body = jax.checkpoint(lambda carry, xs: (carry, block(*xs)), prevent_cse=False)
-    _, stacked = jax.lax.scan(body, None, (split(hidden), split(targets), split(gather_ids)))
+    body = jax.checkpoint(lambda carry, pieces: (carry, block(*pieces)), prevent_cse=False)
+    _, stacked = jax.lax.scan(body, None, tuple(split(x) for x in xs))
     return jax.tree.map(merge, stacked)
+
+
+def logit_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+    """KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the last axis of two blocks of logits (float32)."""
+    log_p = jax.nn.log_softmax(logits_p.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(logits_q.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def _logits(model, hidden: jax.Array) -> jax.Array:
+    """float32 logits [B, c, V] of one chunk of `model`'s final hidden states (its final norm and LM head)."""
+    tied = model.lm_head is None
+    head = model.embed_tokens.embedding[...] if tied else model.lm_head.kernel[...]
+    return _project(hidden, model.norm.scale[...], head, tied, model.config.rms_norm_eps)
+
+
+def token_kl(model, reference, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+             positions: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
+             chunk: int | None = None) -> jax.Array:
+    """KL(model || reference) [B, T] of the two models' next-token distributions at every position of input_ids,
+    over the whole vocabulary, one chunk of positions at a time (no [B, T, V] logits). Both models see the same
+    inputs; `chunk` defaults to `model`'s."""
+    hidden_p, _, _ = model.forward_hidden(input_ids, attention_mask, positions, segment_ids)
+    hidden_q, _, _ = reference.forward_hidden(input_ids, attention_mask, positions, segment_ids)
+    return _chunked(lambda p, q: logit_kl(_logits(model, p), _logits(reference, q)),
+                    get_logit_chunk(model) if chunk is None else chunk, hidden_p, hidden_q)
 
 
 def check_logit_chunk(chunk) -> int:

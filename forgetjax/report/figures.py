@@ -716,6 +716,81 @@ def transfer_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
                  f"{len(covered)} covered cell(s) outlined; values are changes in percentage points with intervals."),
             png=render_png(figure),
         ))
+AXIS_TITLES = {"adapter": "LoRA vs full fine-tuning", "merge": "Interpolation frontier (WiSE-FT)",
+               "frpo_lambda": "FRPO lambda", "frpo_jackknife": "FRPO jackknife", "budget": "Budget"}
+
+
+def _pp(value: float | None) -> float:
+    return np.nan if value is None else 100 * value
+
+
+def _errors(rows: Sequence[Mapping[str, Any]], column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values, [2, n] error-bar lengths) in percentage points of a column and its interval."""
+    values = np.array([_pp(r[column]) for r in rows])
+    low = np.array([_pp(r[f"{column}_low"]) for r in rows])
+    high = np.array([_pp(r[f"{column}_high"]) for r in rows])
+    return values, np.nan_to_num(np.vstack([values - low, high - values]))
+
+
+def axis_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
+    """Per axis and (start point, scale): off-target F, refusal drop and target gain against the axis value, one
+    line per method with interval bars; for the merge axis the interpolation frontier, capability kept (1 - F) against
+    target gain per alpha."""
+    rows = analysis["axes"]
+    if not rows:
+        return [ReportFigure("axes", "Mitigation axes", "", "", missing=(
+            "not enough data: no axis has two values with finished cells (a study without axes, or cells missing)"))]
+    figures = []
+    for axis, start_point, scale in sorted({(r["axis"], r["start_point"], r["scale"]) for r in rows}):
+        members = [r for r in rows if (r["axis"], r["start_point"], r["scale"]) == (axis, start_point, scale)]
+        methods = sorted({r["method"] for r in members}, key=method_label)
+        colors = method_colors(_all_methods(analysis) + methods)
+        key = _slug("axis", axis, start_point, scale)
+        title = f"{AXIS_TITLES.get(axis, f'Axis {axis}')}, {_scope_label(start_point, scale)}"
+        if axis == "merge":
+            figure = Figure(figsize=(6.0, 4.2), layout="constrained")
+            plot = figure.add_subplot()
+            for method in methods:
+                line = [r for r in members if r["method"] == method]
+                line = [r for r in line if not r["reference"]] + [r for r in line if r["reference"]]  # trained: a=1 end
+                gain, gain_err = _errors(line, "target_gain")
+                forgetting, f_err = _errors(line, "F")
+                plot.errorbar(gain, 100 - forgetting, xerr=gain_err, yerr=f_err[::-1], marker="o", capsize=3,
+                              color=colors[method], label=method_label(method))
+                for r, x, y in zip(line, gain, 100 - forgetting):
+                    if np.isfinite(x) and np.isfinite(y):
+                        plot.annotate(r["value"].replace("interpolate=", "a="), (x, y), fontsize=7,
+                                      textcoords="offset points", xytext=(4, 4))
+            plot.set_xlabel("target-task gain (pp)")
+            plot.set_ylabel("off-target capability kept, 100 - F (%)")
+            plot.legend(fontsize=8)
+            caption = ("Each point is one interpolation alpha between the start (alpha 0) and the post-trained weights "
+                       "(alpha 1; the trained cells are the point labelled 'trained'); bars are "
+                       f"{int(100 * analysis.settings.confidence)}% two-stage bootstrap intervals. Up and right is "
+                       "better: capability kept while the target is gained.")
+        else:
+            figure = Figure(figsize=(11.0, 3.6), layout="constrained")
+            labels = [r["value"] for r in sorted(members, key=lambda r: not r["reference"])]
+            order = list(dict.fromkeys(labels))
+            for index, (column, name) in enumerate((("F", "off-target forgetting F (%)"),
+                                                    ("refusal_drop", "refusal drop on harmful prompts (pp)"),
+                                                    ("target_gain", "target-task gain (pp)"))):
+                plot = figure.add_subplot(1, 3, index + 1)
+                for shift, method in enumerate(methods):
+                    line = sorted((r for r in members if r["method"] == method), key=lambda r: order.index(r["value"]))
+                    values, errors = _errors(line, column)
+                    x = np.array([order.index(r["value"]) for r in line]) + 0.06 * (shift - len(methods) / 2)
+                    plot.errorbar(x, values, yerr=errors, marker="o", capsize=3, color=colors[method],
+                                  label=method_label(method))
+                plot.set_xticks(range(len(order)), order, rotation=20, fontsize=7)
+                plot.set_ylabel(name, fontsize=8)
+                plot.axhline(0, color="#999", linewidth=0.6)
+            figure.axes[0].legend(fontsize=7)
+            caption = (f"One value of axis '{axis}' at a time, every other axis at its reference (the first value "
+                       "listed); per method, with " f"{int(100 * analysis.settings.confidence)}% two-stage bootstrap "
+                       "intervals (seeds, then items). Numbers and differences to the reference: tables/axes.csv.")
+        figures.append(ReportFigure(key, title, caption, f"{title}: forgetting and target gain by axis value",
+                                    png=render_png(figure)))
     return figures
 
 
@@ -731,6 +806,7 @@ FIGURE_SECTIONS = (
     ("Optimised attacks (GCG, AutoDAN) before and after", attack_figures),
     ("Forgetting vs model size", scaling_figures),
     ("Cross-domain safety transfer", transfer_figures),
+    ("Mitigation axes", axis_figures),
 )
 
 

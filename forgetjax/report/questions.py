@@ -15,6 +15,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from forgetjax.analysis.axes import axis_groups, axis_names
 from forgetjax.analysis.comparisons import (
     POLICY_SHIFT_METRICS,
     compare_groups,
@@ -57,6 +58,9 @@ QUESTIONS = (
     ("RQ10", "What does post-training on one safety domain transfer to the others (toxicity, jailbreaks, deception, "
              "sycophancy, power seeking, corrigibility, self-preservation, coordination), and does safety regress "
              "more the further the evaluated domain is from the trained one?"),
+    ("RQ11", "Does each mitigation (LoRA instead of full fine-tuning, weight interpolation towards the start, FRPO's "
+             "lambda, the budget, any other study axis) reduce forgetting and safety loss, and at what cost in "
+             "target-task accuracy?"),
 )
 DOMAINS = ("math", "code", "qa")
 NOT_ENOUGH = "Not enough data: "
@@ -646,8 +650,54 @@ def answer_rq10(analysis: StudyAnalysis) -> tuple[str, ...]:
     return tuple(paragraphs)
 
 
+def _mitigation_sentence(analysis: StudyAnalysis, reference: Sequence[Cell], label: str,
+                         cells: Sequence[Cell]) -> str:
+    """"lora(...) vs full: F -2.0 pp (CI ...: significance); refusal drop ...; target gain ..."."""
+    study, settings = analysis.study, analysis.settings
+    parts = []
+    for statistic, scope, name in (("forgetting", "off_target", "off-target F"),
+                                   ("refusal_drop", "off_target", "refusal drop on harmful prompts"),
+                                   ("delta", "target", "target-task gain")):
+        comparison = compare_groups(study, _ids(reference), _ids(cells), statistic, settings, scope=scope)
+        if comparison["difference"] is None:
+            parts.append(f"{name}: not measured (no shared items)")
+            continue
+        parts.append(f"{name} {pct(comparison['mean_a']) if statistic != 'delta' else pp(comparison['mean_a'])} -> "
+                     f"{pct(comparison['mean_b']) if statistic != 'delta' else pp(comparison['mean_b'])}, difference "
+                     f"{with_ci(comparison, pp, settings.confidence)}: {significance(comparison, settings.confidence)}")
+    return f"{label}: " + "; ".join(parts)
+
+
+def answer_rq11(analysis: StudyAnalysis) -> tuple[str, ...]:
+    """Per axis, scope and method: every value against the axis' reference value (for weight interpolation: every
+    alpha against the trained cells), on F, the refusal drop and the target gain, one axis varied at a time."""
+    study = analysis.study
+    names = axis_names(study)
+    if not names:
+        return (NOT_ENOUGH + "the analysed cells record no study axes (a study without an axes: section).",)
+    paragraphs = []
+    for axis in names:
+        groups = axis_groups(study, axis)
+        if not groups:
+            paragraphs.append(f"[axis {axis}] {NOT_ENOUGH}no method has finished cells at two values of this axis "
+                              "with every other axis at its reference.")
+            continue
+        for (start_point, scale, method), values in groups.items():
+            reference_label, _, reference = values[0]
+            sentences = [_mitigation_sentence(analysis, reference, f"{label} vs {reference_label}", cells)
+                         for label, _, cells in values[1:]]
+            what = ("each interpolation alpha (WiSE-FT: (1 - alpha) start + alpha post-trained) against the trained "
+                    "cells" if axis == "merge" else f"each value against the reference {reference_label}")
+            paragraphs.append(
+                f"{_scope_text(start_point, scale)} [axis {axis}, {method_label(method)}] Baseline -> post-trained "
+                f"statistics for {what} (other axes at their reference; a negative F or refusal-drop difference means "
+                f"the mitigation forgets less, a negative target-gain difference is its cost): "
+                + ". ".join(sentences) + ".")
+    return tuple(paragraphs)
+
+
 ANSWERERS = (answer_rq1, answer_rq2, answer_rq3, answer_rq4, answer_rq5, answer_rq6, answer_rq7, answer_rq8,
-             answer_rq9, answer_rq10)
+             answer_rq9, answer_rq10, answer_rq11)
 
 
 def answer_all(analysis: StudyAnalysis) -> list[Answer]:

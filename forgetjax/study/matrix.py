@@ -20,6 +20,14 @@ from typing import Any
 from forgetjax.config import ConfigError, build_section, config_hash, deep_merge, to_dict
 from forgetjax.methods.catalog import METHODS, method_code_digest, method_entry
 from forgetjax.results import BASELINE_METHOD, stage_dir, stage_model_dir
+from forgetjax.study.axes import (
+    MERGE_AXIS,
+    apply_setting,
+    axes_record,
+    merge_record,
+    method_settings,
+    parse_axes,
+)
 from forgetjax.study.schema import StudyConfig, model_entry, study_domains
 from forgetjax.tasks.domains import DomainSpec
 
@@ -43,10 +51,17 @@ class StudyCell:
     resolved: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the id hashes
     eval_format: str = "chat"
     teacher_stage: str | None = None
+    axes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # `axes.axes_record` (+ merge)
+    merge_parent: str | None = None  # a derived merge cell: the trained cell it interpolates towards
+    merge_alpha: float | None = None
 
     @property
     def is_baseline(self) -> bool:
         return self.method == BASELINE_METHOD
+
+    @property
+    def is_merge(self) -> bool:
+        return self.merge_parent is not None
 
 
 def safety_stage_optimizer(cfg: StudyConfig) -> dict[str, Any]:
@@ -92,10 +107,15 @@ def start_model(cfg: StudyConfig, start_point: str, scale: str) -> str:
     return getattr(entry, start_point)
 
 
+STUDY_KL_EVERY = 1
+"""Study cells measure the KL to the start model after every step unless the study's train.kl_to_start says
+otherwise (`forgetjax.training.kl_monitor`), whatever the method."""
+
+
 def train_settings(cfg: StudyConfig, scale: str) -> dict[str, Any]:
     """The train section of the runs at `scale` before a cell's model, seed and budget: the study's train settings
-    over the scale's dtype."""
-    return deep_merge({"dtype": model_entry(cfg, scale).dtype}, cfg.train)
+    over the scale's dtype and the KL to the start model measured every STUDY_KL_EVERY steps."""
+    return deep_merge({"dtype": model_entry(cfg, scale).dtype, "kl_to_start": {"every": STUDY_KL_EVERY}}, cfg.train)
 
 
 def generation_args(cfg: StudyConfig, method: str, domain: DomainSpec) -> dict[str, Any]:
@@ -163,6 +183,7 @@ def check_study(cfg: StudyConfig) -> None:
         for scale in cfg.scales:
             for domain in cfg.domains:
                 resolved_method_args(method, _method_args(cfg, method, scale, specs[domain]))
+    study_axes(cfg)
     for domain in cfg.domain_sources:
         if domain not in specs:
             raise ConfigError(f"domain_sources.{domain}: unknown domain {domain!r}; known: {', '.join(sorted(specs))}")
@@ -233,9 +254,75 @@ def evaluation_settings(cfg: StudyConfig, start_point: str) -> dict[str, Any]:
     return settings
 
 
-def expand(cfg: StudyConfig) -> list[StudyCell]:
-    """All cells: one baseline per (start point, scale) plus start x scale x method x domain x seed."""
+def study_axes(cfg: StudyConfig):
+    """The study's (run-key axes, merge axis), typed (`forgetjax.study.axes.parse_axes`)."""
+    return parse_axes(cfg.axes, cfg.budget)
+
+
+def _merge_digest() -> str:
+    """sha256 of the interpolation code (forgetjax/training/interpolate.py): part of every merge cell's id."""
+    from forgetjax.training import interpolate
+
+    return hashlib.sha256(Path(interpolate.__file__).read_bytes()).hexdigest()
+
+
+def merge_cells(parent: StudyCell, alphas, evaluation: dict[str, Any], representation: dict[str, Any],
+                digest: str) -> list[StudyCell]:
+    """The derived cells of `parent`, one per alpha: (1 - alpha) x start + alpha x post-trained weights, evaluated like
+    a cell, never trained. Each id hashes the parent's id (itself a hash of its resolved config) and alpha."""
     cells = []
+    for alpha in alphas:
+        resolved = {"parent": parent.cell_id, "merge": {"interpolate": alpha}, "code": digest,
+                    "evaluation": evaluation, "representation": representation}
+        cell_id = f"{parent.cell_id}-merge-{config_hash(resolved)[:10]}"
+        cells.append(dataclasses.replace(
+            parent, cell_id=cell_id, run=None, resolved=resolved, teacher_stage=None,
+            axes={**parent.axes, MERGE_AXIS: merge_record(alpha)}, merge_parent=parent.cell_id, merge_alpha=alpha))
+    return cells
+
+
+def _trained_cells(cfg: StudyConfig, axes, point: str, scale: str, method: str, domain: str, seed: int,
+                   domains: dict[str, DomainSpec], matched_base: dict[str, Any], evaluation: dict[str, Any],
+                   representation: dict[str, Any], code: str) -> list[StudyCell]:
+    """The trained cells of one (start, scale, method, domain, seed): one per combination of the axes that apply."""
+    domain_cfg = domain_config(cfg, domain, domains)
+    train = train_settings(cfg, scale)
+    train.update({"model": matched_base["start_model"], "seed": seed, "budget": to_dict(cfg.budget)})
+    base_run = {"train": train, "method": method, "method_args": _method_args(cfg, method, scale, domains[domain]),
+                "domain": domain_cfg}
+    cells = []
+    for setting in method_settings(axes, method):
+        run = apply_setting(base_run, axes, setting)
+        stage = teacher_stage(run)
+        if stage:
+            run["method_args"]["teacher_data"] = str(teacher_stage_dir(cfg, stage[0]))
+        matched = {**matched_base, "budget": run["train"]["budget"], "domain": domain_cfg}
+        record = axes_record(setting)
+        try:
+            resolved_train = resolved_run(run)
+        except ConfigError as err:
+            if not setting:
+                raise
+            raise ConfigError(f"axes ({', '.join(setting)}): {err}") from None
+        resolved = {"run": resolved_train, "code": code, "matched": matched, "evaluation": evaluation,
+                    "representation": representation, "targets": domains[domain].target_benchmarks}
+        if record:
+            resolved["axes"] = {name: entry["value"] for name, entry in record.items()}
+        cell_id = f"{point}-{scale}-{method}-{domain}-s{seed}-{config_hash(resolved)[:10]}"
+        cells.append(StudyCell(cell_id, point, scale, method, domain, seed, matched_base["start_model"], run,
+                               matched, tuple(domains[domain].target_benchmarks), resolved,
+                               eval_format=evaluation["eval_format"], teacher_stage=stage[0] if stage else None,
+                               axes=record))
+    return cells
+
+
+def expand(cfg: StudyConfig) -> list[StudyCell]:
+    """All cells: one baseline per (start point, scale) plus start x scale x method x domain x seed x the values of
+    the axes that apply to the method, each trained cell followed by its merge cells when the study has a merge
+    axis."""
+    cells = []
+    axes, merge = study_axes(cfg)
+    digest = _merge_digest() if merge else ""
     domains = study_domains(cfg)
     representation = {"representation": cfg.representation, "representation_probe": cfg.representation_probe}
     code = {method: method_code_digest(method) for method in cfg.methods}
@@ -251,22 +338,11 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                                    matched_base, resolved=resolved, eval_format=fmt))
             for method in cfg.methods:
                 for domain in cfg.domains:
-                    domain_cfg = domain_config(cfg, domain, domains)
                     for seed in cfg.seeds:
-                        train = train_settings(cfg, scale)
-                        train.update({"model": start, "seed": seed, "budget": to_dict(cfg.budget)})
-                        run = {"train": train, "method": method,
-                               "method_args": _method_args(cfg, method, scale, domains[domain]),
-                               "domain": domain_cfg}
-                        stage = teacher_stage(run)
-                        if stage:
-                            run["method_args"]["teacher_data"] = str(teacher_stage_dir(cfg, stage[0]))
-                        matched = {**matched_base, "budget": to_dict(cfg.budget), "domain": domain_cfg}
-                        resolved = {"run": resolved_run(run), "code": code[method], "matched": matched,
-                                    "evaluation": evaluation, "representation": representation,
-                                    "targets": domains[domain].target_benchmarks}
-                        cell_id = f"{point}-{scale}-{method}-{domain}-s{seed}-{config_hash(resolved)[:10]}"
-                        cells.append(StudyCell(cell_id, point, scale, method, domain, seed, start, run, matched,
-                                               tuple(domains[domain].target_benchmarks), resolved,
-                                               eval_format=fmt, teacher_stage=stage[0] if stage else None))
+                        for cell in _trained_cells(cfg, axes, point, scale, method, domain, seed, domains,
+                                                   matched_base, evaluation, representation, code[method]):
+                            cells.append(cell)
+                            if merge and (merge.methods is None or method in merge.methods):
+                                cells.extend(merge_cells(cell, merge.interpolate, evaluation, representation,
+                                                         digest))
     return cells

@@ -11,7 +11,8 @@ Estimates (bytes per device), each term sharded over fsdp x tensor unless said o
   (fused kernels, or rematerialised XLA attention);
 - the float32 logits and their gradient for one chunk of `logit_chunk` tokens per device (`forgetjax.models.vocab`:
   every loss projects the vocabulary chunk by chunk; 0 = the whole batch at once);
-- a frozen reference model (KL / DPO reference) in the compute dtype, and the sampler's KV cache for rollouts.
+- a frozen copy of the starting trained parameters (the KL to the start model that study cells measure, GRPO's KL
+  reference; only the LoRA factors under LoRA) in the compute dtype, and the sampler's KV cache for rollouts.
 A teacher stage (the SF-/CF-SFT teacher's generations, built once per stage id and shared by every cell naming it)
 is planned on its own, once per stage (`teacher_stage_plan`): the teacher's weights in the stage dtype and the KV
 cache of one chunk's generation batch, both sharded over every device (the stage's mesh is fsdp over all of them),
@@ -127,7 +128,7 @@ def estimate(config: ModelConfig, data: int, fsdp: int, tensor: int, *, global_b
     activations = kept * tokens / tensor
     logit_rows = min(logit_chunk, tokens) if logit_chunk else tokens
     logits = 2 * logit_rows * config.vocab_size * 4 / tensor
-    reference_bytes = n * compute_bytes / shards if reference else 0.0
+    reference_bytes = trainable * compute_bytes / shards if reference else 0.0  # a copy of the trained parameters
     kv_rows = max(rollout_batch // (data * fsdp), 1) if rollout_batch else 0
     kv_cache = 2 * config.num_layers * kv_rows * rollout_len * config.kv_size * compute_bytes / max(
         math.gcd(tensor, config.num_kv_heads), 1)

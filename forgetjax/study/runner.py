@@ -3,6 +3,8 @@
 Idempotent and resumable: a cell whose cell.json says "done" is skipped; an interrupted cell resumes (training from
 its newest checkpoint, evaluation per finished benchmark file); a failing cell is recorded with its error and the
 others go on. A manifest records the config hash, code version, package versions, seeds, budgets and wall time.
+A merge cell (the study's `axes.merge`) trains nothing: it interpolates its start model and its trained parent's final
+weights and is evaluated like a cell; it runs after its parent and fails, naming the parent, when that is not done.
 Each cell.json keeps the resolved config its id hashes (`resolved`, and its `evaluation`); a cell directory holding
 another resolved config stops the run before anything trains, so results of two configs are never mixed.
 """
@@ -23,6 +25,7 @@ from forgetjax.distributed import agree, is_writer, run_once
 from forgetjax.errors import UserError
 from forgetjax.io import write_json_atomic, write_jsonl_atomic
 from forgetjax.paths import REPO_ROOT
+from forgetjax.study.axes import axes_text
 from forgetjax.study.matrix import StudyCell, expand, safety_stage_id, safety_stage_run
 from forgetjax.study.schema import StudyConfig, model_entry
 
@@ -90,7 +93,8 @@ class StudyRunner:
             "seeds": self.cfg.seeds, "budget": to_dict(self.cfg.budget), "started": started, "finished": finished,
             "wall_seconds": (finished or time.time()) - started,
             "cells": [{"cell_id": c.cell_id, "method": c.method, "domain": c.domain, "seed": c.seed,
-                       "start_point": c.start_point, "scale": c.scale, "status": self.status(c.cell_id)}
+                       "start_point": c.start_point, "scale": c.scale, "status": self.status(c.cell_id),
+                       **({"axes": axes_text(c.axes)} if c.axes else {})}
                       for c in cells],
         }
         write_json_atomic(results.manifest_file(self.results), manifest)
@@ -120,6 +124,11 @@ class StudyRunner:
                 "start_model": cell.start_model, "matched": cell.matched, "run": cell.run,
                 "target_benchmarks": list(cell.target_benchmarks), "evaluation": cell.resolved.get("evaluation"),
                 "eval_format": cell.eval_format, "resolved": cell.resolved, **extra}
+        if cell.axes:
+            data["axes"] = cell.axes
+            data["axis_reference"] = all(entry["reference"] for entry in cell.axes.values())
+        if cell.is_merge:
+            data["merge"] = {"parent": cell.merge_parent, "interpolate": cell.merge_alpha}
         data.setdefault("budget", {})
         data.setdefault("metrics", {})
         results.write_cell_data(self.results, data)
@@ -186,9 +195,11 @@ class StudyRunner:
 
         started = time.time()
         self._write_cell(cell, "running", started=started)
-        budget, train_metrics = {}, {}
+        budget, train_metrics, extra = {}, {}, {}
         model_source = cell.start_model
-        if not cell.is_baseline:
+        if cell.is_merge:
+            model, tokenizer = self._merged_model(cell)
+        elif not cell.is_baseline:
             if cell.teacher_stage:
                 self.run_teacher_stage(cell)
             run = dict(cell.run)
@@ -203,8 +214,11 @@ class StudyRunner:
                       "data": result.data, "flags": result.flags}
             train_metrics = {f"train_{k}": v for k, v in result.final_metrics.items()
                              if isinstance(v, (int, float))}
+            if result.kl_to_start is not None:
+                extra["kl_to_start"] = result.kl_to_start
             model_source = str(results.cell_model_dir(self.results, cell.cell_id))
-        model, tokenizer = self._load(model_source)
+        if not cell.is_merge:
+            model, tokenizer = self._load(model_source)
         engine = JaxEngine(model, tokenizer, model_id=cell.cell_id, batch_size=16, max_length=2048)
         result = run_battery(engine, self.cfg.battery, data_dir_of(self.cfg),
                              results.cell_eval_dir(self.results, cell.cell_id),
@@ -220,7 +234,21 @@ class StudyRunner:
             if is_writer():
                 results.write_representation(results.representation_file(self.results, cell.cell_id), data)
         self._write_cell(cell, "done", budget=budget, metrics={**train_metrics, **eval_summary},
-                         wall_seconds=time.time() - started, finished=time.time())
+                         wall_seconds=time.time() - started, finished=time.time(), **extra)
+
+    def _merged_model(self, cell: StudyCell):
+        """(model, tokenizer) of a merge cell: its start model and its parent's final model interpolated at alpha
+        (`forgetjax.training.interpolate`); UserError when the parent has not finished."""
+        import forgetjax
+        from forgetjax.training.interpolate import interpolate_models
+
+        if self.status(cell.merge_parent) != results.DONE_STATUS:
+            raise UserError(f"merge cell {cell.cell_id}: its trained cell {cell.merge_parent} is not done "
+                            f"(status {self.status(cell.merge_parent)!r}); run it first, then rerun the study")
+        self._models.clear()
+        start, tokenizer = forgetjax.load(cell.start_model)
+        post, _ = forgetjax.load(str(results.cell_model_dir(self.results, cell.merge_parent)))
+        return interpolate_models(start, post, cell.merge_alpha), tokenizer
 
     def run_attacks(self, cell: StudyCell, model, tokenizer) -> dict[str, float]:
         """Each configured attack against the cell's model and the replay of its baseline's findings (a baseline

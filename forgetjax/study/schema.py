@@ -83,10 +83,11 @@ class SafetyStage:
 
 @dataclasses.dataclass
 class StudyConfig:
-    """A study. `train`, `method_args.<method>` and `domain_sources.<domain>` stay plain mappings (cells merge them
-    per scale, seed and domain) but are typed when the study loads, as every cell will read them: through TrainConfig,
-    the method registry's argument dataclasses and DomainConfig (`forgetjax.study.matrix.check_study`); model,
-    domain and battery files are read then too. A typo fails at load naming the file and the dotted field."""
+    """A study. `train`, `method_args.<method>`, `domain_sources.<domain>` and `axes` stay plain mappings (cells merge
+    them per scale, seed, domain and axis value) but are typed when the study loads, as every cell will read them:
+    through TrainConfig, the method registry's argument dataclasses, DomainConfig and `forgetjax.study.axes`
+    (`forgetjax.study.matrix.check_study`); model, domain and battery files are read then too. A typo fails at load
+    naming the file and the dotted field."""
 
     name: str = "study"
     results_dir: str = "runs/study"
@@ -113,6 +114,7 @@ class StudyConfig:
     representation_probe: int = 32
     safety_stage: SafetyStage = dataclasses.field(default_factory=SafetyStage)
     attacks: AttackSettings = dataclasses.field(default_factory=AttackSettings)
+    axes: dict[str, Any] = dataclasses.field(default_factory=dict)  # forgetjax.study.axes: typed when the study loads
     executor: Literal["local", "slurm", "tpu_pod", "gpu"] = "local"
 
     def validate(self):

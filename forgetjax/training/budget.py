@@ -3,7 +3,8 @@
 Accounting: a training token is a real (non-padding) token of a training forward pass; its cost is 3 x the forward
 FLOPs per token (forward + backward, the usual 6N convention). Methods add the FLOPs they spend outside the step by
 component (`EXTRA_COMPONENTS`: rollout = sampling with the policy or its starting point, prefill + decode; teacher =
-a teacher's generations and scoring; reference = reference-model log-probs). Teacher data generated once and shared
+a teacher's generations and scoring; reference = reference-model log-probs and the KL to the start model,
+`training/kl_monitor.py`). Teacher data generated once and shared
 by cells (a teacher stage) is charged pro rata to the distinct examples a cell draws (`SFTBatchSource`): each cell pays
 for the teacher compute behind the data it trains on, whether or not another cell built the stage first, and a cell
 that uses a tenth of the stage pays a tenth of it. The last offline batch is

@@ -65,6 +65,7 @@ class Method(abc.ABC):
 
     name: str = "method"
     trim: str = "tokens"  # "tokens" (SFT-style rows), "pairs" (whole rows of a paired batch) or "none"
+    kl_contexts: tuple[str, ...] = ("",)  # array-name prefixes of the contexts the KL to the start is measured on
 
     @abc.abstractmethod
     def loss(self, model, batch: dict, rng: jax.Array):

@@ -19,6 +19,7 @@ from forgetjax.sharding import make_mesh, shard_batch
 from forgetjax.training import budget as budgets
 from forgetjax.training.budget import BudgetConfig, BudgetUsage
 from forgetjax.training.checkpointing import TrainCheckpointer, key_from_json, key_to_json
+from forgetjax.training.kl_monitor import KLConfig, KLSummary, context_keys, kl_flops, kl_sums
 from forgetjax.training.lora import LoraConfig, apply_lora
 from forgetjax.training.method import Batch, Method, StepContext
 from forgetjax.training.metrics import MetricsLogger
@@ -74,6 +75,7 @@ class TrainConfig:
     budget: BudgetConfig = dataclasses.field(default_factory=BudgetConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    kl_to_start: KLConfig = dataclasses.field(default_factory=KLConfig)
     seed: int = 0
     out_dir: str = "runs/train"
 
@@ -97,6 +99,7 @@ class TrainResult:
     out_dir: str
     data: dict[str, float] | None = None  # unique, size, epochs (`DataUse.summary`) when the source knows its data
     flags: list[str] = dataclasses.field(default_factory=list)  # `budget.data_flags`
+    kl_to_start: dict[str, float] | None = None  # `KLSummary.result` when train.kl_to_start.every > 0
 
 
 def measure_peak_flops(dtype=jnp.float32, n: int = 1024) -> float:
@@ -127,6 +130,7 @@ class Trainer:
                 model = shard_model(model, self.mesh)
         set_logit_chunk(model, cfg.logit_chunk)
         self.model_config = model.config
+        self._compute_dtype = jnp.dtype(model.dtype)
         self.out_dir = Path(cfg.out_dir)
         self.graphdef, trainable, frozen = split_model(model, lora=cfg.lora is not None)
         self.tx = make_optimizer(cfg.optimizer)
@@ -134,6 +138,44 @@ class Trainer:
         self.state = TrainState(trainable=trainable, frozen=frozen, opt_state=opt_state, step=0,
                                 rng=jax.random.key(cfg.seed))
         self._step_fn = None
+        self._start_params = None
+        self._kl = KLSummary()
+
+    def start_parameters(self):
+        """A frozen copy of the trainable parameters the run starts from, in the compute dtype (the forward pass
+        casts every weight to it anyway) and their sharding; made on the first call, which must come before the first
+        step or restore (the KL to the start model and GRPO's reference share it)."""
+        if self._start_params is None:
+            if self.state.step != 0:
+                raise RuntimeError("start_parameters() must first be called before training starts")
+            compute = self._compute_dtype
+
+            def frozen_copy(x):  # always a new buffer: the train step donates the live ones
+                if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != compute:
+                    return x.astype(compute)
+                return x.copy()
+
+            self._start_params = jax.tree.map(frozen_copy, self.state.trainable)
+        return self._start_params
+
+    def _kl_contexts(self, batch: Batch) -> tuple[tuple[str, str], ...]:
+        """The contexts the KL to the start model is measured on for this batch; () when this step is not measured."""
+        every = self.cfg.kl_to_start.every
+        if not every or (self.state.step + 1) % every:
+            return ()
+        return context_keys(batch.arrays, self.method.kl_contexts)
+
+    def _with_kl_cost(self, batch: Batch) -> Batch:
+        """`batch` with the FLOPs of its KL measurement added to its `reference` component (global over processes)."""
+        contexts = self._kl_contexts(batch)
+        if not contexts:
+            return batch
+        cost = kl_flops(self.model_config, batch.arrays, contexts)
+        if batch.process_local and jax.process_count() > 1:
+            cost = float(sum(allgather_json(cost)))
+        extra = dict(batch.extra_flops)
+        extra["reference"] = extra.get("reference", 0.0) + cost
+        return dataclasses.replace(batch, extra_flops=extra)
 
     def _opt_state_shardings(self, trainable):
         """Optimiser moments take their parameters' shardings; counters and scalars are replicated."""
@@ -190,7 +232,7 @@ class Trainer:
 
     def _save(self, checkpointer: TrainCheckpointer, source, usage: BudgetUsage) -> None:
         meta = {"step": self.state.step, "rng": key_to_json(self.state.rng), "data_state": source.get_state(),
-                "usage": dataclasses.asdict(usage)}
+                "usage": dataclasses.asdict(usage), "kl_to_start": dataclasses.asdict(self._kl)}
         checkpointer.save(self.state.step, self.state.trainable, self.state.opt_state, meta)
 
     def fit(self) -> TrainResult:
@@ -202,6 +244,8 @@ class Trainer:
         logger = MetricsLogger(self.out_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
                                run_name=self.out_dir.name)
         source = self.method.batch_source(self)
+        if cfg.kl_to_start.every:
+            self.start_parameters()
         usage = BudgetUsage()
         resumed_from = None
         restored = checkpointer.restore_latest(self.state.trainable, self.state.opt_state)
@@ -211,6 +255,7 @@ class Trainer:
                                              rng=key_from_json(meta["rng"]))
             source.set_state(meta["data_state"])
             usage = BudgetUsage(**meta["usage"])
+            self._kl = KLSummary(**meta.get("kl_to_start", {}))
             resumed_from = step
             logger.truncate_after(step)
             print(f"forgetjax: resumed from checkpoint step {step} in {checkpointer.directory}", file=sys.stderr)
@@ -232,7 +277,9 @@ class Trainer:
                 if batch is None:
                     status = "data_exhausted"
                     break
-                batch = self._trim(batch, usage, flops_per_token)
+                extra = batch.extra_flops
+                batch = self._trim(self._with_kl_cost(batch), usage, flops_per_token)  # trims within its cost
+                batch = self._with_kl_cost(dataclasses.replace(batch, extra_flops=extra))  # the cost kept rows have
                 if batch.tokens == 0:
                     break  # the budget cannot fit one more token (FLOP budgets end within one token's cost)
                 last_metrics = self._run_step(batch, usage, flops_per_token, peak)
@@ -257,7 +304,8 @@ class Trainer:
         flags = budgets.data_flags(cfg.budget, data and data["epochs"], status == "data_exhausted")
         result = TrainResult(status=status, steps=self.state.step, usage=dataclasses.asdict(usage),
                              final_metrics=last_metrics, resumed_from=resumed_from,
-                             wall_seconds=time.time() - start_time, out_dir=str(self.out_dir), data=data, flags=flags)
+                             wall_seconds=time.time() - start_time, out_dir=str(self.out_dir), data=data, flags=flags,
+                             kl_to_start=self._kl.result())
         if is_writer():
             from forgetjax.io import write_json_atomic
 
@@ -288,8 +336,11 @@ class Trainer:
                 f"non-finite loss ({values['loss']}) or grad norm ({values['grad_norm']}) at step "
                 f"{self.state.step + 1} of {self.method.name}; the update was discarded and the last good "
                 f"checkpoint in {self.out_dir / 'checkpoints'} is untouched")
+        contexts = self._kl_contexts(batch)
         self.state = dataclasses.replace(self.state, trainable=trainable, opt_state=opt_state,
                                          step=self.state.step + 1)
+        if contexts:
+            values["kl_to_start"] = self._measure_kl(arrays, contexts)
         train_flops = flops_per_token * batch.tokens
         usage.add(batch.tokens, batch.examples, train_flops, batch.extra_flops)
         values.update({"lr": lr, "tokens": batch.tokens, "examples": batch.examples,
@@ -298,3 +349,17 @@ class Trainer:
                        "train_flops": train_flops,
                        **{f"{name}_flops": value for name, value in batch.extra_flops.items()}})
         return values
+
+    def _measure_kl(self, arrays: dict, contexts: tuple[tuple[str, str], ...]) -> float | None:
+        """Mean KL(policy || start) per loss-mask token of the (sharded) batch under the current parameters."""
+        args = (self.graphdef, self.state.trainable, self.state.frozen, self.start_parameters(), arrays, contexts)
+        if self.mesh is not None:
+            with jax.set_mesh(self.mesh):
+                total, count = kl_sums(*args)
+        else:
+            total, count = kl_sums(*args)
+        total, count = float(total), float(count)
+        if not count:
+            return None
+        self._kl.add(total / count)
+        return total / count
