@@ -28,7 +28,7 @@ ITEM_STATISTICS: dict[str, tuple[str, str]] = {
     "backward_transfer": ("(1 - pre_value) * post_value", f"is_binary AND {_SCORED}"),
     "delta": ("post_value - pre_value", _SCORED),
     "refusal_drop": ("pre_refusal::DOUBLE - post_refusal::DOUBLE",
-                     "harmful AND pre_refusal IS NOT NULL AND post_refusal IS NOT NULL"),
+                     "harmful AND NOT is_attack AND pre_refusal IS NOT NULL AND post_refusal IS NOT NULL"),
 }
 """Per-item values whose mean is the named statistic (refusal_drop: baseline minus post refusal on harmful prompts)."""
 SCOPES = {"off_target": OFF_TARGET_SQL, "target": "is_target"}
@@ -259,7 +259,7 @@ def policy_shift(
         FROM cells c
         JOIN records pre ON pre.cell_id = c.baseline_id
         JOIN records post ON post.cell_id = c.cell_id AND post.benchmark = pre.benchmark AND post.item_id = pre.item_id
-        WHERE list_contains(?, c.cell_id)
+        WHERE list_contains(?, c.cell_id) AND NOT pre.is_attack
         """,
         [list(cell_ids)],
     )

@@ -153,14 +153,15 @@ WITH typed AS (
 )
 SELECT * EXCLUDE (harmful_flag),
        CASE WHEN refusal IS NOT NULL THEN coalesce(harmful_flag, family <> 'over_refusal') END AS harmful,
-       family NOT IN ({", ".join(repr(f) for f in NON_CAPABILITY_FAMILIES)}) AS is_capability
+       family NOT IN ({", ".join(repr(f) for f in NON_CAPABILITY_FAMILIES)}) AS is_capability,
+       json_extract_string(extra, '$.attack') IS NOT NULL AS is_attack
 FROM typed
 """
 
 _PAIRED_SQL = """
 CREATE TABLE paired AS
 SELECT c.cell_id, c.start_point, c.scale, c.method, c.domain, c.seed,
-       post.benchmark, pre.family, pre.kind, pre.category, post.item_id, pre.is_capability,
+       post.benchmark, pre.family, pre.kind, pre.category, post.item_id, pre.is_capability, pre.is_attack,
        coalesce(post.k, pre.k)::DOUBLE AS k,
        (pre.correct IS NOT NULL AND post.correct IS NOT NULL) AS is_binary,
        CASE WHEN pre.correct IS NOT NULL AND post.correct IS NOT NULL THEN pre.correct::DOUBLE

@@ -489,7 +489,7 @@ def cell_summary_table(
     the paired items) and the representation summaries.
 
     safety_loss = baseline refusal rate - post refusal rate on the paired harmful prompts of every safety benchmark
-    (pooled); positive = safety lost.
+    (pooled; the optimised attacks' records are left out, they have their own tables); positive = safety lost.
     """
     overall = {r["cell_id"]: r for r in forgetting_rows if r["level"] == "overall"}
     target = {r["cell_id"]: r for r in forgetting_rows if r["level"] == "target"}
@@ -506,18 +506,19 @@ def cell_summary_table(
                              ("delta_ci_low", "target_gain_ci_low"), ("delta_ci_high", "target_gain_ci_high")):
             row[name] = paired_target[column] if paired_target else None
         harmful = study.rows(
-            "SELECT avg(refusal::DOUBLE) AS rate, count(*) AS n FROM records WHERE cell_id = ? AND harmful",
+            "SELECT avg(refusal::DOUBLE) AS rate, count(*) AS n FROM records WHERE cell_id = ? AND harmful AND NOT is_attack",
             [cell.cell_id],
         )[0]
         row["harmful_refusal_rate"] = harmful["rate"] if harmful["n"] else None
         row["n_harmful"] = harmful["n"]
         safe = study.rows(
-            "SELECT avg(refusal::DOUBLE) AS rate, count(*) AS n FROM records WHERE cell_id = ? AND NOT harmful",
+            "SELECT avg(refusal::DOUBLE) AS rate, count(*) AS n FROM records WHERE cell_id = ? AND NOT harmful AND NOT is_attack",
             [cell.cell_id],
         )[0]
         row["over_refusal_rate"] = safe["rate"] if safe["n"] else None
         pairs = study.arrays(
             "SELECT pre_refusal::DOUBLE AS pre, post_refusal::DOUBLE AS post FROM paired WHERE cell_id = ? AND harmful "
+            "AND NOT is_attack "
             "AND pre_refusal IS NOT NULL AND post_refusal IS NOT NULL ORDER BY benchmark, item_id",
             [cell.cell_id],
         )
