@@ -574,7 +574,10 @@ def test_study_attacks_every_cell_and_replays_the_baseline_suffixes(tmp_path, da
         suffixes[f"{method}-autodan"] = [json.loads(r.extra)["template"] for r in prompts[1]]
     assert suffixes["gt_sft-autodan"] == suffixes["baseline-autodan"]
     assert suffixes["gt_sft"][1] == suffixes["baseline"][0] == suffixes["baseline"][1]
-    rows = [r for r in analyze(results).tables["jailbreak"] if r["category"] == "ALL" and r["method"] == "gt_sft"]
+    analysis = analyze(results)
+    rows = [r for r in analysis.tables["jailbreak"] if r["category"] == "ALL" and r["method"] == "gt_sft"]
+    summary = next(r for r in analysis.tables["cell_summary"] if r["method"] == "gt_sft")
+    assert summary["n_harmful"] == 2  # xstest_unsafe only: the attacks' records stay out of the safety loss
     assert {r["template"] for r in rows} >= {"gcg", "gcg_transfer", "autodan", "autodan_transfer"}
     assert all(r["baseline_asr"] is not None for r in rows if r["template"].startswith("gcg"))
     from forgetjax.report import build_report
