@@ -418,7 +418,7 @@ def test_editing_a_method_or_its_loss_changes_its_code_digest_and_cell_ids(tmp_p
 
     assert catalog.method_modules("off_rl_dpo") == [
         "forgetjax.losses.preference", "forgetjax.losses.token", "forgetjax.methods.dpo", "forgetjax.methods.pairs",
-        "forgetjax.methods.teacher_data"]
+        "forgetjax.methods.sft", "forgetjax.methods.teacher_data"]
     copy = tmp_path / "forgetjax"
     for package in ("methods", "losses"):
         shutil.copytree(catalog.PACKAGE_DIR / package, copy / package)
