@@ -213,6 +213,18 @@ def test_cells_reuse_the_teacher_stage_and_a_killed_stage_resumes(tmp_path, data
 def test_every_study_config_loads_and_expands(path):
     cfg = load_study_config(path)
     cells = expand(cfg)
+    raw_axes = dict(yaml.safe_load(path.read_text()).get("axes") or {})
+    merge = raw_axes.pop("merge", None)
+    frpo_only = {"frpo_lambda", "frpo_jackknife"}
+    assert set(raw_axes) <= {"adapter", "budget"} | frpo_only, "extend this count for the study's new axis"
+    trained_per_seed = 0
+    for method in cfg.methods:
+        settings = 1
+        for name, values in raw_axes.items():
+            if name not in frpo_only or method == "on_rl_frpo":
+                settings *= len(values)
+        merged = len(merge["interpolate"]) if merge and method in merge.get("methods", cfg.methods) else 0
+        trained_per_seed += settings * (1 + merged)
     assert len(cells) == len(cfg.scales) * len(cfg.start_points) * (
-        1 + len(cfg.methods) * len(cfg.domains) * len(cfg.seeds))
+        1 + trained_per_seed * len(cfg.domains) * len(cfg.seeds))
     assert len({c.cell_id for c in cells}) == len(cells)

@@ -716,6 +716,9 @@ def transfer_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
                  f"{len(covered)} covered cell(s) outlined; values are changes in percentage points with intervals."),
             png=render_png(figure),
         ))
+    return figures
+
+
 AXIS_TITLES = {"adapter": "LoRA vs full fine-tuning", "merge": "Interpolation frontier (WiSE-FT)",
                "frpo_lambda": "FRPO lambda", "frpo_jackknife": "FRPO jackknife", "budget": "Budget"}
 
