@@ -314,6 +314,9 @@ def cmd_study(args) -> int:
     if args.list:
         for i in indices:
             print(f"{i:4d}  {cells[i].cell_id}")
+            if cells[i].pipeline is not None:
+                print("        chain: " + " -> ".join(f"{s.name} [{s.stage_id}]" for s in cells[i].pipeline.stages))
+        _print_pipeline_stages([cells[i] for i in indices])
         return 0
     if executor in ("slurm", "tpu_pod"):
         return _launch_study(args, executor, len(cells), results)
@@ -338,6 +341,21 @@ def cmd_study(args) -> int:
 
         print(f"report: {build_report(results, results / 'report')}")
     return 0 if summary["failed"] == 0 else 1
+
+
+def _print_pipeline_stages(cells) -> None:
+    """One line per pipeline stage of `cells` (trained once, shared by every cell whose chain holds it)."""
+    from forgetjax.study.pipelines import shared_stages
+
+    stages = shared_stages(cells)
+    if not stages:
+        return
+    shared = sum(count > 1 for _, count in stages.values())
+    print(f"pipeline stages: {len(stages)} (each trained once; {shared} shared by several evaluated cells)")
+    for stage_id, (stage, count) in stages.items():
+        budget = stage.run["train"]["budget"]
+        print(f"  {stage_id}  {stage.method} on {stage.domain}, {budget['kind']} {budget['value']:g}, "
+              f"from {stage.parent or stage.run['train']['model']}; in {count} cell(s)")
 
 
 def _launch_study(args, executor: str, n_cells: int, results: Path) -> int:
@@ -387,7 +405,9 @@ def cmd_plan(args) -> int:
     first = settings[cfg.scales[0]] if cfg.scales else train_memory_settings(TrainConfig())
     print(f"topology {topology.name}: {topology.devices} devices x {topology.hbm_bytes / 2**30:.0f} GiB; "
           f"global batch {first['global_batch']} x {first['seq_len']} tokens, remat {first['remat']}")
-    reference = any(method.startswith("on_rl") for method in cfg.methods)  # GRPO family: a live KL reference
+    stage_methods = [stage.get("method", "") for p in cfg.pipelines.values()
+                     for stage in (p if isinstance(p, list) else p.get("stages", []))]
+    reference = any(method.startswith("on_rl") for method in [*cfg.methods, *stage_methods])  # a live KL reference
     header = (f"{'scale':>8} {'params':>8} {'mesh (data,fsdp,tensor)':>24} {'params':>12} {'grads':>12} "
               f"{'optimizer':>12} {'activations':>12} {'logits':>12} {'reference':>12} {'kv cache':>12} "
               f"{'total':>12}")
@@ -406,6 +426,10 @@ def cmd_plan(args) -> int:
               + " ".join(format_bytes(v) for v in (est.params, est.gradients, est.optimizer, est.activations,
                                                    est.logits, est.reference, est.kv_cache, est.total)) + fits)
     _print_teacher_stages(cfg, topology, args.teacher_prompt_len)
+    if cfg.pipelines:
+        from forgetjax.study.matrix import expand
+
+        _print_pipeline_stages(expand(cfg))
     return 0
 
 

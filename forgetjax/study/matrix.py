@@ -20,6 +20,7 @@ from typing import Any
 from forgetjax.config import ConfigError, build_section, config_hash, deep_merge, to_dict
 from forgetjax.methods.catalog import METHODS, method_code_digest, method_entry
 from forgetjax.results import BASELINE_METHOD, stage_dir, stage_model_dir
+from forgetjax.study.pipelines import PipelinePath, pipeline_cells
 from forgetjax.study.schema import StudyConfig, model_entry, study_domains
 from forgetjax.tasks.domains import DomainSpec
 
@@ -43,6 +44,8 @@ class StudyCell:
     resolved: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the id hashes
     eval_format: str = "chat"
     teacher_stage: str | None = None
+    replay_stage: str | None = None  # the replay records' stage (`resolve_replay`)
+    pipeline: PipelinePath | None = None  # the stages a pipeline cell trains (`forgetjax.study.pipelines`)
 
     @property
     def is_baseline(self) -> bool:
@@ -82,6 +85,40 @@ def safety_stage_id(cfg: StudyConfig, scale: str) -> str:
     if cfg.data_dir:
         key["data_dir"] = cfg.data_dir
     return f"safety-{scale}-{config_hash(key)[:10]}"
+
+
+REPLAY_RECORDS = "replay_records.jsonl"
+
+
+def replay_stage_id(cfg: StudyConfig, source: str) -> str:
+    """The directory name of a named replay source's records: a hash of the source, its record limit (the safety
+    stage's harmful_limit for "safety", helpful_limit for "general"), the record builder's code and the data_dir."""
+    limit = cfg.safety_stage.harmful_limit if source == "safety" else cfg.safety_stage.helpful_limit
+    key = {"source": source, "limit": limit, "records_code": _safety_records_digest(), "data_dir": cfg.data_dir}
+    return f"replay-{source}-{config_hash(key)[:10]}"
+
+
+def resolve_replay(cfg: StudyConfig, run: dict[str, Any]) -> str | None:
+    """Point `run`'s `train.replay.source` "general" / "safety" at the replay records the study writes once
+    (RESULTS_DIR/stages/<replay stage id>/replay_records.jsonl) and return that stage's id (None for a records file
+    or no replay). ConfigError naming `train.replay` when the run's method cannot replay."""
+    from forgetjax.training.replay import REPLAY_SOURCES
+
+    replay = run["train"].get("replay")
+    if not replay:
+        return None
+    from forgetjax.config import from_dict
+    from forgetjax.methods.registry import build_method
+    from forgetjax.methods.run import DomainConfig
+
+    if not build_method(run["method"], run["method_args"], from_dict(DomainConfig, run["domain"])).replays:
+        raise ConfigError(f"train.replay: method {run['method']} cannot replay (its batches are not SFT rows); "
+                          "replay applies to the SFT-family methods")
+    if replay.get("source") not in REPLAY_SOURCES:
+        return None
+    stage_id = replay_stage_id(cfg, replay["source"])
+    run["train"]["replay"] = {**replay, "source": str(stage_dir(cfg.results_dir, stage_id) / REPLAY_RECORDS)}
+    return stage_id
 
 
 def start_model(cfg: StudyConfig, start_point: str, scale: str) -> str:
@@ -231,7 +268,8 @@ def evaluation_settings(cfg: StudyConfig, start_point: str) -> dict[str, Any]:
 
 
 def expand(cfg: StudyConfig) -> list[StudyCell]:
-    """All cells: one baseline per (start point, scale) plus start x scale x method x domain x seed."""
+    """All cells: one baseline per (start point, scale) plus start x scale x method x domain x seed, and the
+    evaluated stages of every pipeline crossed the same way (`forgetjax.study.pipelines`)."""
     cells = []
     domains = study_domains(cfg)
     representation = {"representation": cfg.representation, "representation_probe": cfg.representation_probe}
@@ -258,6 +296,7 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                         stage = teacher_stage(run)
                         if stage:
                             run["method_args"]["teacher_data"] = str(teacher_stage_dir(cfg, stage[0]))
+                        replay = resolve_replay(cfg, run)
                         matched = {**matched_base, "budget": to_dict(cfg.budget), "domain": domain_cfg}
                         resolved = {"run": resolved_run(run), "code": code[method], "matched": matched,
                                     "evaluation": evaluation, "representation": representation,
@@ -265,5 +304,7 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                         cell_id = f"{point}-{scale}-{method}-{domain}-s{seed}-{config_hash(resolved)[:10]}"
                         cells.append(StudyCell(cell_id, point, scale, method, domain, seed, start, run, matched,
                                                tuple(domains[domain].target_benchmarks), resolved,
-                                               eval_format=fmt, teacher_stage=stage[0] if stage else None))
+                                               eval_format=fmt, teacher_stage=stage[0] if stage else None,
+                                               replay_stage=replay))
+            cells.extend(pipeline_cells(cfg, point, scale, start, evaluation, matched_base, representation, domains))
     return cells

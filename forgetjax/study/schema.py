@@ -80,6 +80,7 @@ class StudyConfig:
     max_new_tokens: int | None = None  # generation length of every method in every domain; None: each domain's
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     method_args: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    pipelines: dict[str, Any] = dataclasses.field(default_factory=dict)  # stage chains (forgetjax/study/pipelines.py)
     domain_files: list[str] = dataclasses.field(default_factory=list)
     domain_sources: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     battery: str = "configs/eval/quick.yaml"
