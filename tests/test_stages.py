@@ -214,6 +214,11 @@ def test_a_two_stage_chain_equals_the_two_stages_trained_by_hand(tmp_path, data_
     assert cells["two.second"]["pipeline"]["stage"] == "second" and cells["two.second"]["status"] == "done"
     assert [e["budget"]["used"]["steps"] for e in cells["two.second"]["pipeline"]["path"]] == [2, 2]
     assert out.stdout.count(f"stage {first_id}: gt_sft on math") == 1  # trained once for both cells
+    from forgetjax.results import discover_cells
+
+    parsed = {cell.method: cell for cell in discover_cells(results)[0]}
+    assert [e["name"] for e in parsed["two.second"].pipeline["path"]] == ["first", "second"]
+    assert parsed["two.first"].pipeline["stage"] == "first" and parsed["baseline"].pipeline == {}
 
     domain = {"name": "math", "limit": 8, "data_dir": str(data_dir)}
     first = train_by_hand(tmp_path, "first", str(tmp_path / "model"),
@@ -252,3 +257,15 @@ def test_a_study_killed_in_its_second_stage_resumes_without_retraining_the_first
     result = json.loads((results / "stages" / second_id / "train" / "train_result.json").read_text())
     assert result["resumed_from"] >= 2 and result["steps"] == 6
     assert {c["status"] for c in cell_data(results).values()} == {"done"}
+
+
+def test_a_malformed_pipeline_in_cell_json_is_an_error_naming_the_field():
+    from forgetjax.results import parse_cell
+
+    cell = {"cell_id": "c", "start_point": "safe", "model": "m", "scale": "s", "method": "p.b", "seed": 0,
+            "status": "done", "pipeline": {"name": "p", "stage": "b", "path": [
+                {"stage_id": "stage-1", "name": "a", "method": "gt_sft", "domain": "math"}]}}
+    with pytest.raises(ValueError, match="cell.json: field 'pipeline' must be an object"):
+        parse_cell(cell, "cell.json")  # the path ends at stage a, not at the evaluated stage b
+    cell["pipeline"]["stage"] = "a"
+    assert parse_cell(cell, "cell.json").pipeline["path"][0]["stage_id"] == "stage-1"
