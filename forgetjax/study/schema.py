@@ -62,7 +62,9 @@ class StudyConfig:
     """A study. `train`, `method_args.<method>` and `domain_sources.<domain>` stay plain mappings (cells merge them
     per scale, seed and domain) but are typed when the study loads, as every cell will read them: through TrainConfig,
     the method registry's argument dataclasses and DomainConfig (`forgetjax.study.matrix.check_study`); model,
-    domain and battery files are read then too. A typo fails at load naming the file and the dotted field."""
+    domain and battery files are read then too. `pipelines.<name>` (stage chains, a list of stages or {stages,
+    evaluate}) is typed through `forgetjax.study.pipelines.Pipeline`, every stage's run resolved. A typo fails at load
+    naming the file and the dotted field."""
 
     name: str = "study"
     results_dir: str = "runs/study"
