@@ -269,3 +269,20 @@ def test_a_malformed_pipeline_in_cell_json_is_an_error_naming_the_field():
         parse_cell(cell, "cell.json")  # the path ends at stage a, not at the evaluated stage b
     cell["pipeline"]["stage"] = "a"
     assert parse_cell(cell, "cell.json").pipeline["path"][0]["stage_id"] == "stage-1"
+
+
+def test_a_distillation_stage_names_its_shared_teacher_stage_and_plan_counts_it(tmp_path):
+    from forgetjax.study.plan import teacher_stages
+
+    path = chain_study(tmp_path, None)
+    study = yaml.safe_load(path.read_text())
+    study["models"][0]["same_family_teacher"] = "some/teacher"
+    study["pipelines"] = {"kd_then_sft": [{"name": "kd", "method": "sf_sft"}, {"name": "sft", "method": "gt_sft"}],
+                          "kd_only": [{"name": "kd", "method": "sf_sft"}]}
+    path.write_text(yaml.safe_dump(study))
+    cfg = load(path)
+    cells = {cell.method: cell for cell in pipeline_cells(cfg)}
+    kd = cells["kd_then_sft.sft"].pipeline.stages[0]
+    assert kd.teacher_stage and kd.run["method_args"]["teacher_data"].endswith(f"stages/{kd.teacher_stage}")
+    assert cells["kd_only.kd"].pipeline.stages[0].stage_id == kd.stage_id
+    assert {stage: count for stage, (_, count) in teacher_stages(cfg).items()} == {kd.teacher_stage: 2}
