@@ -255,6 +255,8 @@ class StudyRunner:
         self._write_cell(cell, "running", started=started)
         budget, train_metrics = {}, {}
         model_source = cell.start_model
+        if not cell.is_baseline:
+            self._models.clear()  # the last evaluated model is not needed while this cell trains
         if cell.pipeline is not None:
             budget, train_metrics, path = self.run_pipeline(cell)
             self._write_cell(cell, "running", started=started, pipeline={"path": path})
