@@ -4,7 +4,6 @@ against a count of the batches it trained on; methods that cannot replay refused
 to its replay records, with the replay in the cell id. Tiny random Llama with the byte-level ChatML tokenizer."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
