@@ -372,6 +372,9 @@ def cmd_study(args) -> int:
             print(line)
         for i in indices:
             print(f"{i:4d}  {cells[i].cell_id}" + (f"  {axes_text(cells[i].axes)}" if cells[i].axes else ""))
+            if cells[i].pipeline is not None:
+                print("        chain: " + " -> ".join(f"{s.name} [{s.stage_id}]" for s in cells[i].pipeline.stages))
+        _print_pipeline_stages([cells[i] for i in indices])
         return 0
     if executor in ("slurm", "tpu_pod"):
         return _launch_study(args, executor, len(cells), results)
@@ -396,6 +399,21 @@ def cmd_study(args) -> int:
 
         print(f"report: {build_report(results, results / 'report')}")
     return 0 if summary["failed"] == 0 else 1
+
+
+def _print_pipeline_stages(cells) -> None:
+    """One line per pipeline stage of `cells` (trained once, shared by every cell whose chain holds it)."""
+    from forgetjax.study.pipelines import shared_stages
+
+    stages = shared_stages(cells)
+    if not stages:
+        return
+    shared = sum(count > 1 for _, count in stages.values())
+    print(f"pipeline stages: {len(stages)} (each trained once; {shared} shared by several evaluated cells)")
+    for stage_id, (stage, count) in stages.items():
+        budget = stage.run["train"]["budget"]
+        print(f"  {stage_id}  {stage.method} on {stage.domain}, {budget['kind']} {budget['value']:g}, "
+              f"from {stage.parent or stage.run['train']['model']}; in {count} cell(s)")
 
 
 def _launch_study(args, executor: str, n_cells: int, results: Path) -> int:
@@ -453,8 +471,10 @@ def cmd_plan(args) -> int:
         print(line)
     adapters = [(value.label, value.setting) for axis in axes if axis.key == "train.lora"
                 for value in axis.values] or [(None, None)]
+    stage_methods = [stage.get("method", "") for p in cfg.pipelines.values()
+                     for stage in (p if isinstance(p, list) else p.get("stages", []))]
     # the KL to the start model (every method when train.kl_to_start.every > 0) keeps a frozen reference copy
-    reference = any(method.startswith("on_rl") for method in cfg.methods) or any(
+    reference = any(method.startswith("on_rl") for method in [*cfg.methods, *stage_methods]) or any(
         from_dict(TrainConfig, train_settings(cfg, scale), source=f"{args.config}: train").kl_to_start.every > 0
         for scale in cfg.scales)
     header = (f"{'scale':>8} {'params':>8} {'mesh (data,fsdp,tensor)':>24} {'params':>12} {'grads':>12} "
@@ -480,6 +500,10 @@ def cmd_plan(args) -> int:
                   + " ".join(format_bytes(v) for v in (est.params, est.gradients, est.optimizer, est.activations,
                                                        est.logits, est.reference, est.kv_cache, est.total)) + fits)
     _print_teacher_stages(cfg, topology, args.teacher_prompt_len)
+    if cfg.pipelines:
+        from forgetjax.study.matrix import expand
+
+        _print_pipeline_stages(expand(cfg))
     return 0
 
 

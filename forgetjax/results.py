@@ -2,7 +2,8 @@
 writers. The study runner writes through this module and the analysis reads through it.
 
     RESULTS_DIR/study.yaml, manifest.json             the resolved study config; config hash, versions, cell states
-    RESULTS_DIR/stages/<stage_id>/train/final          the safety stage's model (a SAFE start point)
+    RESULTS_DIR/stages/<stage_id>/train/final          a stage's model: the safety stage's (a SAFE start point), a
+                                                       pipeline stage's (`forgetjax.study.pipelines`); replay records
     RESULTS_DIR/cells/<cell_id>/cell.json             one JSON object describing the cell (`parse_cell`)
     RESULTS_DIR/cells/<cell_id>/run.yaml, train/       the cell's run config; checkpoints, metrics.jsonl, final/
     RESULTS_DIR/cells/<cell_id>/eval/**/*.parquet      EvalRecord files (`forgetjax.eval.records`):
@@ -16,15 +17,22 @@ cell.json: {"cell_id": str (= the directory name), "start_point": "base"|"safe",
 format it was evaluated with), "axes": {name: {"value", "label", "reference": bool}} (optional: the study axes'
 values, `forgetjax.study.axes`; a merge cell's "merge" axis among them), "axis_reference": bool (optional, default
 true: every axis at its reference value and no merge), "merge": {"parent", "interpolate"} (merge cells), "kl_to_start":
-{"last", "mean", "max", "measured_steps"} (trained cells: KL(policy || start) per completion token)}; the runner adds
-what it ran (start_model, matched, run, the resolved config its id
+{"last", "mean", "max", "measured_steps"} (trained cells: KL(policy || start) per completion token), "pipeline":
+{...} (optional: a pipeline cell's stage path, `parse_pipeline`)}; the runner adds what it ran (start_model, matched,
+run, the resolved config its id
 hashes, times, error). JSON is written standard (NaN as null), keys sorted, atomically. The cells read together
 must share one evaluation (`discover_cells`).
 
 A trained cell's budget: {"kind", "value", "max_epochs": number|null, "status": "budget_reached"|"data_exhausted",
 "used": {"steps", "tokens", "examples", "flops", "flops_by_component": {"train", "rollout", "teacher",
 "reference"}}, "data": {"unique", "size", "epochs"}|null (null: the method's data source does not report it),
-"flags": ["exceeded_max_epochs"|"data_exhausted", ...]} (`forgetjax.training.budget`).
+"flags": ["exceeded_max_epochs"|"data_exhausted", ...], "replay": {"unique", "size", "epochs"} (only runs that
+replayed: the replay records' use; `used.replay_tokens` / `used.replay_examples` are the replay rows' share of
+`used.tokens` / `used.examples`)} (`forgetjax.training.budget`, `forgetjax.training.replay`).
+
+A pipeline cell's "pipeline": {"name": str, "stage": str (the evaluated stage), "stage_index": int, "path": [{"stage_id",
+"name", "method", "domain", "parent": str|null, "budget": {...} (once trained)}, ...]} from the first stage to the
+evaluated one; its "method" is "<pipeline>.<stage>".
 """
 from __future__ import annotations
 
@@ -186,6 +194,7 @@ class Cell:
     axes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     axis_reference: bool = True
     kl_to_start: Mapping[str, Any] = field(default_factory=dict)
+    pipeline: Mapping[str, Any] = field(default_factory=dict)  # a pipeline cell's stage path ({} otherwise)
 
     @property
     def axes_label(self) -> str:
@@ -293,6 +302,7 @@ def parse_cell(data: Any, source: str = "<cell.json>") -> Cell:
             raise ValueError(f"{source}: field {name!r} must be a JSON object, got {type(value).__name__}")
         extras[name] = dict(value)
     _check_budget(extras["budget"], source)
+    extras["pipeline"] = parse_pipeline(data.get("pipeline"), source)
     targets = data.get("target_benchmarks") or []
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"{source}: field 'target_benchmarks' must be a list of benchmark names, got {targets!r}")
@@ -302,6 +312,22 @@ def parse_cell(data: Any, source: str = "<cell.json>") -> Cell:
         raise ValueError(f"{source}: field 'axis_reference' must be true or false, got {reference!r}")
     return Cell(start_point=start_point, domain=domain, seed=seed, target_benchmarks=tuple(targets), **strings,
                 **extras, axes=axes, axis_reference=reference)
+
+
+def parse_pipeline(value: Any, source: str) -> dict[str, Any]:
+    """A cell.json `pipeline` (null or absent: {}): name and evaluated stage strings, the stage path a non-empty list
+    of objects with string stage_id, name, method and domain, ending at the evaluated stage."""
+    if value is None:
+        return {}
+    path = value.get("path") if isinstance(value, Mapping) else None
+    entries_ok = isinstance(path, list) and path and all(
+        isinstance(e, Mapping) and all(isinstance(e.get(k), str) and e.get(k) for k in ("stage_id", "name", "method",
+                                                                                       "domain")) for e in path)
+    if not (entries_ok and all(isinstance(value.get(k), str) and value.get(k) for k in ("name", "stage"))
+            and path[-1]["name"] == value["stage"]):
+        raise ValueError(f"{source}: field 'pipeline' must be an object with name, stage and a path of stages "
+                         f"(stage_id, name, method, domain) ending at the evaluated stage, got {value!r}")
+    return dict(value)
 
 
 def read_cell(path: str | os.PathLike[str]) -> Cell:
@@ -335,6 +361,7 @@ def cell_json(cell: Cell) -> dict[str, Any]:
         **({"axes": {k: dict(v) for k, v in cell.axes.items()}, "axis_reference": cell.axis_reference}
            if cell.axes else {}),
         **({"kl_to_start": dict(cell.kl_to_start)} if cell.kl_to_start else {}),
+        **({"pipeline": dict(cell.pipeline)} if cell.pipeline else {}),
     }
 
 

@@ -17,14 +17,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jax
+import numpy as np
 
 from forgetjax.data import make_sft_pipeline, read_records
+from forgetjax.data.pipeline import derived_seed
 from forgetjax.distributed import data_shard, is_writer
 from forgetjax.envs import default_data_dir, load_training_problems
 from forgetjax.envs.problems import GENERATED
+from forgetjax.errors import UserError
 from forgetjax.losses.token import sft_loss
 from forgetjax.training.budget import DataUse, check_extra_flops
 from forgetjax.training.method import Batch, Method, StepContext
+from forgetjax.training.replay import REPLAY_STREAM, concat_rows
 from forgetjax.methods.registry import register
 from forgetjax.methods.teacher_data import DataCache, Verifier, cached_records, kd_arrays, log
 from forgetjax.tasks.prompts import strip_calculator_annotations
@@ -124,11 +128,14 @@ class SFTBatchSource:
     state remembers it, so a resumed run does not charge them again); `prorated_flops` are charged as the share of
     distinct examples drawn grows (min(1, drawn / size) of them by the end of each batch, so repeats cost nothing).
     With a teacher top-k table, each batch also carries `kd_ids` / `kd_logprobs` [B, T, K]. Batches are process-local: in multi-process runs the pipeline loads
-    only this process's rows of each global batch (`forgetjax.distributed.data_shard`)."""
+    only this process's rows of each global batch (`forgetjax.distributed.data_shard`). With a `replay` iterator
+    (`train.replay`), each process's rows are its rows of the method's batch followed by its rows of the replay batch
+    (`Batch.replay_rows` marks them); the data use counts the method's data only (`replay_use` the replay data)."""
 
     def __init__(self, iterator, upfront_flops: dict[str, float] | None = None, kd_table: dict | None = None,
-                 kd_k: int = 0, prorated_flops: dict[str, float] | None = None):
+                 kd_k: int = 0, prorated_flops: dict[str, float] | None = None, replay=None):
         self.iterator = iterator
+        self.replay = replay
         self.upfront_flops = check_extra_flops(upfront_flops or {})
         self.prorated_flops = check_extra_flops(prorated_flops or {})
         self.charged = False
@@ -148,6 +155,14 @@ class SFTBatchSource:
         arrays = dict(next(self.iterator))
         if self.kd_table is not None:
             arrays.update(kd_arrays(arrays, self.kd_table, self.kd_k))
+        replay_rows = None
+        if self.replay is not None:
+            replay = self.replay.schedule.rows(self.replay.position)
+            tokens += int(sum(int(self.replay.schedule.lengths[i]) for row in replay for i in row))
+            examples += sum(len(row) for row in replay)
+            local = len(arrays["input_ids"])
+            arrays = concat_rows(arrays, dict(next(self.replay)))
+            replay_rows = np.arange(len(arrays["input_ids"])) >= local
         extra = {} if self.charged else dict(self.upfront_flops)
         self.charged = True
         use = self.data_use()
@@ -156,19 +171,29 @@ class SFTBatchSource:
             extra[name] = extra.get(name, 0.0) + value * (share - self.prorated_share)
         self.prorated_share = max(share, self.prorated_share)
         return Batch(arrays=arrays, tokens=tokens, examples=examples, extra_flops=extra, info={"epoch": float(epoch)},
-                     process_local=True)
+                     process_local=True, replay_rows=replay_rows)
 
     def data_use(self) -> DataUse:
         return DataUse(size=len(self.iterator.schedule.lengths), consumed=self.iterator.items_drawn())
 
+    def replay_use(self) -> DataUse | None:
+        if self.replay is None:
+            return None
+        return DataUse(size=len(self.replay.schedule.lengths), consumed=self.replay.items_drawn())
+
     def get_state(self) -> dict:
-        return {"data": self.iterator.get_state(), "charged": self.charged, "prorated_share": self.prorated_share}
+        state = {"data": self.iterator.get_state(), "charged": self.charged, "prorated_share": self.prorated_share}
+        if self.replay is not None:
+            state["replay"] = self.replay.get_state()
+        return state
 
     def set_state(self, state: dict) -> None:
-        if not isinstance(state, dict) or set(state) != {"data", "charged", "prorated_share"}:
-            raise ValueError(f"SFT batch source state must be a dict with data, charged and prorated_share, "
-                             f"got {state!r}")
+        keys = {"data", "charged", "prorated_share"} | ({"replay"} if self.replay is not None else set())
+        if not isinstance(state, dict) or set(state) != keys:
+            raise ValueError(f"SFT batch source state must be a dict with {', '.join(sorted(keys))}, got {state!r}")
         self.iterator.set_state(state["data"])
+        if self.replay is not None:
+            self.replay.set_state(state["replay"])
         self.charged = bool(state["charged"])
         self.prorated_share = float(state["prorated_share"])
 
@@ -177,6 +202,7 @@ class SFTMethod(Method):
     """Cross-entropy on prepared prompt/completion records; subclasses implement `prepare`."""
 
     trim = "tokens"
+    replays = True
 
     def __init__(self, name: str, args: SFTDataArgs, domain):
         self.name = name
@@ -197,12 +223,18 @@ class SFTMethod(Method):
         if not prepared.records:
             raise ValueError(f"{self.name}: no training records were produced (see {self.data_dir(trainer)})")
         args = self.args
+        seed = trainer.cfg.seed if args.shuffle_seed is None else args.shuffle_seed
+        replay_cfg = trainer.cfg.replay
+        replay_rows = replay_cfg.rows(trainer.cfg.batch_size) if replay_cfg is not None else 0
+        rows = trainer.cfg.batch_size - replay_rows
         shard_index, shard_count = data_shard(trainer.mesh, trainer.cfg.batch_size)
+        if replay_rows and (rows % shard_count or replay_rows % shard_count):
+            raise UserError(f"train.replay: {rows} method rows and {replay_rows} replay rows per batch must each "
+                            f"split evenly over the {shard_count} processes loading data")
         iterator = make_sft_pipeline(
-            prepared.records, trainer.tokenizer, batch_size=trainer.cfg.batch_size, max_length=trainer.cfg.max_length,
-            seed=trainer.cfg.seed if args.shuffle_seed is None else args.shuffle_seed, packing=args.packing,
-            chat=args.chat, epochs=args.epochs, truncation=args.truncation, shard_index=shard_index,
-            shard_count=shard_count)
+            prepared.records, trainer.tokenizer, batch_size=rows, max_length=trainer.cfg.max_length,
+            seed=seed, packing=args.packing, chat=args.chat, epochs=args.epochs, truncation=args.truncation,
+            shard_index=shard_index, shard_count=shard_count)
         stats = iterator.stats.as_dict()
         log(f"{self.name}: {stats['examples']} examples ({stats['dropped']} dropped, {stats['truncated']} truncated "
             f"over max_length), {stats['batches_per_epoch']} batches per epoch")
@@ -211,8 +243,20 @@ class SFTMethod(Method):
 
             write_json_atomic(self.data_dir(trainer) / self.name / "pipeline_stats.json", stats)
         table = prepared.topk.lookup() if prepared.topk is not None else None
+        replay = None
+        if replay_rows:
+            if table is not None:
+                raise UserError(f"train.replay: {self.name} with teacher top-k distillation (kd_weight > 0) cannot "
+                                "replay (replay rows have no teacher distributions); set kd_weight: 0")
+            replay = make_sft_pipeline(
+                [replay_cfg.source], trainer.tokenizer, batch_size=replay_rows,
+                max_length=trainer.cfg.max_length, seed=derived_seed(seed, 0, REPLAY_STREAM), packing=args.packing,
+                chat=args.chat, epochs=None, truncation=args.truncation, drop_remainder=True,
+                shard_index=shard_index, shard_count=shard_count)
+            log(f"{self.name}: replay {replay_rows} of {trainer.cfg.batch_size} rows per batch from "
+                f"{replay_cfg.source} ({replay.stats.examples} examples)")
         return SFTBatchSource(iterator, prepared.extra_flops, table, prepared.topk.k if table is not None else 0,
-                              prorated_flops=prepared.prorated_flops)
+                              prorated_flops=prepared.prorated_flops, replay=replay)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from forgetjax.study.axes import (
     method_settings,
     parse_axes,
 )
+from forgetjax.study.pipelines import PipelinePath, pipeline_cells
 from forgetjax.study.schema import StudyConfig, model_entry, study_domains
 from forgetjax.tasks.domains import DomainSpec
 
@@ -54,6 +55,8 @@ class StudyCell:
     axes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # `axes.axes_record` (+ merge)
     merge_parent: str | None = None  # a derived merge cell: the trained cell it interpolates towards
     merge_alpha: float | None = None
+    replay_stage: str | None = None  # the replay records' stage (`resolve_replay`)
+    pipeline: PipelinePath | None = None  # the stages a pipeline cell trains (`forgetjax.study.pipelines`)
 
     @property
     def is_baseline(self) -> bool:
@@ -97,6 +100,40 @@ def safety_stage_id(cfg: StudyConfig, scale: str) -> str:
     if cfg.data_dir:
         key["data_dir"] = cfg.data_dir
     return f"safety-{scale}-{config_hash(key)[:10]}"
+
+
+REPLAY_RECORDS = "replay_records.jsonl"
+
+
+def replay_stage_id(cfg: StudyConfig, source: str) -> str:
+    """The directory name of a named replay source's records: a hash of the source, its record limit (the safety
+    stage's harmful_limit for "safety", helpful_limit for "general"), the record builder's code and the data_dir."""
+    limit = cfg.safety_stage.harmful_limit if source == "safety" else cfg.safety_stage.helpful_limit
+    key = {"source": source, "limit": limit, "records_code": _safety_records_digest(), "data_dir": cfg.data_dir}
+    return f"replay-{source}-{config_hash(key)[:10]}"
+
+
+def resolve_replay(cfg: StudyConfig, run: dict[str, Any]) -> str | None:
+    """Point `run`'s `train.replay.source` "general" / "safety" at the replay records the study writes once
+    (RESULTS_DIR/stages/<replay stage id>/replay_records.jsonl) and return that stage's id (None for a records file
+    or no replay). ConfigError naming `train.replay` when the run's method cannot replay."""
+    from forgetjax.training.replay import REPLAY_SOURCES
+
+    replay = run["train"].get("replay")
+    if not replay:
+        return None
+    from forgetjax.config import from_dict
+    from forgetjax.methods.registry import build_method
+    from forgetjax.methods.run import DomainConfig
+
+    if not build_method(run["method"], run["method_args"], from_dict(DomainConfig, run["domain"])).replays:
+        raise ConfigError(f"train.replay: method {run['method']} cannot replay (its batches are not SFT rows); "
+                          "replay applies to the SFT-family methods")
+    if replay.get("source") not in REPLAY_SOURCES:
+        return None
+    stage_id = replay_stage_id(cfg, replay["source"])
+    run["train"]["replay"] = {**replay, "source": str(stage_dir(cfg.results_dir, stage_id) / REPLAY_RECORDS)}
+    return stage_id
 
 
 def start_model(cfg: StudyConfig, start_point: str, scale: str) -> str:
@@ -276,7 +313,7 @@ def merge_cells(parent: StudyCell, alphas, evaluation: dict[str, Any], represent
                     "evaluation": evaluation, "representation": representation}
         cell_id = f"{parent.cell_id}-merge-{config_hash(resolved)[:10]}"
         cells.append(dataclasses.replace(
-            parent, cell_id=cell_id, run=None, resolved=resolved, teacher_stage=None,
+            parent, cell_id=cell_id, run=None, resolved=resolved, teacher_stage=None, replay_stage=None,
             axes={**parent.axes, MERGE_AXIS: merge_record(alpha)}, merge_parent=parent.cell_id, merge_alpha=alpha))
     return cells
 
@@ -299,6 +336,7 @@ def _trained_cells(cfg: StudyConfig, axes, point: str, scale: str, method: str, 
         matched = {**matched_base, "budget": run["train"]["budget"], "domain": domain_cfg}
         record = axes_record(setting)
         try:
+            replay = resolve_replay(cfg, run)
             resolved_train = resolved_run(run)
         except ConfigError as err:
             if not setting:
@@ -312,14 +350,15 @@ def _trained_cells(cfg: StudyConfig, axes, point: str, scale: str, method: str, 
         cells.append(StudyCell(cell_id, point, scale, method, domain, seed, matched_base["start_model"], run,
                                matched, tuple(domains[domain].target_benchmarks), resolved,
                                eval_format=evaluation["eval_format"], teacher_stage=stage[0] if stage else None,
-                               axes=record))
+                               replay_stage=replay, axes=record))
     return cells
 
 
 def expand(cfg: StudyConfig) -> list[StudyCell]:
     """All cells: one baseline per (start point, scale) plus start x scale x method x domain x seed x the values of
     the axes that apply to the method, each trained cell followed by its merge cells when the study has a merge
-    axis."""
+    axis, and the evaluated stages of every pipeline crossed with start x scale x domain x seed
+    (`forgetjax.study.pipelines`)."""
     cells = []
     axes, merge = study_axes(cfg)
     digest = _merge_digest() if merge else ""
@@ -345,4 +384,5 @@ def expand(cfg: StudyConfig) -> list[StudyCell]:
                             if merge and (merge.methods is None or method in merge.methods):
                                 cells.extend(merge_cells(cell, merge.interpolate, evaluation, representation,
                                                          digest))
+            cells.extend(pipeline_cells(cfg, point, scale, start, evaluation, matched_base, representation, domains))
     return cells

@@ -210,14 +210,17 @@ def format_bytes(value: float) -> str:
 
 def teacher_stages(cfg) -> dict[str, tuple[dict, int]]:
     """{stage id: (stage key, number of cells sharing the stage)} of a study's teacher stages
-    (`forgetjax.methods.distill.teacher_stage_key`)."""
+    (`forgetjax.methods.distill.teacher_stage_key`), those of pipeline stages included."""
     from forgetjax.study.matrix import expand, teacher_stage
 
     stages: dict[str, tuple[dict, int]] = {}
     for cell in expand(cfg):
-        if cell.teacher_stage:
-            key, count = stages.get(cell.teacher_stage) or (teacher_stage(cell.run)[1], 0)
-            stages[cell.teacher_stage] = (key, count + 1)
+        runs = [(s.teacher_stage, s.run) for s in cell.pipeline.stages] if cell.pipeline else [
+            (cell.teacher_stage, cell.run)]  # a pipeline cell: the teacher stages of every stage on its path
+        for stage_id, run in runs:
+            if stage_id:
+                key, count = stages.get(stage_id) or (teacher_stage(run)[1], 0)
+                stages[stage_id] = (key, count + 1)
     return stages
 
 

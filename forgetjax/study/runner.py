@@ -10,8 +10,10 @@ another resolved config stops the run before anything trains, so results of two 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
+import json
 import subprocess
 import sys
 import time
@@ -26,7 +28,15 @@ from forgetjax.errors import UserError
 from forgetjax.io import write_json_atomic, write_jsonl_atomic
 from forgetjax.paths import REPO_ROOT
 from forgetjax.study.axes import axes_text
-from forgetjax.study.matrix import StudyCell, expand, safety_stage_id, safety_stage_run
+from forgetjax.study.matrix import (
+    REPLAY_RECORDS,
+    StudyCell,
+    expand,
+    replay_stage_id,
+    safety_stage_id,
+    safety_stage_run,
+)
+from forgetjax.study.pipelines import StageRun
 from forgetjax.study.schema import StudyConfig, model_entry
 
 EVAL_SEED = 0
@@ -72,6 +82,16 @@ def check_cell_index(index: int, n_cells: int) -> int:
         raise UserError(f"--cell-index {index}: out of range; this study has {n_cells} cells, indices 0 to "
                         f"{n_cells - 1} (list them with --list)")
     return index
+
+
+def budget_record(budget: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """A trained cell's (or stage's) cell.json budget from its budget config and train result (`TrainResult` as a
+    dict): kind, value, max_epochs, used, status, data, flags, and the replay data's use when it replayed."""
+    record = {"kind": budget["kind"], "value": budget["value"], "max_epochs": budget.get("max_epochs"),
+              "used": result["usage"], "status": result["status"], "data": result["data"], "flags": result["flags"]}
+    if result.get("replay") is not None:
+        record["replay"] = result["replay"]
+    return record
 
 
 class StudyRunner:
@@ -129,6 +149,8 @@ class StudyRunner:
             data["axis_reference"] = all(entry["reference"] for entry in cell.axes.values())
         if cell.is_merge:
             data["merge"] = {"parent": cell.merge_parent, "interpolate": cell.merge_alpha}
+        if cell.pipeline is not None:
+            data["pipeline"] = {**cell.pipeline.describe(), **data.get("pipeline", {}), **extra.get("pipeline", {})}
         data.setdefault("budget", {})
         data.setdefault("metrics", {})
         results.write_cell_data(self.results, data)
@@ -164,16 +186,74 @@ class StudyRunner:
         """The teacher's verified samples a distillation cell trains on: generated once per teacher stage id,
         however many cells (seeds, start points, scales) and jobs share it, and resumed chunk by chunk when a
         killed job left a partial stage."""
+        return self._teacher_stage(cell.run, f"cell {cell.cell_id}")
+
+    def _teacher_stage(self, run: dict[str, Any], what: str) -> Path:
+        """The teacher stage `run` (a cell's or a pipeline stage's) trains on, built once."""
         from forgetjax.config import from_dict
         from forgetjax.methods.distill import DistillArgs, build_teacher_stage, resolved_teacher_dtype
         from forgetjax.methods.run import DomainConfig
 
-        where = f"{self.source}: cell {cell.cell_id}"
-        args = from_dict(DistillArgs, cell.run["method_args"], source=f"{where} method_args")
-        domain = from_dict(DomainConfig, cell.run["domain"], source=f"{where} domain")
-        dtype = resolved_teacher_dtype(args.teacher_dtype, cell.run["train"].get("dtype", "float32"))
+        where = f"{self.source}: {what}"
+        args = from_dict(DistillArgs, run["method_args"], source=f"{where} method_args")
+        domain = from_dict(DomainConfig, run["domain"], source=f"{where} domain")
+        dtype = resolved_teacher_dtype(args.teacher_dtype, run["train"].get("dtype", "float32"))
         return run_once(Path(args.teacher_data), lambda work: build_teacher_stage(work, args, domain, dtype),
                         log=self.log)
+
+    def run_replay_stage(self, stage_id: str) -> Path:
+        """The records of a named replay source (`train.replay.source` general / safety), written once."""
+        from forgetjax.study.safety import replay_records
+        from forgetjax.training.replay import REPLAY_SOURCES
+
+        source = next(s for s in REPLAY_SOURCES if replay_stage_id(self.cfg, s) == stage_id)
+        limit = self.cfg.safety_stage.harmful_limit if source == "safety" else self.cfg.safety_stage.helpful_limit
+
+        def build(work: Path) -> None:
+            rows = replay_records(data_dir_of(self.cfg), source, limit)
+            if is_writer():
+                write_jsonl_atomic(work / REPLAY_RECORDS, rows)
+            self.log(f"[study] replay records {source}: {len(rows)} -> {work}")
+
+        return run_once(results.stage_dir(self.results, stage_id), build, log=self.log)
+
+    def run_stage(self, stage: StageRun) -> dict[str, Any]:
+        """Train one pipeline stage once, however many cells and jobs share it (`run_once`: a killed build resumes
+        from its checkpoints), and return its train_result.json. Its parent must be built already."""
+        final = results.stage_dir(self.results, stage.stage_id)
+        if agree(final.is_dir()):
+            self.log(f"[study] stage {stage.stage_id} ({stage.name}): done already, reused")
+        else:
+            run_once(final, lambda work: self._train_stage(stage, work), log=self.log)
+        return json.loads((final / results.TRAIN_DIR / "train_result.json").read_text(encoding="utf-8"))
+
+    def _train_stage(self, stage: StageRun, work: Path) -> None:
+        from forgetjax.config import from_dict
+        from forgetjax.methods.run import RunConfig, run_training
+
+        self.log(f"[study] stage {stage.stage_id}: {stage.method} on {stage.domain} from "
+                 f"{stage.parent or stage.run['train']['model']}")
+        if stage.teacher_stage:
+            self._teacher_stage(stage.run, stage.stage_id)
+        if stage.replay_stage:
+            self.run_replay_stage(stage.replay_stage)
+        run = dict(stage.run)
+        run["train"] = {**run["train"], "out_dir": str(work / results.TRAIN_DIR)}
+        config = from_dict(RunConfig, run, source=f"{self.source}: stage {stage.stage_id}")
+        if is_writer():
+            dump_yaml(config, work / results.RUN_FILE)
+            write_json_atomic(work / "stage.json", {**stage.path_entry(), "resolved": stage.resolved})
+        run_training(config, source=f"{self.source}: stage {stage.stage_id}")
+
+    def run_pipeline(self, cell: StudyCell) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+        """Train (or reuse) every stage of a pipeline cell's path; (budget and train metrics of the evaluated stage,
+        the path with each stage's budget used)."""
+        path = []
+        for stage in cell.pipeline.stages:
+            result = self.run_stage(stage)
+            path.append({**stage.path_entry(), "budget": budget_record(stage.run["train"]["budget"], result)})
+        metrics = {f"train_{k}": v for k, v in result["final_metrics"].items() if isinstance(v, (int, float))}
+        return path[-1]["budget"], metrics, path
 
     # ------------------------------------------------------------------------------------------------ cells
 
@@ -197,11 +277,19 @@ class StudyRunner:
         self._write_cell(cell, "running", started=started)
         budget, train_metrics, extra = {}, {}, {}
         model_source = cell.start_model
+        if not cell.is_baseline:
+            self._models.clear()  # the last evaluated model is not needed while this cell trains
         if cell.is_merge:
             model, tokenizer = self._merged_model(cell)
+        elif cell.pipeline is not None:
+            budget, train_metrics, path = self.run_pipeline(cell)
+            self._write_cell(cell, "running", started=started, pipeline={"path": path})
+            model_source = str(results.stage_model_dir(self.results, cell.pipeline.evaluated.stage_id))
         elif not cell.is_baseline:
             if cell.teacher_stage:
                 self.run_teacher_stage(cell)
+            if cell.replay_stage:
+                self.run_replay_stage(cell.replay_stage)
             run = dict(cell.run)
             run["train"] = {**run["train"], "out_dir": str(results.cell_train_dir(self.results, cell.cell_id))}
             if is_writer():
@@ -209,9 +297,7 @@ class StudyRunner:
                           results.cell_run_file(self.results, cell.cell_id))
             result = run_training(from_dict(RunConfig, run, source=f"{self.source}: cell {cell.cell_id}"),
                                   source=cell.cell_id)
-            budget = {"kind": self.cfg.budget.kind, "value": self.cfg.budget.value,
-                      "max_epochs": self.cfg.budget.max_epochs, "used": result.usage, "status": result.status,
-                      "data": result.data, "flags": result.flags}
+            budget = budget_record(to_dict(self.cfg.budget), dataclasses.asdict(result))
             train_metrics = {f"train_{k}": v for k, v in result.final_metrics.items()
                              if isinstance(v, (int, float))}
             if result.kl_to_start is not None:

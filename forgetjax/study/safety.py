@@ -140,3 +140,14 @@ def safety_records(data_dir: str | Path, harmful_limit: int = 256, helpful_limit
     data_dir = Path(data_dir)
     return interleave(harmful_records(data_dir)[:harmful_limit], helpful_records(data_dir, helpful_limit),
                       borderline_records()[:borderline_limit])
+
+
+def replay_records(data_dir: str | Path, source: str, limit: int) -> list[dict]:
+    """The records of a named replay source (`forgetjax.training.replay`): "safety", the first ``limit`` refusals of
+    the safety stage's harmful records; "general", ``limit`` of its helpful records."""
+    data_dir = Path(data_dir)
+    if source == "safety":
+        return harmful_records(data_dir)[:limit]
+    if source == "general":
+        return helpful_records(data_dir, limit)
+    raise ValueError(f"unknown replay source {source!r}; known: safety, general")

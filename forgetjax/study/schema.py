@@ -86,8 +86,9 @@ class StudyConfig:
     """A study. `train`, `method_args.<method>`, `domain_sources.<domain>` and `axes` stay plain mappings (cells merge
     them per scale, seed, domain and axis value) but are typed when the study loads, as every cell will read them:
     through TrainConfig, the method registry's argument dataclasses, DomainConfig and `forgetjax.study.axes`
-    (`forgetjax.study.matrix.check_study`); model, domain and battery files are read then too. A typo fails at load
-    naming the file and the dotted field."""
+    (`forgetjax.study.matrix.check_study`); model, domain and battery files are read then too. `pipelines.<name>`
+    (stage chains, a list of stages or {stages, evaluate}) is typed through `forgetjax.study.pipelines.Pipeline`,
+    every stage's run resolved. A typo fails at load naming the file and the dotted field."""
 
     name: str = "study"
     results_dir: str = "runs/study"
@@ -105,6 +106,7 @@ class StudyConfig:
     max_new_tokens: int | None = None  # generation length of every method in every domain; None: each domain's
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     method_args: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    pipelines: dict[str, Any] = dataclasses.field(default_factory=dict)  # stage chains (forgetjax/study/pipelines.py)
     domain_files: list[str] = dataclasses.field(default_factory=list)
     domain_sources: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     battery: str = "configs/eval/quick.yaml"

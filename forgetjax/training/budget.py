@@ -54,7 +54,8 @@ def check_extra_flops(extra: dict[str, float]) -> dict[str, float]:
 
 @dataclasses.dataclass
 class BudgetUsage:
-    """What a run spent: steps, training tokens and examples, and FLOPs in total and by `FLOP_COMPONENTS`."""
+    """What a run spent: steps, training tokens and examples (replay rows included, and counted apart), and FLOPs in
+    total and by `FLOP_COMPONENTS`."""
 
     steps: int = 0
     tokens: int = 0
@@ -62,6 +63,8 @@ class BudgetUsage:
     flops: float = 0.0
     flops_by_component: dict[str, float] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(FLOP_COMPONENTS, 0.0))
+    replay_tokens: int = 0  # of `tokens`: those of replay rows (`forgetjax.training.replay`)
+    replay_examples: int = 0  # of `examples`: those of replay rows
 
     def amount(self, kind: BudgetKind) -> float:
         return float(getattr(self, kind))

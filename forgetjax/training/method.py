@@ -21,7 +21,7 @@ class Batch:
     the whole global batch). `extra_flops`: FLOPs spent outside the train step, by component
     (`budget.EXTRA_COMPONENTS`: rollout, teacher, reference). `process_local`: the arrays hold only this process's rows
     (`forgetjax.distributed.process_rows`), as per-process data pipelines load them; otherwise every process holds
-    the whole batch."""
+    the whole batch. `replay_rows` marks the rows of replay data (`forgetjax.training.replay`)."""
 
     arrays: dict[str, np.ndarray]
     tokens: int
@@ -29,6 +29,7 @@ class Batch:
     extra_flops: dict[str, float] = dataclasses.field(default_factory=dict)
     info: dict[str, float] = dataclasses.field(default_factory=dict)
     process_local: bool = False
+    replay_rows: np.ndarray | None = None  # bool per held row: drawn from the replay data (`train.replay`)
 
     @property
     def extra_total(self) -> float:
@@ -49,6 +50,9 @@ class BatchSource(Protocol):
         """Its data's size and how much of it was drawn (None when the source does not know: the run then records
         no epochs)."""
 
+    def replay_use(self) -> "DataUse | None":
+        """The replay records' size and how many were drawn (only sources of methods that replay)."""
+
 
 @dataclasses.dataclass
 class StepContext:
@@ -61,11 +65,13 @@ class StepContext:
 
 
 class Method(abc.ABC):
-    """A post-training method. `trim` says how the last batch is cut to fit a token/example budget."""
+    """A post-training method. `trim` says how the last batch is cut to fit a token/example budget; `replays`
+    whether it can train with replay rows (SFT rows of replay data in every batch)."""
 
     name: str = "method"
     trim: str = "tokens"  # "tokens" (SFT-style rows), "pairs" (whole rows of a paired batch) or "none"
     kl_contexts: tuple[str, ...] = ("",)  # array-name prefixes of the contexts the KL to the start is measured on
+    replays: bool = False  # its batch source mixes `train.replay` rows in (`forgetjax.training.replay`)
 
     @abc.abstractmethod
     def loss(self, model, batch: dict, rng: jax.Array):

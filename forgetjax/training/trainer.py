@@ -24,6 +24,7 @@ from forgetjax.training.lora import LoraConfig, apply_lora
 from forgetjax.training.method import Batch, Method, StepContext
 from forgetjax.training.metrics import MetricsLogger
 from forgetjax.training.optim import OptimizerConfig, learning_rate, make_optimizer
+from forgetjax.training.replay import ReplayConfig, replay_counts
 from forgetjax.training.step import TrainState, compile_train_step, finalize_metrics, make_train_step, split_model
 
 
@@ -69,6 +70,7 @@ class TrainConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     lora: LoraConfig | None = None
+    replay: ReplayConfig | None = None  # a share of every batch's rows from replay data (training/replay.py)
     batch_size: int = 8
     micro_batches: int = 1
     max_length: int = 512
@@ -86,6 +88,11 @@ class TrainConfig:
         if self.max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {self.max_length}")
         check_logit_chunk(self.logit_chunk)
+        if self.replay is not None:
+            try:
+                self.replay.rows(self.batch_size)
+            except ValueError as err:
+                raise ValueError(f"replay: {err}") from None
 
 
 @dataclasses.dataclass
@@ -100,6 +107,7 @@ class TrainResult:
     data: dict[str, float] | None = None  # unique, size, epochs (`DataUse.summary`) when the source knows its data
     flags: list[str] = dataclasses.field(default_factory=list)  # `budget.data_flags`
     kl_to_start: dict[str, float] | None = None  # `KLSummary.result` when train.kl_to_start.every > 0
+    replay: dict[str, float] | None = None  # unique, size, epochs of the replay records (`train.replay`)
 
 
 def measure_peak_flops(dtype=jnp.float32, n: int = 1024) -> float:
@@ -122,6 +130,11 @@ class Trainer:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.method = method
+        if cfg.replay is not None and not method.replays:
+            from forgetjax.errors import UserError
+
+            raise UserError(f"train.replay: method {method.name} cannot replay (its batches are not SFT rows); "
+                            "replay applies to the SFT-family methods")
         self.mesh = mesh if mesh is not None else cfg.mesh.make()
         if cfg.lora is not None:
             apply_lora(model, cfg.lora, seed=cfg.seed)
@@ -282,6 +295,7 @@ class Trainer:
                 batch = self._with_kl_cost(dataclasses.replace(batch, extra_flops=extra))  # the cost kept rows have
                 if batch.tokens == 0:
                     break  # the budget cannot fit one more token (FLOP budgets end within one token's cost)
+                self._count_replay(batch, usage)
                 last_metrics = self._run_step(batch, usage, flops_per_token, peak)
                 last_metrics.update(batch.info)
                 if self.state.step % cfg.log.every == 0:
@@ -302,15 +316,26 @@ class Trainer:
         use = source.data_use() if hasattr(source, "data_use") else None
         data = use.summary() if use is not None else None
         flags = budgets.data_flags(cfg.budget, data and data["epochs"], status == "data_exhausted")
+        replay = source.replay_use() if cfg.replay is not None else None
         result = TrainResult(status=status, steps=self.state.step, usage=dataclasses.asdict(usage),
                              final_metrics=last_metrics, resumed_from=resumed_from,
                              wall_seconds=time.time() - start_time, out_dir=str(self.out_dir), data=data, flags=flags,
-                             kl_to_start=self._kl.result())
+                             kl_to_start=self._kl.result(),
+                             replay=replay.summary() if replay is not None else None)
         if is_writer():
             from forgetjax.io import write_json_atomic
 
             write_json_atomic(self.out_dir / "train_result.json", dataclasses.asdict(result))
         return result
+
+    def _count_replay(self, batch: Batch, usage: BudgetUsage) -> None:
+        """Add the replay rows' real tokens and examples of the (trimmed) global batch to `usage`."""
+        if batch.replay_rows is None:
+            return
+        tokens, examples = replay_counts(batch.arrays, batch.replay_rows)
+        held = self._held_rows(batch)
+        usage.replay_tokens += self._counts(batch, held, tokens)[1]
+        usage.replay_examples += self._counts(batch, held, examples)[1]
 
     def _run_step(self, batch: Batch, usage: BudgetUsage, flops_per_token: float, peak: float) -> dict[str, Any]:
         arrays = batch.arrays
