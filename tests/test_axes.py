@@ -352,3 +352,71 @@ def test_kl_contexts_of_paired_and_privileged_batches(tiny_dir):
         expected += float((per_token * arrays["loss_mask"]).sum())
         tokens += float(arrays["loss_mask"].sum())
     assert float(count) == tokens and float(total) == pytest.approx(expected, rel=1e-3) and expected > 0
+
+
+def _with_axes(root: Path, cell_id: str, axes: dict, kl: float | None = None) -> None:
+    path = root / "cells" / cell_id / "cell.json"
+    data = json.loads(path.read_text())
+    data["axes"] = axes
+    data["axis_reference"] = all(entry["reference"] for entry in axes.values())
+    if kl is not None:
+        data["kl_to_start"] = {"last": kl, "mean": kl, "max": kl, "measured_steps": 1}
+    path.write_text(json.dumps(data))
+
+
+def _entry(label, reference, value=None):
+    return {"value": label if value is None else value, "label": label, "reference": reference}
+
+
+def test_axis_table_and_figures_on_a_synthetic_study(tmp_path):
+    """Budget and lambda axes on synthetic cells with known outcomes: each value's F is the pooled off-target
+    forgetting of its cells (as written out), only the reference cells reach the method comparisons, the figures
+    draw one line per method over the axis values in order, and RQ10 names every non-reference value."""
+    from forgetjax.analysis.estimates import BootstrapSettings
+    from forgetjax.analysis.tables import analyze
+    from forgetjax.report import figures
+    from forgetjax.report.questions import answer_rq10
+    from test_analysis_queries import OFF_TARGET, CellSpec, build_synthetic_study, expected_transitions, pooled
+
+    specs = (CellSpec("base-baseline", "base", "baseline", None, 0),
+             CellSpec("b1000", "base", "gt_sft", "math", 0, forget=0.05, gain=0.1),
+             CellSpec("b4000", "base", "gt_sft", "math", 0, forget=0.3, gain=0.3),
+             CellSpec("b2000", "base", "gt_sft", "math", 0, forget=0.15, gain=0.2),
+             CellSpec("lam-ref", "base", "on_rl_frpo", "math", 0, forget=0.1),
+             CellSpec("lam-2", "base", "on_rl_frpo", "math", 0, forget=0.02))
+    synthetic = build_synthetic_study(tmp_path / "results", specs)
+    root = synthetic.root
+    for cell_id, value, reference in (("b1000", 1000, True), ("b2000", 2000, False), ("b4000", 4000, False)):
+        _with_axes(root, cell_id, {"budget": _entry(f"tokens={value}", reference, {"kind": "tokens", "value": value})},
+                   kl=value / 1e4)
+    _with_axes(root, "lam-ref", {"budget": _entry("tokens=1000", True), "frpo_lambda": _entry("0.5", True, 0.5)})
+    _with_axes(root, "lam-2", {"budget": _entry("tokens=1000", True), "frpo_lambda": _entry("2", False, 2.0)})
+    analysis = analyze(root, BootstrapSettings(n_resamples=200))
+    assert {c.cell_id for c in analysis.study.post_cells} == {"b1000", "lam-ref"}
+    assert {c.cell_id for c in analysis.study.axis_cells} == {"b2000", "b4000", "lam-2"}
+    rows = analysis["axes"]
+    budget = [r for r in rows if r["axis"] == "budget"]
+    assert [r["value"] for r in budget] == ["tokens=1000", "tokens=2000", "tokens=4000"]
+    for row in budget + [r for r in rows if r["axis"] == "frpo_lambda"]:
+        (cell_id,) = row["cell_ids"].split(",")
+        expected = expected_transitions(*pooled(synthetic, cell_id, OFF_TARGET["math"]))
+        assert row["F"] == pytest.approx(expected["F"])
+    assert budget[1]["F_vs_reference"] == pytest.approx(budget[1]["F"] - budget[0]["F"])
+    assert budget[2]["kl_to_start"] == pytest.approx(0.4)
+    lam = [r for r in rows if r["axis"] == "frpo_lambda"]
+    assert [r["value"] for r in lam] == ["0.5", "2"] and {r["method"] for r in lam} == {"on_rl_frpo"}
+    captured = []
+    original = figures.render_png
+    figures.render_png = lambda figure: captured.append(figure) or b"png"
+    try:
+        made = figures.axis_figures(analysis)
+    finally:
+        figures.render_png = original
+    assert [f.key for f in made] == ["axis_budget_base_135m", "axis_frpo_lambda_base_135m"]
+    left = captured[0].axes[0]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["tokens=1000", "tokens=2000", "tokens=4000"]
+    (line,) = [ln for ln in left.get_lines() if ln.get_marker() == "o"]
+    np.testing.assert_allclose(line.get_ydata(), [100 * r["F"] for r in budget])
+    text = " ".join(answer_rq10(analysis))
+    assert "tokens=2000 vs tokens=1000" in text and "tokens=4000 vs tokens=1000" in text and "2 vs 0.5" in text
+    analysis.study.connection.close()
