@@ -269,6 +269,7 @@ def test_interpolation_endpoints_reproduce_the_start_and_post_trained_records(tm
     study["axes"] = {"adapter": ["full", {"lora": {"rank": 4, "alpha": 8}}], "merge": {"interpolate": [0.0, 0.5, 1.0]}}
     study["representation"] = False
     study["train"]["batch_size"] = 8  # the 8 test devices: fsdp 8
+    study["train"]["kl_to_start"] = {"every": 1}
     path.write_text(yaml.safe_dump(study))
     cfg = load_study_config(path)
     summary = StudyRunner(cfg, source=str(path), log=lambda *_: None).run()
