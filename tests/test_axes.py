@@ -95,6 +95,8 @@ def test_axis_values_change_ids_and_a_study_without_axes_keeps_its_ids(tmp_path)
     ({"frpo_lambda": [0.5, -1.0]}, r"axes \(frpo_lambda\).*frpo_lambda must be > 0"),
     ({"lr": [1e-5]}, r"axes\.lr: unknown axis"),
     ({"replay": {"key": "train.replay.fraction", "values": [0.1]}}, r"axes \(replay\): .*train\.replay"),
+    ({"adapter": ["full"], "replay": {"key": "train.replay.fraction", "values": [0.1]}},
+     r"axes \(replay\): unknown key train\.replay"),
     ({"seed": {"key": "train.seed", "values": [1]}}, r"axes\.seed\.key: train\.seed cannot be an axis key"),
     ({"b": {"key": "budget.value", "values": [1]}}, r"axes\.b\.key: key must be a dotted run key"),
     ({"merge": {"interpolate": [0.5, 1.5]}}, r"axes\.merge\.interpolate\[1\]: an alpha in \[0, 1\]"),

@@ -301,7 +301,10 @@ def _trained_cells(cfg: StudyConfig, axes, point: str, scale: str, method: str, 
         except ConfigError as err:
             if not setting:
                 raise
-            raise ConfigError(f"axes ({', '.join(setting)}): {err}") from None
+            marks = {axis.name: axis.key.split(".")[-1] if axis.key.startswith("method_args.") else
+                     ".".join(axis.key.split(".")[:2]) for axis in axes}  # how the error names the axis' key
+            named = [name for name in setting if marks[name] in str(err)]
+            raise ConfigError(f"axes ({', '.join(named or setting)}): {err}") from None
         resolved = {"run": resolved_train, "code": code, "matched": matched, "evaluation": evaluation,
                     "representation": representation, "targets": domains[domain].target_benchmarks}
         if record:
