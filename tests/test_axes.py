@@ -89,12 +89,30 @@ def test_axis_values_change_ids_and_a_study_without_axes_keeps_its_ids(tmp_path)
     assert {c.cell_id for c in few if not c.is_merge} == {c.cell_id for c in more if not c.is_merge} == plain
 
 
+def test_replay_fraction_is_an_axis_of_the_sft_cells(tmp_path):
+    """A replay-fraction axis gives one GT-SFT cell per fraction, each pointing at the one replay stage the study
+    writes, with the fraction in its resolved run and id; the reference (first) fraction's cell is the axis
+    reference."""
+    path = study_file(tmp_path, {"replay": {"key": "train.replay.fraction", "values": [0.25, 0.5]}},
+                      methods=("gt_sft",), train={"batch_size": 4, "replay": {"source": "general", "fraction": 0.25}})
+    trained = [c for c in expand(load_study_config(path)) if not c.is_baseline]
+    assert [c.resolved["run"]["train"]["replay"]["fraction"] for c in trained] == [0.25, 0.5]
+    assert len({c.cell_id for c in trained}) == 2
+    assert len({c.replay_stage for c in trained}) == 1 and trained[0].replay_stage.startswith("replay-general-")
+    assert all(c.run["train"]["replay"]["source"].endswith("replay_records.jsonl") for c in trained)
+    assert [c.axes["replay"]["reference"] for c in trained] == [True, False]
+
+
 @pytest.mark.parametrize("axes, message", [
     ({"adapter": ["full", {"lora": {"rank": 0}}]}, r"axes\.adapter\[1\]\.lora: rank must be >= 1"),
     ({"adapter": ["full", "qlora"]}, r"axes\.adapter\[1\]: an adapter is 'full' or"),
     ({"frpo_lambda": [0.5, -1.0]}, r"axes \(frpo_lambda\).*frpo_lambda must be > 0"),
     ({"lr": [1e-5]}, r"axes\.lr: unknown axis"),
-    ({"replay": {"key": "train.replay.fraction", "values": [0.1]}}, r"axes \(replay\): .*train\.replay"),
+    ({"replay": {"key": "train.replay.fraction", "values": [0.25]}},
+     r"axes \(replay\): missing required key train\.replay\.source"),
+    ({"nope": {"key": "train.nope.fraction", "values": [0.1]}}, r"axes \(nope\): .*train\.nope"),
+    ({"adapter": ["full"], "nope": {"key": "train.nope.fraction", "values": [0.1]}},
+     r"axes \(nope\): unknown key train\.nope"),
     ({"seed": {"key": "train.seed", "values": [1]}}, r"axes\.seed\.key: train\.seed cannot be an axis key"),
     ({"b": {"key": "budget.value", "values": [1]}}, r"axes\.b\.key: key must be a dotted run key"),
     ({"merge": {"interpolate": [0.5, 1.5]}}, r"axes\.merge\.interpolate\[1\]: an alpha in \[0, 1\]"),
@@ -269,6 +287,7 @@ def test_interpolation_endpoints_reproduce_the_start_and_post_trained_records(tm
     study["axes"] = {"adapter": ["full", {"lora": {"rank": 4, "alpha": 8}}], "merge": {"interpolate": [0.0, 0.5, 1.0]}}
     study["representation"] = False
     study["train"]["batch_size"] = 8  # the 8 test devices: fsdp 8
+    study["train"]["kl_to_start"] = {"every": 1}
     path.write_text(yaml.safe_dump(study))
     cfg = load_study_config(path)
     summary = StudyRunner(cfg, source=str(path), log=lambda *_: None).run()
@@ -352,3 +371,71 @@ def test_kl_contexts_of_paired_and_privileged_batches(tiny_dir):
         expected += float((per_token * arrays["loss_mask"]).sum())
         tokens += float(arrays["loss_mask"].sum())
     assert float(count) == tokens and float(total) == pytest.approx(expected, rel=1e-3) and expected > 0
+
+
+def _with_axes(root: Path, cell_id: str, axes: dict, kl: float | None = None) -> None:
+    path = root / "cells" / cell_id / "cell.json"
+    data = json.loads(path.read_text())
+    data["axes"] = axes
+    data["axis_reference"] = all(entry["reference"] for entry in axes.values())
+    if kl is not None:
+        data["kl_to_start"] = {"last": kl, "mean": kl, "max": kl, "measured_steps": 1}
+    path.write_text(json.dumps(data))
+
+
+def _entry(label, reference, value=None):
+    return {"value": label if value is None else value, "label": label, "reference": reference}
+
+
+def test_axis_table_and_figures_on_a_synthetic_study(tmp_path):
+    """Budget and lambda axes on synthetic cells with known outcomes: each value's F is the pooled off-target
+    forgetting of its cells (as written out), only the reference cells reach the method comparisons, the figures
+    draw one line per method over the axis values in order, and RQ11 names every non-reference value."""
+    from forgetjax.analysis.estimates import BootstrapSettings
+    from forgetjax.analysis.tables import analyze
+    from forgetjax.report import figures
+    from forgetjax.report.questions import answer_rq11
+    from test_analysis_queries import OFF_TARGET, CellSpec, build_synthetic_study, expected_transitions, pooled
+
+    specs = (CellSpec("base-baseline", "base", "baseline", None, 0),
+             CellSpec("b1000", "base", "gt_sft", "math", 0, forget=0.05, gain=0.1),
+             CellSpec("b4000", "base", "gt_sft", "math", 0, forget=0.3, gain=0.3),
+             CellSpec("b2000", "base", "gt_sft", "math", 0, forget=0.15, gain=0.2),
+             CellSpec("lam-ref", "base", "on_rl_frpo", "math", 0, forget=0.1),
+             CellSpec("lam-2", "base", "on_rl_frpo", "math", 0, forget=0.02))
+    synthetic = build_synthetic_study(tmp_path / "results", specs)
+    root = synthetic.root
+    for cell_id, value, reference in (("b1000", 1000, True), ("b2000", 2000, False), ("b4000", 4000, False)):
+        _with_axes(root, cell_id, {"budget": _entry(f"tokens={value}", reference, {"kind": "tokens", "value": value})},
+                   kl=value / 1e4)
+    _with_axes(root, "lam-ref", {"budget": _entry("tokens=1000", True), "frpo_lambda": _entry("0.5", True, 0.5)})
+    _with_axes(root, "lam-2", {"budget": _entry("tokens=1000", True), "frpo_lambda": _entry("2", False, 2.0)})
+    analysis = analyze(root, BootstrapSettings(n_resamples=200))
+    assert {c.cell_id for c in analysis.study.post_cells} == {"b1000", "lam-ref"}
+    assert {c.cell_id for c in analysis.study.axis_cells} == {"b2000", "b4000", "lam-2"}
+    rows = analysis["axes"]
+    budget = [r for r in rows if r["axis"] == "budget"]
+    assert [r["value"] for r in budget] == ["tokens=1000", "tokens=2000", "tokens=4000"]
+    for row in budget + [r for r in rows if r["axis"] == "frpo_lambda"]:
+        (cell_id,) = row["cell_ids"].split(",")
+        expected = expected_transitions(*pooled(synthetic, cell_id, OFF_TARGET["math"]))
+        assert row["F"] == pytest.approx(expected["F"])
+    assert budget[1]["F_vs_reference"] == pytest.approx(budget[1]["F"] - budget[0]["F"])
+    assert budget[2]["kl_to_start"] == pytest.approx(0.4)
+    lam = [r for r in rows if r["axis"] == "frpo_lambda"]
+    assert [r["value"] for r in lam] == ["0.5", "2"] and {r["method"] for r in lam} == {"on_rl_frpo"}
+    captured = []
+    original = figures.render_png
+    figures.render_png = lambda figure: captured.append(figure) or b"png"
+    try:
+        made = figures.axis_figures(analysis)
+    finally:
+        figures.render_png = original
+    assert [f.key for f in made] == ["axis_budget_base_135m", "axis_frpo_lambda_base_135m"]
+    left = captured[0].axes[0]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["tokens=1000", "tokens=2000", "tokens=4000"]
+    (line,) = [ln for ln in left.get_lines() if ln.get_marker() == "o"]
+    np.testing.assert_allclose(line.get_ydata(), [100 * r["F"] for r in budget])
+    text = " ".join(answer_rq11(analysis))
+    assert "tokens=2000 vs tokens=1000" in text and "tokens=4000 vs tokens=1000" in text and "2 vs 0.5" in text
+    analysis.study.connection.close()

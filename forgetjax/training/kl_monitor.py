@@ -21,7 +21,8 @@ from forgetjax.models.vocab import token_kl
 
 @dataclasses.dataclass
 class KLConfig:
-    """`every`: measure after every N-th step (0 = never; studies default to 1, `forgetjax.study.matrix`)."""
+    """`every`: measure after every N-th step (0 = never; study cells default to 10,
+    `forgetjax.study.matrix.STUDY_KL_EVERY`)."""
 
     every: int = 0
 
