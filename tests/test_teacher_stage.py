@@ -216,15 +216,25 @@ def test_every_study_config_loads_and_expands(path):
     raw_axes = dict(yaml.safe_load(path.read_text()).get("axes") or {})
     merge = raw_axes.pop("merge", None)
     frpo_only = {"frpo_lambda", "frpo_jackknife"}
-    assert set(raw_axes) <= {"adapter", "budget"} | frpo_only, "extend this count for the study's new axis"
+    assert all(name in {"adapter", "budget"} | frpo_only or set(spec) >= {"key", "values"}
+               for name, spec in raw_axes.items()), "extend this count for the study's new axis"
     trained_per_seed = 0
     for method in cfg.methods:
         settings = 1
-        for name, values in raw_axes.items():
-            if name not in frpo_only or method == "on_rl_frpo":
+        for name, spec in raw_axes.items():
+            values, methods = (spec["values"], spec.get("methods")) if isinstance(spec, dict) else (spec, None)
+            if name in frpo_only:
+                methods = ["on_rl_frpo"]
+            if methods is None or method in methods:
                 settings *= len(values)
         merged = len(merge["interpolate"]) if merge and method in merge.get("methods", cfg.methods) else 0
         trained_per_seed += settings * (1 + merged)
+    evaluated_per_seed = 0
+    for pipeline in (yaml.safe_load(path.read_text()).get("pipelines") or {}).values():
+        stages = pipeline if isinstance(pipeline, list) else pipeline["stages"]
+        evaluated = len(pipeline.get("evaluate", [None])) if isinstance(pipeline, dict) else 1
+        crossed = 1 if all("domain" in stage for stage in stages) else len(cfg.domains)
+        evaluated_per_seed += evaluated * crossed
     assert len(cells) == len(cfg.scales) * len(cfg.start_points) * (
-        1 + trained_per_seed * len(cfg.domains) * len(cfg.seeds))
+        1 + (trained_per_seed * len(cfg.domains) + evaluated_per_seed) * len(cfg.seeds))
     assert len({c.cell_id for c in cells}) == len(cells)
