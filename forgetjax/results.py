@@ -83,6 +83,7 @@ REPRESENTATION_SCHEMA = """representation.json (version 1); every list is aligne
   },
   "knowledge_probe": {                          # linear probes of true vs false statements, fit on the start model
       "start": [...], "post": [...],            # held-out accuracy with the start / the post-trained activations
+      "post_refit": [...],                      # optional: probes refit on the post-trained model's activations
       "n_train": int, "n_test": int             # statements in the probes' training and held-out splits
   }
 }
@@ -540,12 +541,15 @@ def parse_representation(data: Any, source: str = "<representation.json>") -> Re
     if data.get("knowledge_probe") is not None:
         raw = data["knowledge_probe"]
         where = f"{source}: knowledge_probe"
-        if not isinstance(raw, Mapping) or set(raw) != {"start", "post", "n_train", "n_test"}:
-            raise ValueError(f"{where} must be an object with start, post, n_train and n_test")
+        if not isinstance(raw, Mapping) or not {"start", "post", "n_train", "n_test"} <= set(raw) <= {
+                "start", "post", "post_refit", "n_train", "n_test"}:
+            raise ValueError(f"{where} must be an object with start, post, n_train and n_test (and optionally "
+                             f"post_refit)")
         for key in ("n_train", "n_test"):
             if isinstance(raw[key], bool) or not isinstance(raw[key], int) or raw[key] < 1:
                 raise ValueError(f"{where}.{key} must be a positive integer, got {raw[key]!r}")
-        probe = {**_number_lists({k: raw[k] for k in ("start", "post")}, n, where, ("start", "post")),
+        curves = tuple(k for k in ("start", "post", "post_refit") if k in raw)
+        probe = {**_number_lists({k: raw[k] for k in curves}, n, where, curves),
                  "n_train": raw["n_train"], "n_test": raw["n_test"]}
     return Representation(tuple(layers), cka, refusal, weight_delta, probe)
 
@@ -589,8 +593,8 @@ def representation_json(
             for module, entries in weight_delta.items()
         }
     if knowledge_probe is not None:
-        data["knowledge_probe"] = {"start": [float(v) for v in knowledge_probe["start"]],
-                                   "post": [float(v) for v in knowledge_probe["post"]],
+        data["knowledge_probe"] = {**{key: [float(v) for v in knowledge_probe[key]]
+                                      for key in ("start", "post", "post_refit") if key in knowledge_probe},
                                    "n_train": int(knowledge_probe["n_train"]), "n_test": int(knowledge_probe["n_test"])}
     return _nan_to_none(data)
 

@@ -46,6 +46,34 @@ def test_layer_probes_fit_on_start_and_evaluate_both_models():
     assert out["post"][1] < out["start"][1]
 
 
+def test_refit_probe_separates_moved_from_lost_knowledge(tmp_path):
+    """Post-training that permutes and flips the features (the knowledge moved) breaks the start model's read-out
+    but not a probe refit on the post-trained activations, which equals scikit-learn fit on them; pure noise (the
+    knowledge lost) breaks both. representation.json keeps the refit curve and the representation table reads it."""
+    from forgetjax import results
+
+    x, y = _data(4, n=160)
+    permutation = np.random.default_rng(5).permutation(x.shape[1])
+    moved = -x[:, permutation]
+    lost = np.random.default_rng(6).normal(size=x.shape)
+    start = np.stack([x, x])
+    post = np.stack([moved, lost])
+    train = np.arange(160) < 100
+    fit_on_start = layer_probe_accuracies(start[:, train], y[train], {"post": post[:, ~train]}, y[~train])
+    refit = layer_probe_accuracies(post[:, train], y[train], {"post_refit": post[:, ~train]}, y[~train])
+    scaler = StandardScaler().fit(moved[train])
+    reference = LogisticRegression(max_iter=10_000, tol=1e-12).fit(scaler.transform(moved[train]), y[train])
+    assert refit["post_refit"][0] == pytest.approx(reference.score(scaler.transform(moved[~train]), y[~train]),
+                                                   abs=1e-3)
+    assert refit["post_refit"][0] > 0.75 and fit_on_start["post"][0] < 0.6  # moved: the refit probe recovers it
+    assert refit["post_refit"][1] < 0.7  # lost: nothing to refit on
+
+    probe = {"start": [0.9, 0.9], "post": fit_on_start["post"], **refit, "n_train": 100, "n_test": 60}
+    path = results.write_representation(tmp_path / "representation.json",
+                                        results.representation_json([0, 1], knowledge_probe=probe))
+    assert results.read_representation(path).knowledge_probe["post_refit"] == pytest.approx(refit["post_refit"])
+
+
 def test_bad_probe_inputs_are_rejected():
     with pytest.raises(ValueError, match="both classes"):
         fit_logistic(np.ones((4, 2)), np.zeros(4))

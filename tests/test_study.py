@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -89,7 +90,8 @@ def test_killed_study_resumes_without_redoing_finished_cells(tmp_path, data_dir)
     assert representation["layers"] == [0, 1] and len(representation["cka"]) == 2
     probe = representation["knowledge_probe"]
     assert len(probe["start"]) == len(probe["post"]) == 2 and probe["n_train"] + probe["n_test"] == 2 * 16
-    assert all(0.0 <= v <= 1.0 for v in probe["start"] + probe["post"])
+    assert len(probe["post_refit"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in probe["start"] + probe["post"] + probe["post_refit"])
     manifest = json.loads((results / "manifest.json").read_text())
     assert manifest["config_hash"] and manifest["packages"]["jax"].startswith("0.10")
     assert {c["status"] for c in manifest["cells"]} == {"done"}
@@ -558,9 +560,24 @@ def test_study_attacks_every_cell_and_replays_the_baseline_suffixes(tmp_path, da
     config.write_text(yaml.safe_dump(study))
     attacked = expand(load_study_config(config))
     assert not plain_ids & {c.cell_id for c in attacked}
+    results = tmp_path / "results"
+    baseline = next(c for c in attacked if c.is_baseline)
+    trained = next(i for i, c in enumerate(attacked) if not c.is_baseline)
+    # the post-trained cell first, alone (another array task would run the baseline): it builds the start model's
+    # findings as a stage instead of failing on the missing baseline records
+    out = run_study(config, "--cell-index", str(trained))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not (results / "cells" / baseline.cell_id / "cell.json").is_file()
+    stages = {p.name for p in (results / "stages").iterdir()}
+    assert {f"attack-gcg-{baseline.cell_id}", f"attack-autodan-{baseline.cell_id}"} <= stages
     out = run_study(config)
     assert out.returncode == 0, out.stdout + out.stderr
-    results = tmp_path / "results"
+    from forgetjax.eval.battery import model_slug
+
+    for attack in ("gcg", "autodan"):  # the baseline's own findings are the stage's, not a second attack
+        stage = results / "stages" / f"attack-{attack}-{baseline.cell_id}" / model_slug(baseline.cell_id)
+        own = results / "cells" / baseline.cell_id / "eval" / model_slug(baseline.cell_id)
+        assert (stage / f"{attack}.parquet").read_bytes() == (own / f"{attack}.parquet").read_bytes()
     found = {c["method"]: c for c in cells(results).values()}
     suffixes = {}
     for method, cell in found.items():
@@ -580,6 +597,18 @@ def test_study_attacks_every_cell_and_replays_the_baseline_suffixes(tmp_path, da
     assert summary["n_harmful"] == 2  # xstest_unsafe only: the attacks' records stay out of the safety loss
     assert {r["template"] for r in rows} >= {"gcg", "gcg_transfer", "autodan", "autodan_transfer"}
     assert all(r["baseline_asr"] is not None for r in rows if r["template"].startswith("gcg"))
+    from forgetjax.analysis.comparisons import group_estimate
+    from forgetjax.report.questions import answer_rq4
+
+    post_dir = results / "cells" / found["gt_sft"]["cell_id"] / "eval" / model_slug(found["gt_sft"]["cell_id"])
+    base_dir = results / "cells" / baseline.cell_id / "eval" / model_slug(baseline.cell_id)
+    for attack in ("gcg", "gcg_transfer", "autodan", "autodan_transfer"):  # ASR after - before, by hand
+        pre = {r.item_id: r.refusal for r in read_records(base_dir / f"{attack}.parquet")}
+        post = {r.item_id: r.refusal for r in read_records(post_dir / f"{attack}.parquet")}
+        expected = [float(pre[i]) - float(post[i]) for i in post if i in pre]
+        estimate = group_estimate(analysis.study, [found["gt_sft"]["cell_id"]], "attack_erosion", benchmarks=[attack])
+        assert estimate["n"] == len(expected) == 2 and estimate["estimate"] == pytest.approx(np.mean(expected))
+    assert "Attack success rate, post-trained minus start model" in " ".join(answer_rq4(analysis))
     from forgetjax.report import build_report
 
     index = build_report(results, tmp_path / "report", n_resamples=100)

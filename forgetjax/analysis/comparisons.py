@@ -29,21 +29,25 @@ ITEM_STATISTICS: dict[str, tuple[str, str]] = {
     "delta": ("post_value - pre_value", _SCORED),
     "refusal_drop": ("pre_refusal::DOUBLE - post_refusal::DOUBLE",
                      "harmful AND NOT is_attack AND pre_refusal IS NOT NULL AND post_refusal IS NOT NULL"),
+    "attack_erosion": ("pre_refusal::DOUBLE - post_refusal::DOUBLE",
+                       "is_attack AND pre_refusal IS NOT NULL AND post_refusal IS NOT NULL"),
 }
-"""Per-item values whose mean is the named statistic (refusal_drop: baseline minus post refusal on harmful prompts)."""
+"""Per-item values whose mean is the named statistic (refusal_drop: baseline minus post refusal on harmful prompts;
+attack_erosion: the same on the optimised attacks' behaviours, i.e. post minus baseline attack success rate)."""
+SAFETY_STATISTICS = ("refusal_drop", "attack_erosion")
 SCOPES = {"off_target": OFF_TARGET_SQL, "target": "is_target"}
-"""The items a capability statistic (every statistic but refusal_drop) is measured on."""
+"""The items a capability statistic (every statistic but the SAFETY_STATISTICS) is measured on."""
 
 
 def item_values(
     study: Study, cell_ids: Sequence[str], statistic: str, families: Sequence[str] | None = None,
-    scope: str = "off_target",
+    scope: str = "off_target", benchmarks: Sequence[str] | None = None,
 ) -> tuple[list[str], list[tuple[str, str]], np.ndarray]:
     """(cells, items, values): the statistic's per-item value per cell as [cells, items] (NaN where a cell lacks
     the item), over the cells that have any such item and the (benchmark, item_id) items any of them has.
 
-    Capability statistics use the scope's items (of `families` when given); refusal_drop every harmful safety prompt
-    (of `families` when given).
+    Capability statistics use the scope's items (of `families` when given); refusal_drop every harmful safety prompt,
+    attack_erosion every attacked behaviour (of `families` / `benchmarks` when given).
     """
     if statistic not in ITEM_STATISTICS:
         raise ValueError(f"statistic must be one of {sorted(ITEM_STATISTICS)}, got {statistic!r}")
@@ -53,11 +57,14 @@ def item_values(
         return [], [], np.zeros((0, 0))
     expression, condition = ITEM_STATISTICS[statistic]
     params: list[Any] = [list(cell_ids)]
-    if statistic != "refusal_drop":
+    if statistic not in SAFETY_STATISTICS:
         condition += f" AND {SCOPES[scope]}"
     if families is not None:
         condition += " AND list_contains(?, family)"
         params.append(list(families))
+    if benchmarks is not None:
+        condition += " AND list_contains(?, benchmark)"
+        params.append(list(benchmarks))
     rows = study.connection.execute(
         f"SELECT cell_id, benchmark, item_id, {expression} FROM paired "
         f"WHERE list_contains(?, cell_id) AND {condition} ORDER BY cell_id, benchmark, item_id",
@@ -92,12 +99,12 @@ def _strata(study: Study, cell_ids: Sequence[str]) -> tuple[list[tuple], list[in
 
 def group_estimate(
     study: Study, cell_ids: Sequence[str], statistic: str, settings: BootstrapSettings = BootstrapSettings(),
-    families: Sequence[str] | None = None, scope: str = "off_target",
+    families: Sequence[str] | None = None, scope: str = "off_target", benchmarks: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The statistic over the cells' items (per-item mean over cells, then mean over items) with a two-stage
     bootstrap interval (seeds within each configuration, then items), and how many seeds it rests on (n_seeds,
     min_seeds / max_seeds per configuration; min_seeds 1 means some configuration's variation over seeds is unknown)."""
-    cells, items, values = item_values(study, cell_ids, statistic, families, scope)
+    cells, items, values = item_values(study, cell_ids, statistic, families, scope, benchmarks)
     strata, seeds = _strata(study, cells)
     result: dict[str, Any] = {"estimate": None, "low": None, "high": None, "n": len(items),
                               "n_cells": len(cell_ids), **seed_counts(strata, seeds)}

@@ -432,9 +432,9 @@ JAILBREAK_PLAIN = "harmbench_standard"
 def jailbreak_table(safety_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Attack success rate (ASR = 1 - refusal, interval from the refusal rate's) per cell, jailbreak template and
     HarmBench semantic category ("ALL" for the whole set): the plain standard behaviours (template "none") beside
-    each `harmbench_<template>` wrapping of the same behaviours and the JailbreakBench replays (template =
-X
-    forgetjax.eval.attacks), with the baseline's ASR where paired."""
+    each `harmbench_<template>` wrapping of the same behaviours, the JailbreakBench replays (template = the
+    benchmark name) and the optimised attacks (template = gcg, gcg_transfer, autodan or autodan_transfer;
+    `forgetjax.eval.attacks`), with the baseline's ASR where paired."""
     from forgetjax.eval.benchmarks.jailbreak import TEMPLATES
 
     templates = {f"harmbench_{t.name}": t.name for t in TEMPLATES} | {JAILBREAK_PLAIN: "none"}
@@ -605,6 +605,7 @@ def representation_table(study: Study) -> list[dict[str, Any]]:
             probe = representation.knowledge_probe or {}
             row["probe_start"] = probe["start"][index] if probe else None
             row["probe_post"] = probe["post"][index] if probe else None
+            row["probe_post_refit"] = probe["post_refit"][index] if "post_refit" in probe else None
             row["probe_n_test"] = probe.get("n_test")
             rows.append(row)
     return rows

@@ -459,6 +459,10 @@ def probe_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
             post = [float(np.mean([r["probe_post"] for r in chosen if r["layer"] == layer])) for layer in layers]
             axes.plot(layers, post, marker="o", color=colors.get(method, "grey"),
                       label=f"{method_label(method)} ({domain})")
+            refit = [[r["probe_post_refit"] for r in chosen if r["layer"] == layer] for layer in layers]
+            if all(values and None not in values for values in refit):
+                axes.plot(layers, [float(np.mean(values)) for values in refit], linestyle="-.", linewidth=1.0,
+                          color=colors.get(method, "grey"), label=f"{method_label(method)} ({domain}), refit")
             drop = max(s - q for s, q in zip(start, post))
             if drop > worst[1]:
                 worst = (f"{method_label(method)} ({domain})", drop)
@@ -474,8 +478,10 @@ def probe_figures(analysis: StudyAnalysis) -> list[ReportFigure]:
             key, title,
             caption=(f"A logistic-regression probe per layer, fit on the start model's activations of true vs false "
                      f"statements (NQ-open items), scored on {n_test} held-out statements with the start model's "
-                     f"activations (dashed) and with each post-trained model's (mean over seeds); the dotted line is "
-                     f"chance. {_scope_label(start_point, scale)}."),
+                     f"activations (dashed) and with each post-trained model's (mean over seeds); dash-dotted: probes refit "
+                     f"on the post-trained model's own training statements (a read-out that fails while the refit one "
+                     f"holds means the knowledge moved rather than vanished); the dotted line is chance. "
+                     f"{_scope_label(start_point, scale)}."),
             alt=("Line chart of probe accuracy against layer; " + (
                 f"the largest drop from the start is {100 * worst[1]:.1f} pp for {worst[0]}." if worst[0]
                 else "no configuration falls below the start model.")),

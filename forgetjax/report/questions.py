@@ -319,7 +319,32 @@ def _safety_loss_text(analysis: StudyAnalysis, cells: Sequence[Cell], label: str
         verdict = "the interval includes zero, so no significant change"
     return (f"Across the {label} cells, the refusal rate on harmful prompts drops by "
             f"{with_ci(pooled, pp, settings.confidence)} (baseline minus post-trained; positive = safety lost): "
-            f"{verdict}. By method: {'; '.join(per_method)}.")
+            f"{verdict}. By method: {'; '.join(per_method)}.{_attack_erosion_text(analysis, cells)}")
+
+
+ATTACK_LABELS = {"gcg": "GCG on the model itself", "gcg_transfer": "the start model's GCG suffixes replayed",
+                 "autodan": "AutoDAN on the model itself", "autodan_transfer": "the start model's AutoDAN prompts replayed"}
+
+
+def _attack_erosion_text(analysis: StudyAnalysis, cells: Sequence[Cell]) -> str:
+    """Per optimised attack and method: the rise of the attack success rate from the start model (post - start on
+    the same behaviours), two-stage bootstrap over seeds then behaviours; "" without attack records."""
+    study, settings = analysis.study, analysis.settings
+    parts = []
+    for attack, label in ATTACK_LABELS.items():
+        per_method = []
+        for method, members in _by_method(cells).items():
+            estimate = group_estimate(study, _ids(members), "attack_erosion", settings, benchmarks=[attack])
+            if estimate["estimate"] is not None:
+                seeds = f", {SINGLE_SEED}" if estimate["min_seeds"] <= 1 else f", {estimate['n_seeds']} seeds"
+                per_method.append(f"{method_label(method)} {with_ci(estimate, pp, settings.confidence)} "
+                                  f"({estimate['n']} behaviours{seeds})")
+        if per_method:
+            parts.append(f"{label}: {'; '.join(per_method)}")
+    if not parts:
+        return ""
+    return (" Attack success rate, post-trained minus start model on the same behaviours (positive = the attack "
+            f"succeeds more often after post-training): {'. '.join(parts)}.")
 
 
 def _correlation_text(analysis: StudyAnalysis, x: str, y: str, subset: str) -> str:

@@ -71,7 +71,9 @@ def _statement_activations(model, tokenizer, texts: list[str]) -> np.ndarray:
 
 
 def knowledge_probe(start_model, post_model, tokenizer, data_dir: str | Path, n_items: int) -> dict:
-    """Per-layer probe accuracy on held-out statements with the start and the post-trained activations."""
+    """Per-layer probe accuracy on held-out statements: probes fit on the start model scored with the start and the
+    post-trained activations (does the start's read-out still work?), and probes refit on the post-trained model's
+    training statements (post_refit: is the knowledge still linearly decodable, only moved?)."""
     texts, labels, train = knowledge_statements(data_dir, n_items)
     if train.all() or not train.any():
         raise ValueError(f"knowledge probes: {n_items} items leave an empty training or held-out split")
@@ -79,7 +81,8 @@ def knowledge_probe(start_model, post_model, tokenizer, data_dir: str | Path, n_
     post = _statement_activations(post_model, tokenizer, texts)
     accuracy = layer_probe_accuracies(start[:, train], labels[train], {"start": start[:, ~train],
                                                                         "post": post[:, ~train]}, labels[~train])
-    return {**accuracy, "n_train": int(train.sum()), "n_test": int((~train).sum())}
+    refit = layer_probe_accuracies(post[:, train], labels[train], {"post_refit": post[:, ~train]}, labels[~train])
+    return {**accuracy, **refit, "n_train": int(train.sum()), "n_test": int((~train).sum())}
 
 
 def _activations(model, tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from forgetjax import results
 from forgetjax.config import canonical_json, config_hash, differing_keys, dump_yaml, to_dict
-from forgetjax.distributed import agree, is_writer, run_once
+from forgetjax.distributed import agree, barrier, is_writer, run_once
 from forgetjax.errors import UserError
 from forgetjax.io import write_json_atomic, write_jsonl_atomic
 from forgetjax.paths import REPO_ROOT
@@ -337,41 +337,67 @@ class StudyRunner:
         return interpolate_models(start, post, cell.merge_alpha), tokenizer
 
     def run_attacks(self, cell: StudyCell, model, tokenizer) -> dict[str, float]:
-        """Each configured attack against the cell's model and the replay of its baseline's findings (a baseline
-        replays its own); records beside the battery's, each kept once written (a rerun resumes). Returns the ASR
-        of every attack and replay."""
-        from forgetjax.eval.attacks.runner import run_attack, run_autodan_attack
+        """Each configured attack against the cell's model and the replay of the start model's findings on it; records
+        beside the battery's, each kept once written (a rerun resumes). The start model's findings are an attack
+        stage built once (`attack_stage`), so a post-trained cell never waits for its baseline cell; the baseline's
+        own records are that stage's. Returns the ASR of every attack and replay."""
+        import shutil
+
         from forgetjax.eval.battery import model_slug
         from forgetjax.eval.records import read_records
 
-        settings = self.cfg.attacks
         eval_dir = results.cell_eval_dir(self.results, cell.cell_id)
-        baseline = next(c for c in expand(self.cfg) if c.is_baseline and (c.start_point, c.scale) ==
-                        (cell.start_point, cell.scale))
-        common = dict(data_dir=data_dir_of(self.cfg), out_dir=eval_dir, run_id=cell.cell_id, model_id=cell.cell_id,
-                      benchmark=settings.benchmark, limit=settings.limit, seed=EVAL_SEED)
         asr = {}
-        for attack in settings.methods:
-            if attack == "gcg":
-                run = functools.partial(run_attack, model, tokenizer, config=settings.gcg, fmt=cell.eval_format,
-                                        **common)
-            else:
-                run = functools.partial(run_autodan_attack, model, tokenizer, config=settings.autodan, **common)
+        for attack in self.cfg.attacks.methods:
+            run = self._attack(attack, cell, model, tokenizer, eval_dir, cell.cell_id)
+            source = self.attack_stage(cell, attack)
             own = eval_dir / model_slug(cell.cell_id) / f"{attack}.parquet"
             if not own.is_file():
-                run()
-            source = (results.cell_eval_dir(self.results, baseline.cell_id) / model_slug(baseline.cell_id)
-                      / f"{attack}.parquet")
+                if cell.is_baseline:
+                    if is_writer():
+                        own.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(source, own)
+                    barrier(f"attack-copy:{own}")
+                else:
+                    run()
             replay = eval_dir / model_slug(cell.cell_id) / f"{attack}_transfer.parquet"
             if not replay.is_file():
-                if not source.is_file():
-                    raise FileNotFoundError(f"{source}: the baseline {baseline.cell_id} has not been attacked yet "
-                                            "(run the baseline cell first)")
                 run(transfer_from=source)
             for path in (own, replay):
                 records = read_records(path)
                 asr[f"asr_{path.stem}"] = sum(not r.refusal for r in records) / len(records)
         return asr
+
+    def _attack(self, attack: str, cell: StudyCell, model, tokenizer, out_dir: Path, run_id: str):
+        """The configured `attack` (gcg or autodan) on `model`, records under `out_dir` as `run_id`."""
+        from forgetjax.eval.attacks.runner import run_attack, run_autodan_attack
+
+        settings = self.cfg.attacks
+        common = dict(data_dir=data_dir_of(self.cfg), out_dir=out_dir, run_id=run_id, model_id=run_id,
+                      benchmark=settings.benchmark, limit=settings.limit, seed=EVAL_SEED)
+        if attack == "gcg":
+            return functools.partial(run_attack, model, tokenizer, config=settings.gcg, fmt=cell.eval_format, **common)
+        return functools.partial(run_autodan_attack, model, tokenizer, config=settings.autodan, **common)
+
+    def attack_stage(self, cell: StudyCell, attack: str) -> Path:
+        """The start model's findings of `attack` (GCG suffixes, AutoDAN templates) that every cell of its (start
+        point, scale) replays: the records of the attack on the start model, written once as the stage
+        `attack-<attack>-<baseline cell id>` (the baseline's id hashes the start model and the evaluation with its
+        attack settings) by whichever job needs them first (`run_once`). Returns the records' Parquet file."""
+        import forgetjax
+        from forgetjax.eval.battery import model_slug
+
+        baseline = next(c for c in expand(self.cfg) if c.is_baseline and (c.start_point, c.scale) ==
+                        (cell.start_point, cell.scale))
+        stage_id = f"attack-{attack}-{baseline.cell_id}"
+
+        def build(work: Path) -> None:
+            start, tokenizer = forgetjax.load(baseline.start_model)
+            self._attack(attack, baseline, start, tokenizer, work, baseline.cell_id)()
+            self.log(f"[study] {attack} on the start model of {baseline.cell_id} -> {work}")
+
+        final = run_once(results.stage_dir(self.results, stage_id), build, log=self.log)
+        return final / model_slug(baseline.cell_id) / f"{attack}.parquet"
 
     def run(self, only_index: int | None = None) -> dict[str, Any]:
         """Run every cell, or only cell `only_index` (checked before anything is written or trained); the
