@@ -100,6 +100,13 @@ def test_killed_study_resumes_without_redoing_finished_cells(tmp_path, data_dir)
 
     index = build_report(results, tmp_path / "report", n_resamples=200)
     assert index.is_file() and "gt_sft" in index.read_text().lower().replace("-", "_")
+    from forgetjax.analysis.tables import analyze
+    from forgetjax.report.questions import answer_rq6
+
+    best = max(range(2), key=lambda layer: probe["start"][layer])  # the first best layer, as max() picks it
+    lost = 100 * (probe["start"][best] - probe["post"][best])
+    refit = 100 * (probe["start"][best] - probe["post_refit"][best])
+    assert f"GT-SFT {lost:+.1f} pp, refit probe {refit:+.1f} pp (1 cell(s))" in " ".join(answer_rq6(analyze(results)))
 
 
 def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path, data_dir):

@@ -15,6 +15,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from forgetjax.analysis.axes import axis_groups, axis_names
 from forgetjax.analysis.comparisons import (
     POLICY_SHIFT_METRICS,
@@ -485,12 +487,41 @@ def answer_rq6(analysis: StudyAnalysis) -> tuple[str, ...]:
             f"{len(with_refusal)} cell(s). " + _correlation_text(analysis, "refusal_attenuation", "safety_loss", "all"))
     else:
         parts.append(NOT_ENOUGH + "no refusal-direction values in any representation.json.")
+    parts.append(_knowledge_probe_text(analysis))
     correlations = [r for r in analysis["correlations"] if r["x"] in ("cka_drift", "refusal_attenuation")
                     and r["rho"] is not None]
     if correlations and min(r["n"] for r in correlations) < 10:
         parts.append(f"With as few as {min(r['n'] for r in correlations)} cells these rank correlations are weak "
                      f"evidence either way.")
     return (" ".join(parts),)
+
+
+def _knowledge_probe_text(analysis: StudyAnalysis) -> str:
+    """Per method: at each cell's best start-probe layer, how much held-out accuracy the start model's read-out loses
+    on the post-trained activations and how much a probe refit on them loses (moved vs lost knowledge)."""
+    by_cell: dict[str, list[Mapping[str, Any]]] = {}
+    for row in analysis["representation"]:
+        if row["method"] != BASELINE_METHOD and row["probe_post"] is not None:
+            by_cell.setdefault(row["cell_id"], []).append(row)
+    if not by_cell:
+        return ""
+    per_method: dict[str, list[tuple[float, float | None]]] = {}
+    n_test = 0
+    for rows in by_cell.values():
+        best = max(rows, key=lambda r: r["probe_start"])
+        refit = None if best["probe_post_refit"] is None else best["probe_start"] - best["probe_post_refit"]
+        per_method.setdefault(best["method"], []).append((best["probe_start"] - best["probe_post"], refit))
+        n_test = max(n_test, best["probe_n_test"] or 0)
+    texts = []
+    for method, drops in sorted(per_method.items(), key=lambda kv: method_label(kv[0])):
+        refits = [r for _, r in drops if r is not None]
+        refit_text = f", refit probe {100 * float(np.mean(refits)):+.1f} pp" if refits else ""
+        texts.append(f"{method_label(method)} {100 * float(np.mean([d for d, _ in drops])):+.1f} pp{refit_text} "
+                     f"({len(drops)} cell(s))")
+    return (f"Knowledge probes (true vs false statements, {n_test} held out; at each cell's best layer for the start "
+            f"model's probe, accuracy lost = start - post, mean over cells, no interval at this sample size): "
+            f"{'; '.join(texts)}. A start read-out that loses accuracy while the refit probe does not points to "
+            f"knowledge that moved in representation space rather than knowledge lost.")
 
 
 def _p_text(p: float | None) -> str:
