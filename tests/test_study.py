@@ -1,11 +1,8 @@
 """The study runner on a tiny chat model: cells, resumption after SIGKILL, failure isolation, manifest, report
 input; SLURM/TPU-pod launch scripts (dry run); the memory planner against a hand computation."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import yaml
 
 from forgetjax.models.config import config_from_hf
 from forgetjax.study.plan import choose_mesh, estimate, parse_topology
+from study_runs import run_study
 from tiny_models import make_tiny_chat_model
 
 
@@ -50,18 +48,6 @@ def cells(results: Path) -> dict[str, dict]:
     return out
 
 
-def run_study(config: Path, *extra, kill_when=None):
-    cmd = [sys.executable, "-m", "forgetjax.cli", "study", str(config), "--no-report", *extra]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    if kill_when is None:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 1200
-    while time.time() < deadline and proc.poll() is None and not kill_when():
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return None
 
 
 def test_killed_study_resumes_without_redoing_finished_cells(tmp_path, data_dir):
