@@ -187,12 +187,16 @@ def cell_data(results: Path) -> dict[str, dict]:
 
 
 def test_a_two_stage_chain_equals_the_two_stages_trained_by_hand(tmp_path, data_dir):
-    config = chain_study(tmp_path, data_dir)
+    config = chain_study(tmp_path, data_dir, train={**TRAIN, "kl_to_start": {"every": 1}})
     out = run_study(config)
     assert out.returncode == 0, out.stdout + out.stderr
     results = tmp_path / "results"
     cells = cell_data(results)
     first_id, second_id = [entry["stage_id"] for entry in cells["two.second"]["pipeline"]["path"]]
+    for method, stage_id in (("two.first", first_id), ("two.second", second_id)):  # the evaluated stage's KL
+        stage_result = json.loads((results / "stages" / stage_id / "train" / "train_result.json").read_text())
+        assert stage_result["kl_to_start"]["measured_steps"] == 2
+        assert cells[method]["kl_to_start"] == stage_result["kl_to_start"]
     assert cells["two.first"]["pipeline"]["path"][0]["stage_id"] == first_id
     assert cells["two.second"]["pipeline"]["stage"] == "second" and cells["two.second"]["status"] == "done"
     assert [e["budget"]["used"]["steps"] for e in cells["two.second"]["pipeline"]["path"]] == [2, 2]

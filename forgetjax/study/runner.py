@@ -94,6 +94,11 @@ def budget_record(budget: dict[str, Any], result: dict[str, Any]) -> dict[str, A
     return record
 
 
+def train_metrics(final_metrics: dict[str, Any]) -> dict[str, float]:
+    """cell.json metrics of a training run: its numeric final metrics, prefixed train_."""
+    return {f"train_{k}": v for k, v in final_metrics.items() if isinstance(v, (int, float))}
+
+
 class StudyRunner:
     def __init__(self, cfg: StudyConfig, source: str = "<config>", log=print):
         self.cfg = cfg
@@ -245,15 +250,14 @@ class StudyRunner:
             write_json_atomic(work / "stage.json", {**stage.path_entry(), "resolved": stage.resolved})
         run_training(config, source=f"{self.source}: stage {stage.stage_id}")
 
-    def run_pipeline(self, cell: StudyCell) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-        """Train (or reuse) every stage of a pipeline cell's path; (budget and train metrics of the evaluated stage,
-        the path with each stage's budget used)."""
+    def run_pipeline(self, cell: StudyCell) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Train (or reuse) every stage of a pipeline cell's path; (the path with each stage's budget used, the
+        evaluated stage's train_result.json)."""
         path = []
         for stage in cell.pipeline.stages:
             result = self.run_stage(stage)
             path.append({**stage.path_entry(), "budget": budget_record(stage.run["train"]["budget"], result)})
-        metrics = {f"train_{k}": v for k, v in result["final_metrics"].items() if isinstance(v, (int, float))}
-        return path[-1]["budget"], metrics, path
+        return path, result
 
     # ------------------------------------------------------------------------------------------------ cells
 
@@ -275,14 +279,17 @@ class StudyRunner:
 
         started = time.time()
         self._write_cell(cell, "running", started=started)
-        budget, train_metrics, extra = {}, {}, {}
+        budget, metrics, extra = {}, {}, {}
         model_source = cell.start_model
         if not cell.is_baseline:
             self._models.clear()  # the last evaluated model is not needed while this cell trains
         if cell.is_merge:
             model, tokenizer = self._merged_model(cell)
         elif cell.pipeline is not None:
-            budget, train_metrics, path = self.run_pipeline(cell)
+            path, result = self.run_pipeline(cell)
+            budget, metrics = path[-1]["budget"], train_metrics(result["final_metrics"])
+            if result.get("kl_to_start") is not None:
+                extra["kl_to_start"] = result["kl_to_start"]
             self._write_cell(cell, "running", started=started, pipeline={"path": path})
             model_source = str(results.stage_model_dir(self.results, cell.pipeline.evaluated.stage_id))
         elif not cell.is_baseline:
@@ -298,8 +305,7 @@ class StudyRunner:
             result = run_training(from_dict(RunConfig, run, source=f"{self.source}: cell {cell.cell_id}"),
                                   source=cell.cell_id)
             budget = budget_record(to_dict(self.cfg.budget), dataclasses.asdict(result))
-            train_metrics = {f"train_{k}": v for k, v in result.final_metrics.items()
-                             if isinstance(v, (int, float))}
+            metrics = train_metrics(result.final_metrics)
             if result.kl_to_start is not None:
                 extra["kl_to_start"] = result.kl_to_start
             model_source = str(results.cell_model_dir(self.results, cell.cell_id))
@@ -319,7 +325,7 @@ class StudyRunner:
             data = analyse(start_model, model, tokenizer, data_dir_of(self.cfg), self.cfg.representation_probe)
             if is_writer():
                 results.write_representation(results.representation_file(self.results, cell.cell_id), data)
-        self._write_cell(cell, "done", budget=budget, metrics={**train_metrics, **eval_summary},
+        self._write_cell(cell, "done", budget=budget, metrics={**metrics, **eval_summary},
                          wall_seconds=time.time() - started, finished=time.time(), **extra)
 
     def _merged_model(self, cell: StudyCell):
@@ -347,10 +353,12 @@ class StudyRunner:
         from forgetjax.eval.records import read_records
 
         eval_dir = results.cell_eval_dir(self.results, cell.cell_id)
+        baseline = cell if cell.is_baseline else next(
+            c for c in expand(self.cfg) if c.is_baseline and (c.start_point, c.scale) == (cell.start_point, cell.scale))
         asr = {}
         for attack in self.cfg.attacks.methods:
             run = self._attack(attack, cell, model, tokenizer, eval_dir, cell.cell_id)
-            source = self.attack_stage(cell, attack)
+            source = self.attack_stage(baseline, attack, (model, tokenizer) if cell.is_baseline else None)
             own = eval_dir / model_slug(cell.cell_id) / f"{attack}.parquet"
             if not own.is_file():
                 if cell.is_baseline:
@@ -379,20 +387,19 @@ class StudyRunner:
             return functools.partial(run_attack, model, tokenizer, config=settings.gcg, fmt=cell.eval_format, **common)
         return functools.partial(run_autodan_attack, model, tokenizer, config=settings.autodan, **common)
 
-    def attack_stage(self, cell: StudyCell, attack: str) -> Path:
-        """The start model's findings of `attack` (GCG suffixes, AutoDAN templates) that every cell of its (start
-        point, scale) replays: the records of the attack on the start model, written once as the stage
+    def attack_stage(self, baseline: StudyCell, attack: str, loaded=None) -> Path:
+        """The start model's findings of `attack` (GCG suffixes, AutoDAN templates) that every cell of the baseline's
+        (start point, scale) replays: the records of the attack on the start model, written once as the stage
         `attack-<attack>-<baseline cell id>` (the baseline's id hashes the start model and the evaluation with its
-        attack settings) by whichever job needs them first (`run_once`). Returns the records' Parquet file."""
+        attack settings) by whichever job needs them first (`run_once`); `loaded`: the start (model, tokenizer) when
+        the caller holds it already. Returns the records' Parquet file."""
         import forgetjax
         from forgetjax.eval.battery import model_slug
 
-        baseline = next(c for c in expand(self.cfg) if c.is_baseline and (c.start_point, c.scale) ==
-                        (cell.start_point, cell.scale))
         stage_id = f"attack-{attack}-{baseline.cell_id}"
 
         def build(work: Path) -> None:
-            start, tokenizer = forgetjax.load(baseline.start_model)
+            start, tokenizer = loaded or forgetjax.load(baseline.start_model)
             self._attack(attack, baseline, start, tokenizer, work, baseline.cell_id)()
             self.log(f"[study] {attack} on the start model of {baseline.cell_id} -> {work}")
 
