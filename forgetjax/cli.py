@@ -447,13 +447,17 @@ def cmd_plan(args) -> int:
     from forgetjax.config import from_dict
     from forgetjax.models.config import config_from_hf, load_config
     from forgetjax.study.matrix import train_settings
-    from forgetjax.study.plan import choose_mesh, format_bytes, parse_topology, train_memory_settings
+    from forgetjax.study.matrix import expand
+    from forgetjax.study.plan import Rollouts, choose_mesh, format_bytes, parse_topology, study_rollouts, \
+        train_memory_settings
     from forgetjax.study.schema import all_models, load_study_config
     from forgetjax.training.trainer import TrainConfig
 
     topology = parse_topology(args.topology)
-    _check_at_least("--rollout-batch", args.rollout_batch, 0)
-    _check_at_least("--rollout-len", args.rollout_len, 1)
+    if args.rollout_batch is not None:
+        _check_at_least("--rollout-batch", args.rollout_batch, 0)
+    if args.rollout_len is not None:
+        _check_at_least("--rollout-len", args.rollout_len, 1)
     _check_at_least("--teacher-prompt-len", args.teacher_prompt_len, 1)
     _check_input_file("CONFIG", args.config)
     cfg = load_study_config(args.config, args.overrides)
@@ -469,6 +473,17 @@ def cmd_plan(args) -> int:
     axes, merge = study_axes(cfg)
     for line in describe_axes(axes, merge):
         print(line)
+    cells = expand(cfg)
+    rollouts = study_rollouts(cells)
+    for scale in cfg.scales:
+        found = rollouts.get(scale, Rollouts())
+        rows = found.rows if args.rollout_batch is None else args.rollout_batch
+        length = found.length if args.rollout_len is None else args.rollout_len
+        origin = (f"largest sampler call: {found.method}" if found.method else "no method samples the trained model")
+        if args.rollout_batch is not None or args.rollout_len is not None:
+            origin = "--rollout-batch / --rollout-len"
+        rollouts[scale] = Rollouts(rows, length, found.method)
+        print(f"{scale}: rollout KV cache {rows} rows x {length} tokens ({origin})")
     adapters = [(value.label, value.setting) for axis in axes if axis.key == "train.lora"
                 for value in axis.values] or [(None, None)]
     stage_methods = [stage.get("method", "") for p in cfg.pipelines.values()
@@ -492,8 +507,8 @@ def cmd_plan(args) -> int:
             memory = dict(settings[entry.scale])
             if label is not None:
                 memory["lora_rank"] = lora["rank"] if lora else None
-            est = choose_mesh(model_cfg, topology, **memory, rollout_batch=args.rollout_batch,
-                              rollout_len=args.rollout_len, reference=reference)
+            est = choose_mesh(model_cfg, topology, **memory, rollout_batch=rollouts[entry.scale].rows,
+                              rollout_len=rollouts[entry.scale].length, reference=reference)
             fits = "" if est.total <= 0.85 * topology.hbm_bytes else "  DOES NOT FIT"
             name = entry.scale if label is None else f"{entry.scale} {label}"
             print(f"{name:>8} {model_cfg.num_params() / 1e9:7.2f}B {str((est.data, est.fsdp, est.tensor)):>24} "
@@ -501,9 +516,7 @@ def cmd_plan(args) -> int:
                                                        est.logits, est.reference, est.kv_cache, est.total)) + fits)
     _print_teacher_stages(cfg, topology, args.teacher_prompt_len)
     if cfg.pipelines:
-        from forgetjax.study.matrix import expand
-
-        _print_pipeline_stages(expand(cfg))
+        _print_pipeline_stages(cells)
     return 0
 
 
@@ -687,8 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="study config YAML")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--topology", required=True, help="v5p-64, v5e-16, v4-32, gpu:8, gpu:8:a100-40, cpu:8")
-    p.add_argument("--rollout-batch", type=int, default=256, help="rows sampled at once by online methods")
-    p.add_argument("--rollout-len", type=int, default=1024, help="prompt + generation length of rollouts")
+    p.add_argument("--rollout-batch", type=int, default=None,
+                   help="rows the sampler decodes at once (default: the largest call of the study's methods)")
+    p.add_argument("--rollout-len", type=int, default=None,
+                   help="prompt + generation length of rollouts (default: the study's train.max_length)")
     p.add_argument("--teacher-prompt-len", type=int, default=256,
                    help="prompt length of teacher-stage generation (default %(default)s)")
     p.set_defaults(func=cmd_plan)

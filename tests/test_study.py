@@ -304,9 +304,43 @@ def test_plan_reads_the_training_config_defaults(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "global batch 16 x 512 tokens, remat none" in out
     expected = choose_mesh(config_from_hf(QWEN_05B), parse_topology("v5e-8"), global_batch=16, seq_len=512,
-                           param_bytes=4, compute_bytes=4, remat="none", moments_bytes=4, rollout_batch=256,
-                           rollout_len=1024, logit_chunk=1024, reference=True)  # study cells: KL to the start
+                           param_bytes=4, compute_bytes=4, remat="none", moments_bytes=4, rollout_batch=0,
+                           rollout_len=0, logit_chunk=1024, reference=True)  # study cells: KL to the start
     assert f"{expected.total / 2**30:8.2f} GiB" in out
+    assert "0.5b: rollout KV cache 0 rows x 0 tokens (no method samples the trained model)" in out
+
+
+def test_plan_sizes_the_kv_cache_from_the_studys_own_sampler_calls(tmp_path, capsys):
+    """The rollout KV cache is the largest sampler call of the study's training runs, cells and pipeline stages:
+    DPO decodes prompts_per_call x samples_per_prompt rows (10 x 5 = 50, padded to the sampler's bucket 64), GRPO
+    its step's batch (16), SPIN prompts_per_call (8), SDFT prompts_per_chunk x n_samples (4 x 3 = 12 -> 16), a
+    GRPO pipeline stage with batch 96 (-> 128); each at its train.max_length. Flags override the derived shape."""
+    from forgetjax import cli
+    from forgetjax.models.config import config_from_hf
+
+    study = {"models": [{"scale": "0.5b", "base": "x", "safe": "x", "hf_config": QWEN_05B}], "scales": ["0.5b"],
+             "start_points": ["base"], "domains": ["math"], "train": {"batch_size": 16, "max_length": 384},
+             "methods": ["gt_sft", "on_rl_grpo", "off_rl_dpo", "self_spin", "self_sdft"],
+             "method_args": {"off_rl_dpo": {"prompts_per_call": 10, "samples_per_prompt": 5},
+                             "self_spin": {"prompts_per_call": 8},
+                             "self_sdft": {"prompts_per_chunk": 4, "n_samples": 3}}}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    assert cli.main(["plan", str(config), "--topology", "cpu:1"]) == 0
+    out = capsys.readouterr().out
+    assert "0.5b: rollout KV cache 64 rows x 384 tokens (largest sampler call: off_rl_dpo)" in out
+    qwen = config_from_hf(QWEN_05B)
+    kv_bytes = 2 * qwen.num_layers * 64 * 384 * qwen.num_kv_heads * qwen.head_dim * 4  # K and V, float32
+    assert f"{kv_bytes / 2**30:8.2f} GiB" in out
+
+    study["pipelines"] = {"long_rl": {"stages": [{"name": "sft", "method": "gt_sft"},
+                                                 {"name": "rl", "method": "on_rl_grpo",
+                                                  "train": {"batch_size": 96, "max_length": 512}}]}}
+    config.write_text(yaml.safe_dump(study))
+    assert cli.main(["plan", str(config), "--topology", "cpu:1"]) == 0
+    assert "0.5b: rollout KV cache 128 rows x 512 tokens (largest sampler call: on_rl_grpo)" in capsys.readouterr().out
+    assert cli.main(["plan", str(config), "--topology", "cpu:1", "--rollout-batch", "4", "--rollout-len", "100"]) == 0
+    assert "0.5b: rollout KV cache 4 rows x 100 tokens (--rollout-batch / --rollout-len)" in capsys.readouterr().out
 
 
 def test_safety_stage_trains_with_the_study_optimizer():

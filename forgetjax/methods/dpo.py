@@ -63,6 +63,10 @@ class DPOArgs:
     chosen_fallback: Literal["none", "reference"] = "none"  # reference: a prompt with no verified-correct sample is
     # paired with the domain's reference completion (GT-SFT's target) as chosen against its incorrect samples
 
+    def sampler_rows(self, batch_size: int) -> int:
+        """Rows one call of the start model's sampler decodes: prompts_per_call prompts x samples_per_prompt."""
+        return self.prompts_per_call * self.samples_per_prompt
+
     def validate(self):
         if self.chosen_fallback not in ("none", "reference"):
             raise ValueError(f"chosen_fallback must be 'none' or 'reference', got {self.chosen_fallback!r}")

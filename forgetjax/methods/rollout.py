@@ -83,6 +83,10 @@ class RolloutArgs:
     format_penalty: float = 0.0
     qa_metric: Literal["exact_match", "f1"] = "exact_match"
 
+    def sampler_rows(self, batch_size: int) -> int:
+        """Rows one call of the policy's sampler decodes: the whole step's batch (prompts x group_size)."""
+        return batch_size
+
     def validate(self) -> None:
         positive = {"group_size": self.group_size, "max_new_tokens": self.max_new_tokens,
                     "updates_per_batch": self.updates_per_batch, "reward_workers": self.reward_workers}

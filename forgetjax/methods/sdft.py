@@ -86,6 +86,10 @@ class SdftArgs(GenerationArgs, SFTDataArgs):
     rewrite_template: str = REWRITE_TEMPLATE
     leak_phrases: list[str] = dataclasses.field(default_factory=lambda: list(LEAK_PHRASES))
 
+    def sampler_rows(self, batch_size: int) -> int:
+        """Rows one call of the model's sampler decodes: prompts_per_chunk rewrite prompts x n_samples."""
+        return self.prompts_per_chunk * self.n_samples
+
     def validate(self):
         SFTDataArgs.validate(self)
         GenerationArgs.validate(self)

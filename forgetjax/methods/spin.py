@@ -49,6 +49,10 @@ class SPINArgs:
     system: str | None = None
     seed: int = 0
 
+    def sampler_rows(self, batch_size: int) -> int:
+        """Rows one call of the model's sampler decodes: prompts_per_call prompts, one answer each."""
+        return self.prompts_per_call
+
     def validate(self):
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")

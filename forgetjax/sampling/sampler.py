@@ -22,6 +22,7 @@ from forgetjax.models.decoder import CausalLM, KVCache
 from forgetjax.sharding import constrain
 
 LENGTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,7 @@ class Sampler:
     """Generates completions for token prompts or chat messages with a CausalLM (optionally sharded on a mesh)."""
 
     def __init__(self, model: CausalLM, tokenizer: Any, mesh=None, cache_dtype=None,
-                 batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256)):
+                 batch_buckets: Sequence[int] = BATCH_BUCKETS):
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh

@@ -12,7 +12,9 @@ Estimates (bytes per device), each term sharded over fsdp x tensor unless said o
 - the float32 logits and their gradient for one chunk of `logit_chunk` tokens per device (`forgetjax.models.vocab`:
   every loss projects the vocabulary chunk by chunk; 0 = the whole batch at once);
 - a frozen copy of the starting trained parameters (the KL to the start model that study cells measure, GRPO's KL
-  reference; only the LoRA factors under LoRA) in the compute dtype, and the sampler's KV cache for rollouts.
+  reference; only the LoRA factors under LoRA) in the compute dtype, and the sampler's KV cache for rollouts: by
+  default the largest sampler call of the study's own methods (`study_rollouts`: rows as the sampler pads them,
+  train.max_length tokens, which bound prompt + generation), not a fixed guess.
 A teacher stage (the SF-/CF-SFT teacher's generations, built once per stage id and shared by every cell naming it)
 is planned on its own, once per stage (`teacher_stage_plan`): the teacher's weights in the stage dtype and the KV
 cache of one chunk's generation batch, both sharded over every device (the stage's mesh is fsdp over all of them),
@@ -134,6 +136,44 @@ def estimate(config: ModelConfig, data: int, fsdp: int, tensor: int, *, global_b
         math.gcd(tensor, config.num_kv_heads), 1)
     return MemoryEstimate(data, fsdp, tensor, params, gradients, optimizer, activations, kv_cache, logits,
                           reference_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """The largest sampler call of a scale's training runs: rows (padded to the sampler's batch bucket) x length."""
+
+    rows: int = 0
+    length: int = 0
+    method: str | None = None
+
+
+def study_rollouts(cells) -> dict[str, Rollouts]:
+    """Per scale, the largest KV cache the study's training runs (cells and pipeline stages) ask of the sampler that
+    decodes the model being trained: each method's `sampler_rows(batch_size)` (methods that never sample it have
+    none; SF-/CF-SFT teachers are planned as teacher stages) padded to the sampler's batch bucket, times
+    train.max_length tokens. A scale whose methods never sample gets Rollouts()."""
+    from forgetjax.config import from_dict
+    from forgetjax.methods.registry import get_method_spec
+    from forgetjax.sampling.sampler import BATCH_BUCKETS, bucket
+    from forgetjax.training.trainer import TrainConfig
+
+    largest: dict[str, Rollouts] = {}
+    for cell in cells:
+        runs = [cell.run] if cell.run else []
+        if cell.pipeline is not None:
+            runs += [stage.run for stage in cell.pipeline.stages]
+        for run in runs:
+            args = from_dict(get_method_spec(run["method"]).args_class, run.get("method_args") or {},
+                             source=f"{cell.cell_id}: method_args")
+            if not hasattr(args, "sampler_rows"):
+                continue
+            train = from_dict(TrainConfig, run["train"], source=f"{cell.cell_id}: train")
+            rows = bucket(args.sampler_rows(train.batch_size), BATCH_BUCKETS)
+            candidate = Rollouts(rows, train.max_length, run["method"])
+            best = largest.get(cell.scale, Rollouts())
+            if candidate.rows * candidate.length > best.rows * best.length:
+                largest[cell.scale] = candidate
+    return largest
 
 
 def train_memory_settings(train) -> dict:
