@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: tuple[tuple[str, frozenset[str], bool], ...] = (
     ("core", frozenset({"errors", "io", "paths", "config"}), False),
-    ("base", frozenset({"<root>", "api", "assets", "models", "convert", "sharding", "distributed", "sampling",
-                        "training", "data", "datahub", "envs", "tasks", "verifiers", "losses"}), False),
+    ("base", frozenset({"<root>", "api", "assets", "models", "convert", "sharding", "distributed", "host_memory",
+                        "sampling", "training", "data", "datahub", "envs", "tasks", "verifiers", "losses"}), False),
     ("components", frozenset({"methods", "eval", "results"}), True),
     ("analysis", frozenset({"analysis"}), False),
     ("study", frozenset({"study"}), False),

@@ -45,7 +45,17 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 
 def run_training(cfg: RunConfig, *, source: str = "<config>", model=None, tokenizer=None, mesh=None) -> TrainResult:
     """Load the start model, build the method, train to the budget (resuming if checkpoints exist), and save the
-    final model as a forgetjax checkpoint in `<out_dir>/final` (the input of evaluation and export)."""
+    final model as a forgetjax checkpoint in `<out_dir>/final` (the input of evaluation and export). The training
+    state's host memory is released before returning (`forgetjax.host_memory`), so a study's next phase does not
+    carry it."""
+    from forgetjax.host_memory import release_host_memory
+
+    result = _train_and_save(cfg, source, model, tokenizer, mesh)
+    release_host_memory()
+    return result
+
+
+def _train_and_save(cfg: RunConfig, source: str, model, tokenizer, mesh) -> TrainResult:
     import jax.numpy as jnp
 
     import forgetjax

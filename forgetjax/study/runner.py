@@ -274,6 +274,7 @@ class StudyRunner:
         from forgetjax.config import from_dict
         from forgetjax.eval.battery import run_battery
         from forgetjax.eval.jax_engine import JaxEngine
+        from forgetjax.host_memory import release_host_memory
         from forgetjax.study.representation import analyse
         from forgetjax.methods.run import RunConfig, run_training
 
@@ -295,6 +296,7 @@ class StudyRunner:
         elif not cell.is_baseline:
             if cell.teacher_stage:
                 self.run_teacher_stage(cell)
+                release_host_memory()
             if cell.replay_stage:
                 self.run_replay_stage(cell.replay_stage)
             run = dict(cell.run)
@@ -320,13 +322,17 @@ class StudyRunner:
                         if row.get("category") == "ALL" and row.get("accuracy") is not None}
         if self.cfg.attacks.enabled:
             eval_summary.update(self.run_attacks(cell, model, tokenizer))
+        del engine
+        release_host_memory()
         if self.cfg.representation and not cell.is_baseline:
             start_model, _ = forgetjax.load(cell.start_model)
             data = analyse(start_model, model, tokenizer, data_dir_of(self.cfg), self.cfg.representation_probe)
             if is_writer():
                 results.write_representation(results.representation_file(self.results, cell.cell_id), data)
+            del start_model, data
         self._write_cell(cell, "done", budget=budget, metrics={**metrics, **eval_summary},
                          wall_seconds=time.time() - started, finished=time.time(), **extra)
+        release_host_memory()
 
     def _merged_model(self, cell: StudyCell):
         """(model, tokenizer) of a merge cell: its start model and its parent's final model interpolated at alpha
