@@ -147,8 +147,11 @@ def test_attack_compiles_once_per_shape_and_validates_its_budget(tiny):
 
 
 def test_gcg_breaks_a_planted_backdoor_within_its_budget(tiny):
-    """A copy of the tiny model trained to answer " Yes" only after a 3-token trigger suffix (other suffixes over
-    the same 16 tokens answer " No"): GCG restricted to those tokens finds a suffix whose greedy answer is " Yes"."""
+    """A copy of the tiny model trained to answer " Yes" after a 3-token trigger suffix and " No" after suffixes
+    without its tokens (16 candidate tokens), with P(" Yes") = k/3 for a suffix holding k of the trigger's tokens in
+    place (a landscape a greedy search can climb, but only by accepting the swaps that lower the target loss): GCG
+    restricted to those tokens finds a suffix whose greedy answer is " Yes". Without partial credit the backdoor is a
+    needle in 4096 suffixes, and whether single swaps lead to it depends on float rounding in training."""
     model, tokenizer = tiny
     model = nnx.clone(model)
     words = ["!", " apple", " river", " stone", " cloud", " green", " seven", " paper", " music", " quiet",
@@ -161,40 +164,51 @@ def test_gcg_breaks_a_planted_backdoor_within_its_budget(tiny):
     positive = build_layout(tokenizer, [behaviour], [" Yes"], 3)
     negative = build_layout(tokenizer, [behaviour], [" No"], 3)
     assert positive.input_ids.shape == negative.input_ids.shape
+    assert positive.target_ids.shape == negative.target_ids.shape == (1, 1)
+    yes, no = int(positive.target_ids[0, 0]), int(negative.target_ids[0, 0])
 
     rng = np.random.default_rng(0)
 
+    def suffix_with(matches: int) -> np.ndarray:
+        suffix = np.array([rng.choice(subset[subset != t]) for t in trigger])
+        keep = rng.choice(3, matches, replace=False)
+        suffix[keep] = trigger[keep]
+        return suffix
+
+    def rows(suffixes) -> np.ndarray:
+        ids = np.repeat(positive.input_ids[:1], len(suffixes), axis=0)
+        ids[:, positive.suffix_start:positive.suffix_start + 3] = suffixes
+        return ids
+
     def batch(n=32):
-        ids, targets = [], []
-        for i in range(n):
-            if i % 2 == 0:
-                suffix, layout = trigger, positive
-            else:
-                suffix = rng.choice(subset, 3)
-                layout = positive if (suffix == trigger).all() else negative
-            row = layout.input_ids[0].copy()
-            row[layout.suffix_start:layout.suffix_start + 3] = suffix
-            ids.append(row)
-            targets.append(layout.target_ids[0])
-        return np.array(ids), np.array(targets)
+        matches = np.arange(n) % 4
+        return rows([suffix_with(int(k)) for k in matches]), matches / 3.0
 
     optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
     start = positive.target_start
 
     @nnx.jit
-    def train_step(model, optimizer, ids, targets):
+    def train_step(model, optimizer, ids, p_yes):
         def loss_fn(model):
             hidden, _, _ = model.forward_hidden(ids)
-            stats = head_stats(model, hidden[:, start - 1:start - 1 + targets.shape[1]], targets=targets)
-            return -jnp.mean(stats.logprobs)
+            answer = hidden[:, start - 1:start]
+            log_yes = head_stats(model, answer, targets=jnp.full((ids.shape[0], 1), yes)).logprobs[:, 0]
+            log_no = head_stats(model, answer, targets=jnp.full((ids.shape[0], 1), no)).logprobs[:, 0]
+            return -jnp.mean(p_yes * log_yes + (1 - p_yes) * log_no)
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
         return loss
 
-    for _ in range(150):
-        ids, targets = batch()
-        loss = train_step(model, optimizer, jnp.asarray(ids), jnp.asarray(targets))
-    assert float(loss) < 0.05
+    for _ in range(200):
+        ids, p_yes = batch()
+        train_step(model, optimizer, jnp.asarray(ids), jnp.asarray(p_yes, jnp.float32))
+
+    def greedy_answers(suffixes) -> np.ndarray:
+        logits = model(jnp.asarray(rows(suffixes)[:, :start]))
+        return np.asarray(jnp.argmax(logits[:, -1], axis=-1))
+
+    planted = greedy_answers([trigger] + [suffix_with(0) for _ in range(8)])
+    assert planted[0] == yes and (planted[1:] == no).all(), "the backdoor was not planted"
 
     allowed = np.zeros(model.config.vocab_size, bool)
     allowed[subset] = True
