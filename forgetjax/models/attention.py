@@ -24,6 +24,7 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _SPLASH_BLOCK = 128
+XLA_QUERY_BLOCK = 512  # queries per block of the XLA path on long rows (see _xla_attention)
 
 
 def segments_from(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
@@ -69,7 +70,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | No
     elif kind == "splash":
         out = _splash_attention(q, k, v, segments)
     else:
-        out = _xla_attention(q, k, v, segments)
+        out = _xla_attention(q, k, v, segments, XLA_QUERY_BLOCK)
     return out.reshape(b, t, hq * d)
 
 
@@ -84,11 +85,31 @@ def _same_segment_causal(segments: jax.Array | None, t: int) -> jax.Array:
     return _causal(t)[None] & (segments[:, :, None] == segments[:, None, :])
 
 
-@jax.checkpoint
-def _xla_attention(q, k, v, segments):
-    """Reference attention in XLA: float32 scores and softmax. Rematerialised, so the backward pass keeps only q,
-    k and v, not the [B, H, T, T] probabilities."""
-    return _grouped_softmax_attention(q, k, v, _same_segment_causal(segments, q.shape[1]))
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _xla_attention(q, k, v, segments, query_block: int = XLA_QUERY_BLOCK):
+    """Attention in XLA: float32 scores and softmax. Rows longer than `query_block` are done `query_block` queries
+    at a time against every key (a loop over query blocks, each rematerialised), so a forward pass holds
+    [B, H, query_block, T] scores instead of [B, H, T, T] (long multiple-choice scoring on CPU). Rematerialised, so
+    the backward pass keeps only q, k and v, not the probabilities."""
+    b, t, hq, d = q.shape
+    if t <= query_block:
+        return _grouped_softmax_attention(q, k, v, _same_segment_causal(segments, t))
+    blocks = -(-t // query_block)
+    pad = blocks * query_block - t
+    q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, blocks, query_block, hq, d).swapaxes(0, 1)
+    key_segments = jnp.ones((b, t), jnp.int32) if segments is None else segments
+    query_segments = jnp.pad(key_segments, ((0, 0), (0, pad))).reshape(b, blocks, query_block).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_block(args):
+        index, q_block, q_segments = args
+        positions = index * query_block + jnp.arange(query_block)
+        mask = (positions[:, None] >= jnp.arange(t)[None, :])[None] & (
+            q_segments[:, :, None] == key_segments[:, None, :])
+        return _grouped_softmax_attention(q_block, k, v, mask)
+
+    out = jax.lax.map(one_block, (jnp.arange(blocks), q_blocks, query_segments))
+    return out.swapaxes(0, 1).reshape(b, blocks * query_block, hq, d)[:, :t]
 
 
 def _grouped_softmax_attention(q, k, v, mask):
