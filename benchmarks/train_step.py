@@ -157,7 +157,7 @@ def run_side(args) -> None:
             model = random_forgetjax(direct, args.dtype, "float32", args.remat)
         else:
             model, _ = load_forgetjax(hf_dir, args.dtype, param_dtype="float32", remat=args.remat)
-        from forgetjax.study.plan import estimate
+        from forgetjax.training.memory import estimate
 
         run, result["first_loss"], result["first_call"], result["compiled_bytes"] = forgetjax_runner(
             model, batch, args.lr, args.moments_dtype, args.logit_chunk)

@@ -448,9 +448,9 @@ def cmd_plan(args) -> int:
     from forgetjax.models.config import config_from_hf, load_config
     from forgetjax.study.matrix import train_settings
     from forgetjax.study.matrix import expand
-    from forgetjax.study.plan import Rollouts, choose_mesh, format_bytes, parse_topology, study_rollouts, \
-        train_memory_settings
+    from forgetjax.study.plan import Rollouts, choose_mesh, format_bytes, parse_topology, study_rollouts
     from forgetjax.study.schema import all_models, load_study_config
+    from forgetjax.training.memory import MEMORY_FRACTION, train_memory_settings
     from forgetjax.training.trainer import TrainConfig
 
     topology = parse_topology(args.topology)
@@ -466,7 +466,7 @@ def cmd_plan(args) -> int:
                 for scale in cfg.scales}
     first = settings[cfg.scales[0]] if cfg.scales else train_memory_settings(TrainConfig())
     print(f"topology {topology.name}: {topology.devices} devices x {topology.hbm_bytes / 2**30:.0f} GiB; "
-          f"global batch {first['global_batch']} x {first['seq_len']} tokens, remat {first['remat']}")
+          f"micro-batch {first['global_batch']} x {first['seq_len']} tokens (all devices), remat {first['remat']}")
     from forgetjax.study.axes import describe_axes
     from forgetjax.study.matrix import study_axes
 
@@ -492,8 +492,8 @@ def cmd_plan(args) -> int:
     reference = any(method.startswith("on_rl") for method in [*cfg.methods, *stage_methods]) or any(
         from_dict(TrainConfig, train_settings(cfg, scale), source=f"{args.config}: train").kl_to_start.every > 0
         for scale in cfg.scales)
-    header = (f"{'scale':>8} {'params':>8} {'mesh (data,fsdp,tensor)':>24} {'params':>12} {'grads':>12} "
-              f"{'optimizer':>12} {'activations':>12} {'logits':>12} {'reference':>12} {'kv cache':>12} "
+    header = (f"{'scale':>8} {'params':>8} {'mesh (data,fsdp,tensor)':>24} {'remat':>5} {'params':>12} "
+              f"{'grads':>12} {'optimizer':>12} {'activations':>12} {'logits':>12} {'reference':>12} {'kv cache':>12} "
               f"{'total':>12}")
     print(header)
     for entry in all_models(cfg):
@@ -509,9 +509,10 @@ def cmd_plan(args) -> int:
                 memory["lora_rank"] = lora["rank"] if lora else None
             est = choose_mesh(model_cfg, topology, **memory, rollout_batch=rollouts[entry.scale].rows,
                               rollout_len=rollouts[entry.scale].length, reference=reference)
-            fits = "" if est.total <= 0.85 * topology.hbm_bytes else "  DOES NOT FIT"
+            fits = "" if est.total <= MEMORY_FRACTION * topology.hbm_bytes else "  DOES NOT FIT"
             name = entry.scale if label is None else f"{entry.scale} {label}"
             print(f"{name:>8} {model_cfg.num_params() / 1e9:7.2f}B {str((est.data, est.fsdp, est.tensor)):>24} "
+                  f"{est.remat:>5} "
                   + " ".join(format_bytes(v) for v in (est.params, est.gradients, est.optimizer, est.activations,
                                                        est.logits, est.reference, est.kv_cache, est.total)) + fits)
     _print_teacher_stages(cfg, topology, args.teacher_prompt_len)
@@ -523,7 +524,8 @@ def cmd_plan(args) -> int:
 def _print_teacher_stages(cfg, topology, prompt_len: int) -> None:
     """One line per teacher stage of the study (not per cell): memory per device, generation FLOPs and time."""
     from forgetjax.models.config import config_from_hf, load_config
-    from forgetjax.study.plan import DTYPE_BYTES, format_bytes, stage_prompts, teacher_stage_plan, teacher_stages
+    from forgetjax.study.plan import format_bytes, stage_prompts, teacher_stage_plan, teacher_stages
+    from forgetjax.training.memory import DTYPE_BYTES, MEMORY_FRACTION
     from forgetjax.study.schema import all_models, teacher_entries
 
     stages = teacher_stages(cfg)
@@ -555,7 +557,7 @@ def _print_teacher_stages(cfg, topology, prompt_len: int) -> None:
         plan = teacher_stage_plan(model_cfg, topology, prompts=prompts, samples=key["n_samples"],
                                   prompts_per_chunk=key["prompts_per_chunk"], prompt_len=prompt_len,
                                   new_tokens=key["max_new_tokens"], compute_bytes=DTYPE_BYTES[key["dtype"]])
-        fits = "" if plan.total <= 0.85 * topology.hbm_bytes else "  DOES NOT FIT"
+        fits = "" if plan.total <= MEMORY_FRACTION * topology.hbm_bytes else "  DOES NOT FIT"
         if cfg.budget.kind == "flops" and plan.flops >= cfg.budget.value:
             fits += "  > FLOPS BUDGET (charged pro rata: no cell can afford all of it)"
         print(f"{stage_id:>52} {cells:>5} {prompts:>7} "

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from forgetjax.models.config import config_from_hf
-from forgetjax.study.plan import choose_mesh, estimate, parse_topology
+from forgetjax.study.plan import choose_mesh, parse_topology
+from forgetjax.training.memory import estimate
 from study_runs import run_study
 from tiny_models import make_tiny_chat_model
 
@@ -288,11 +289,11 @@ def test_rerun_after_a_config_change_does_not_pool_old_cells(tmp_path):
 def test_plan_reads_the_training_config_defaults(tmp_path, capsys):
     from forgetjax import cli
     from forgetjax.config import from_dict
-    from forgetjax.study.plan import train_memory_settings
+    from forgetjax.training.memory import train_memory_settings
     from forgetjax.training.trainer import TrainConfig
 
     assert train_memory_settings(TrainConfig()) == {
-        "global_batch": 8, "seq_len": 512, "param_bytes": 4, "compute_bytes": 4, "remat": "none", "lora_rank": None,
+        "global_batch": 8, "seq_len": 512, "param_bytes": 4, "compute_bytes": 4, "remat": "auto", "lora_rank": None,
         "moments_bytes": 4, "logit_chunk": 1024}
     half = train_memory_settings(from_dict(TrainConfig, {"dtype": "bfloat16", "lora": {"rank": 8},
                                                          "optimizer": {"moments_dtype": "bfloat16"}}))
@@ -302,9 +303,9 @@ def test_plan_reads_the_training_config_defaults(tmp_path, capsys):
                                       "scales": ["0.5b"], "methods": ["gt_sft"], "train": {"batch_size": 16}}))
     assert cli.main(["plan", str(config), "--topology", "v5e-8"]) == 0
     out = capsys.readouterr().out
-    assert "global batch 16 x 512 tokens, remat none" in out
+    assert "micro-batch 16 x 512 tokens (all devices), remat auto" in out
     expected = choose_mesh(config_from_hf(QWEN_05B), parse_topology("v5e-8"), global_batch=16, seq_len=512,
-                           param_bytes=4, compute_bytes=4, remat="none", moments_bytes=4, rollout_batch=0,
+                           param_bytes=4, compute_bytes=4, remat="auto", moments_bytes=4, rollout_batch=0,
                            rollout_len=0, logit_chunk=1024, reference=True)  # study cells: KL to the start
     assert f"{expected.total / 2**30:8.2f} GiB" in out
     assert "0.5b: rollout KV cache 0 rows x 0 tokens (no method samples the trained model)" in out

@@ -73,6 +73,11 @@ class GRPO(Method):
         self.advantage_mode = args.advantage or DEFAULT_ADVANTAGE[variant]
         self.reward_pool = None
 
+    @property
+    def keeps_start(self) -> bool:
+        """The KL penalty's reference is the frozen start (beta > 0)."""
+        return self.args.beta > 0
+
     def sample_messages(self, problem):
         return user_message(problem.prompt, self.args.system_prompt)
 

@@ -73,7 +73,8 @@ def _train_and_save(cfg: RunConfig, source: str, model, tokenizer, mesh) -> Trai
     if model is None:
         model, tokenizer = forgetjax.load(cfg.train.model, dtype=jnp.dtype(cfg.train.dtype),
                                           param_dtype=jnp.dtype(cfg.train.param_dtype or cfg.train.dtype),
-                                          remat=cfg.train.remat, mesh=mesh)
+                                          remat="none" if cfg.train.remat == "auto" else cfg.train.remat,
+                                          mesh=mesh)  # the Trainer sets the policy "auto" chooses
     trainer = Trainer(cfg.train, model, tokenizer, method, mesh=mesh)
     result = trainer.fit()
     from forgetjax.training.lora import merge_lora

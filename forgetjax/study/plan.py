@@ -1,28 +1,18 @@
-"""`forgetjax plan`: per-device memory of each model scale on a topology, and the mesh the study would use.
+"""`forgetjax plan`: per-device memory of each model scale on a topology, the mesh and remat policy the study would
+use, and its teacher stages.
 
-Estimates (bytes per device), each term sharded over fsdp x tensor unless said otherwise:
-- parameters, gradients (both in the param dtype) and AdamW's two moments in `moments_bytes` (only LoRA factors
-  are trained when LoRA is on); the compute-dtype copy of the weights is made one layer at a time inside the
-  layer scan, so it is not counted;
-- activations kept for the backward pass of the local micro-batch, counted from the decoder's own layer
-  (`saved_bytes_per_token`): without remat every matmul input and the SwiGLU branches in the compute dtype plus
-  the two RMSNorms and the SiLU in float32; with remat "dots" the matmul outputs; with remat "full" the layer
-  inputs alone, plus one layer's activations recomputed during the backward pass. Attention keeps no T x T scores
-  (fused kernels, or rematerialised XLA attention);
-- the float32 logits and their gradient for one chunk of `logit_chunk` tokens per device (`forgetjax.models.vocab`:
-  every loss projects the vocabulary chunk by chunk; 0 = the whole batch at once);
-- a frozen copy of the starting trained parameters (the KL to the start model that study cells measure, GRPO's KL
-  reference; only the LoRA factors under LoRA) in the compute dtype, and the sampler's KV cache for rollouts: by
-  default the largest sampler call of the study's own methods (`study_rollouts`: rows as the sampler pads them,
-  train.max_length tokens, which bound prompt + generation), not a fixed guess.
+A training run's memory is `forgetjax.training.memory.estimate` (parameters, gradients, moments, activations, one
+logits chunk, the frozen start copy, the rollout KV cache). The rollout KV cache is by default the largest sampler
+call of the study's own methods (`study_rollouts`: rows as the sampler pads them, train.max_length tokens, which
+bound prompt + generation), not a fixed guess.
 A teacher stage (the SF-/CF-SFT teacher's generations, built once per stage id and shared by every cell naming it)
 is planned on its own, once per stage (`teacher_stage_plan`): the teacher's weights in the stage dtype and the KV
 cache of one chunk's generation batch, both sharded over every device (the stage's mesh is fsdp over all of them),
 plus one decode step's float32 logits per local row; its time is the larger of the generation FLOPs at the devices'
 peak and the decode bandwidth floor (every decode step reads the local weights and KV cache once).
-Checked against measured peaks on one H200 (benchmarks/results, 2026-12-04): Qwen2.5-0.5B and 1.5B bf16 SFT steps
-(4 x 2048 tokens, no remat, chunks of 1024 / 4096 / all tokens) and a 7B step (remat full, bf16 moments).
-The mesh chosen is the smallest fsdp (x tensor) group that fits in 85% of HBM, the remaining devices as data.
+The mesh chosen is the smallest fsdp (x tensor) group that fits in 85% of HBM (`MEMORY_FRACTION`), the remaining
+devices as data; under `train.remat: auto` each candidate mesh takes the cheapest remat policy that fits there, as the
+trainer does on its own mesh.
 """
 from __future__ import annotations
 
@@ -32,9 +22,8 @@ import re
 
 from forgetjax.errors import UserError
 from forgetjax.models.config import ModelConfig
-from forgetjax.models.vocab import DEFAULT_CHUNK
+from forgetjax.training.memory import MEMORY_FRACTION, MemoryEstimate, fitted_estimate
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80, "h200": 141, "b200": 180, "a100": 80,
            "a100-40": 40, "l4": 24, "cpu": 24}
 CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
@@ -78,67 +67,6 @@ def parse_topology(text: str) -> Topology:
 
 
 @dataclasses.dataclass(frozen=True)
-class MemoryEstimate:
-    data: int
-    fsdp: int
-    tensor: int
-    params: float
-    gradients: float
-    optimizer: float
-    activations: float
-    kv_cache: float
-    logits: float = 0.0
-    reference: float = 0.0
-
-    @property
-    def total(self) -> float:
-        return (self.params + self.gradients + self.optimizer + self.activations + self.logits + self.reference
-                + self.kv_cache)
-
-
-def saved_bytes_per_token(config: ModelConfig, remat: str, compute_bytes: int) -> float:
-    """Bytes one layer keeps per token for the backward pass under `remat` (see the module docstring)."""
-    d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
-    if remat == "none":
-        return (4 * d + 2 * q + 2 * kv + 3 * f) * compute_bytes + (2 * d + f) * 4
-    if remat == "dots":
-        return (2 * d + q + 2 * kv + 2 * f) * compute_bytes
-    if remat == "full":
-        return d * compute_bytes
-    raise ValueError(f"remat={remat!r}; choose one of none, dots, full")
-
-
-def estimate(config: ModelConfig, data: int, fsdp: int, tensor: int, *, global_batch: int, seq_len: int,
-             param_bytes: int = 4, compute_bytes: int = 2, remat: str = "full", lora_rank: int | None = None,
-             moments_bytes: int = 4, logit_chunk: int = DEFAULT_CHUNK, reference: bool = False,
-             rollout_batch: int = 0, rollout_len: int = 0) -> MemoryEstimate:
-    shards = fsdp * tensor
-    n = config.num_params()
-    params = n * param_bytes / shards
-    if lora_rank:
-        d, f, layers = config.hidden_size, config.intermediate_size, config.num_layers
-        trainable = layers * lora_rank * (4 * d + 3 * f + 3 * d + config.q_size + 2 * config.kv_size)
-    else:
-        trainable = n
-    gradients = trainable * param_bytes / shards
-    optimizer = 2 * trainable * moments_bytes / shards
-    local_batch = max(global_batch // (data * fsdp), 1)
-    tokens = local_batch * seq_len
-    kept = config.num_layers * saved_bytes_per_token(config, remat, compute_bytes)
-    if remat != "none":
-        kept += saved_bytes_per_token(config, "none", compute_bytes)  # the layer recomputed in the backward pass
-    activations = kept * tokens / tensor
-    logit_rows = min(logit_chunk, tokens) if logit_chunk else tokens
-    logits = 2 * logit_rows * config.vocab_size * 4 / tensor
-    reference_bytes = trainable * compute_bytes / shards if reference else 0.0  # a copy of the trained parameters
-    kv_rows = max(rollout_batch // (data * fsdp), 1) if rollout_batch else 0
-    kv_cache = 2 * config.num_layers * kv_rows * rollout_len * config.kv_size * compute_bytes / max(
-        math.gcd(tensor, config.num_kv_heads), 1)
-    return MemoryEstimate(data, fsdp, tensor, params, gradients, optimizer, activations, kv_cache, logits,
-                          reference_bytes)
-
-
-@dataclasses.dataclass(frozen=True)
 class Rollouts:
     """The largest sampler call of a scale's training runs: rows (padded to the sampler's batch bucket) x length."""
 
@@ -176,21 +104,10 @@ def study_rollouts(cells) -> dict[str, Rollouts]:
     return largest
 
 
-def train_memory_settings(train) -> dict:
-    """The `estimate` keywords a resolved TrainConfig implies: global batch, length, parameter and compute dtypes,
-    remat, LoRA rank, Adam moments dtype (None: the parameter dtype) and the logits chunk when the config has one."""
-    param_bytes = DTYPE_BYTES[train.param_dtype or train.dtype]
-    moments = train.optimizer.moments_dtype
-    return {"global_batch": train.batch_size, "seq_len": train.max_length, "param_bytes": param_bytes,
-            "compute_bytes": DTYPE_BYTES[train.dtype], "remat": train.remat,
-            "lora_rank": train.lora.rank if train.lora is not None else None,
-            "moments_bytes": DTYPE_BYTES[moments] if moments else param_bytes,
-            "logit_chunk": train.logit_chunk}
-
-
 def choose_mesh(config: ModelConfig, topology: Topology, **kwargs) -> MemoryEstimate:
-    """Smallest model-parallel group (fsdp first, tensor up to 8) that fits in 85% of HBM; data takes the rest."""
-    budget = 0.85 * topology.hbm_bytes
+    """Smallest model-parallel group (fsdp first, tensor up to 8) that fits in `MEMORY_FRACTION` of HBM, data takes
+    the rest; under remat "auto" each mesh is tried with the cheapest policy that fits on it."""
+    budget = MEMORY_FRACTION * topology.hbm_bytes
     best = None
     for tensor in (1, 2, 4, 8):
         if topology.devices % tensor:
@@ -199,7 +116,7 @@ def choose_mesh(config: ModelConfig, topology: Topology, **kwargs) -> MemoryEsti
         while fsdp * tensor <= topology.devices:
             if topology.devices % (fsdp * tensor) == 0:
                 data = topology.devices // (fsdp * tensor)
-                est = estimate(config, data, fsdp, tensor, **kwargs)
+                est = fitted_estimate(config, budget, data, fsdp, tensor, **kwargs)
                 if est.total <= budget:
                     return est
                 best = est if best is None or est.total < best.total else best

@@ -72,6 +72,7 @@ class Method(abc.ABC):
     trim: str = "tokens"  # "tokens" (SFT-style rows), "pairs" (whole rows of a paired batch) or "none"
     kl_contexts: tuple[str, ...] = ("",)  # array-name prefixes of the contexts the KL to the start is measured on
     replays: bool = False  # its batch source mixes `train.replay` rows in (`forgetjax.training.replay`)
+    keeps_start: bool = False  # keeps a frozen copy of the starting parameters (a reference model)
 
     @abc.abstractmethod
     def loss(self, model, batch: dict, rng: jax.Array):
@@ -80,6 +81,12 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def batch_source(self, trainer) -> BatchSource:
         """Build the source of batches (may prepare data with the trainer's model and tokenizer first)."""
+
+    def sampler_rows(self, batch_size: int) -> int:
+        """Rows of the largest call this method makes to the sampler with the model being trained (0: it never
+        samples it); the args' `sampler_rows` when they have one."""
+        rows = getattr(getattr(self, "args", None), "sampler_rows", None)
+        return rows(batch_size) if rows is not None else 0
 
     def flops_per_token(self, trainer) -> float:
         """Training FLOPs per real token of the step's forward/backward passes (`ModelConfig.train_flops_per_token`)."""

@@ -15,12 +15,15 @@ from flax import nnx
 
 from forgetjax.distributed import allgather_json, is_writer, process_rows
 from forgetjax.models.vocab import DEFAULT_CHUNK, check_logit_chunk, set_logit_chunk
+from forgetjax.sampling.sampler import BATCH_BUCKETS, bucket
 from forgetjax.sharding import make_mesh, shard_batch
 from forgetjax.training import budget as budgets
 from forgetjax.training.budget import BudgetConfig, BudgetUsage
 from forgetjax.training.checkpointing import TrainCheckpointer, key_from_json, key_to_json
 from forgetjax.training.kl_monitor import KLConfig, KLSummary, context_keys, kl_flops, kl_sums
 from forgetjax.training.lora import LoraConfig, apply_lora
+from forgetjax.training.memory import MEMORY_FRACTION, MemoryEstimate, device_memory_bytes, fitted_estimate, \
+    train_memory_settings
 from forgetjax.training.method import Batch, Method, StepContext
 from forgetjax.training.metrics import MetricsLogger
 from forgetjax.training.optim import OptimizerConfig, learning_rate, make_optimizer
@@ -65,7 +68,7 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] | None = None
-    remat: Literal["none", "full", "dots"] = "none"
+    remat: Literal["auto", "none", "dots", "full"] = "auto"  # auto: the cheapest that fits (training/memory.py)
     logit_chunk: int = DEFAULT_CHUNK  # tokens per device whose f32 logits a loss holds at once; 0 = all
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
@@ -108,6 +111,8 @@ class TrainResult:
     flags: list[str] = dataclasses.field(default_factory=list)  # `budget.data_flags`
     kl_to_start: dict[str, float] | None = None  # `KLSummary.result` when train.kl_to_start.every > 0
     replay: dict[str, float] | None = None  # unique, size, epochs of the replay records (`train.replay`)
+    remat: str | None = None  # the policy the run used (`train.remat`, or the one "auto" chose)
+    memory: dict[str, float] | None = None  # estimated bytes per device by component, and the device's (`memory_record`)
 
 
 def measure_peak_flops(dtype=jnp.float32, n: int = 1024) -> float:
@@ -136,6 +141,12 @@ class Trainer:
             raise UserError(f"train.replay: method {method.name} cannot replay (its batches are not SFT rows); "
                             "replay applies to the SFT-family methods")
         self.mesh = mesh if mesh is not None else cfg.mesh.make()
+        self.memory = self._memory_estimate(model.config)
+        model.remat = self.memory.remat
+        if cfg.remat == "auto" and is_writer():
+            print(f"forgetjax: remat auto -> {self.memory.remat} (step estimated at "
+                  f"{self.memory.total / 2**30:.2f} GiB of {self.device_bytes / 2**30:.1f} GiB per device)",
+                  file=sys.stderr)
         if cfg.lora is not None:
             apply_lora(model, cfg.lora, seed=cfg.seed)
             if self.mesh is not None:
@@ -153,6 +164,26 @@ class Trainer:
         self._step_fn = None
         self._start_params = None
         self._kl = KLSummary()
+
+    def _memory_estimate(self, model_config) -> MemoryEstimate:
+        """The step's bytes per device on this mesh (`forgetjax.training.memory`): under train.remat, or for "auto"
+        under the cheapest policy that fits in `MEMORY_FRACTION` of one device; counts the frozen start copy (KL to the
+        start, GRPO's reference) and the KV cache of the method's largest sampler call."""
+        cfg = self.cfg
+        shape = dict(self.mesh.shape) if self.mesh is not None else {}
+        rows = self.method.sampler_rows(cfg.batch_size)
+        settings = {**train_memory_settings(cfg), "reference": bool(cfg.kl_to_start.every) or self.method.keeps_start,
+                    "rollout_batch": bucket(rows, BATCH_BUCKETS) if rows else 0,
+                    "rollout_len": cfg.max_length if rows else 0}
+        self.device_bytes = device_memory_bytes()
+        return fitted_estimate(model_config, MEMORY_FRACTION * self.device_bytes, shape.get("data", 1),
+                               shape.get("fsdp", 1), shape.get("tensor", 1), **settings)
+
+    def memory_record(self) -> dict[str, float]:
+        """The step's estimate by component and the device memory it was fitted to (bytes), for train_result.json."""
+        est = self.memory
+        parts = ("params", "gradients", "optimizer", "activations", "logits", "reference", "kv_cache")
+        return {**{part: getattr(est, part) for part in parts}, "total": est.total, "device": self.device_bytes}
 
     def start_parameters(self):
         """A frozen copy of the trainable parameters the run starts from, in the compute dtype (the forward pass
@@ -321,7 +352,8 @@ class Trainer:
                              final_metrics=last_metrics, resumed_from=resumed_from,
                              wall_seconds=time.time() - start_time, out_dir=str(self.out_dir), data=data, flags=flags,
                              kl_to_start=self._kl.result(),
-                             replay=replay.summary() if replay is not None else None)
+                             replay=replay.summary() if replay is not None else None,
+                             remat=self.memory.remat, memory=self.memory_record())
         if is_writer():
             from forgetjax.io import write_json_atomic
 

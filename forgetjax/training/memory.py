@@ -1,0 +1,138 @@
+"""Per-device memory of a training step, and the remat policy a run can afford.
+
+Estimates (bytes per device), each term sharded over fsdp x tensor unless said otherwise:
+- parameters, gradients (both in the param dtype) and AdamW's two moments in `moments_bytes` (only LoRA factors
+  are trained when LoRA is on); the compute-dtype copy of the weights is made one layer at a time inside the
+  layer scan, so it is not counted;
+- activations kept for the backward pass of the local micro-batch, counted from the decoder's own layer
+  (`saved_bytes_per_token`): without remat every matmul input and the SwiGLU branches in the compute dtype plus
+  the two RMSNorms and the SiLU in float32; with remat "dots" the matmul outputs; with remat "full" the layer
+  inputs alone, plus one layer's activations recomputed during the backward pass. Attention keeps no T x T scores
+  (fused kernels, or rematerialised XLA attention);
+- the float32 logits and their gradient for one chunk of `logit_chunk` tokens per device (`forgetjax.models.vocab`:
+  every loss projects the vocabulary chunk by chunk; 0 = the whole batch at once);
+- a frozen copy of the starting trained parameters (the KL to the start model, GRPO's KL reference; only the LoRA
+  factors under LoRA) in the compute dtype, and the sampler's KV cache for rollouts (rows x length).
+Checked against measured peaks on one H200 (benchmarks/results, 2026-12-04): Qwen2.5-0.5B and 1.5B bf16 SFT steps
+(4 x 2048 tokens, no remat, chunks of 1024 / 4096 / all tokens) and a 7B step (remat full, bf16 moments).
+
+`train.remat: auto` (the default) takes the cheapest policy whose estimate fits in `MEMORY_FRACTION` of a device's
+memory (`choose_remat`): no recomputation, then "dots" (matmul outputs kept), then "full" (each layer recomputed).
+The trainer decides on its own mesh and device (`device_memory_bytes`), `forgetjax plan` on the planned topology.
+Rematerialisation changes the schedule, not the values computed (gradients equal to float noise, tested), so a
+run's id hashes the setting as written ("auto"); the policy used is recorded in its train_result.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+from forgetjax.models.config import ModelConfig
+from forgetjax.models.vocab import DEFAULT_CHUNK
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MEMORY_FRACTION = 0.85  # of a device's memory that a plan may fill (allocator slack, XLA temporaries)
+REMAT_BY_COST = ("none", "dots", "full")  # least recomputation first
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    data: int
+    fsdp: int
+    tensor: int
+    params: float
+    gradients: float
+    optimizer: float
+    activations: float
+    kv_cache: float
+    logits: float = 0.0
+    reference: float = 0.0
+    remat: str = "full"
+
+    @property
+    def total(self) -> float:
+        return (self.params + self.gradients + self.optimizer + self.activations + self.logits + self.reference
+                + self.kv_cache)
+
+
+def saved_bytes_per_token(config: ModelConfig, remat: str, compute_bytes: int) -> float:
+    """Bytes one layer keeps per token for the backward pass under `remat` (see the module docstring)."""
+    d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    if remat == "none":
+        return (4 * d + 2 * q + 2 * kv + 3 * f) * compute_bytes + (2 * d + f) * 4
+    if remat == "dots":
+        return (2 * d + q + 2 * kv + 2 * f) * compute_bytes
+    if remat == "full":
+        return d * compute_bytes
+    raise ValueError(f"remat={remat!r}; choose one of none, dots, full")
+
+
+def estimate(config: ModelConfig, data: int, fsdp: int, tensor: int, *, global_batch: int, seq_len: int,
+             param_bytes: int = 4, compute_bytes: int = 2, remat: str = "full", lora_rank: int | None = None,
+             moments_bytes: int = 4, logit_chunk: int = DEFAULT_CHUNK, reference: bool = False,
+             rollout_batch: int = 0, rollout_len: int = 0) -> MemoryEstimate:
+    """Bytes per device of one training step on a data x fsdp x tensor mesh (see the module docstring)."""
+    shards = fsdp * tensor
+    n = config.num_params()
+    params = n * param_bytes / shards
+    if lora_rank:
+        d, f, layers = config.hidden_size, config.intermediate_size, config.num_layers
+        trainable = layers * lora_rank * (4 * d + 3 * f + 3 * d + config.q_size + 2 * config.kv_size)
+    else:
+        trainable = n
+    gradients = trainable * param_bytes / shards
+    optimizer = 2 * trainable * moments_bytes / shards
+    local_batch = max(global_batch // (data * fsdp), 1)
+    tokens = local_batch * seq_len
+    kept = config.num_layers * saved_bytes_per_token(config, remat, compute_bytes)
+    if remat != "none":
+        kept += saved_bytes_per_token(config, "none", compute_bytes)  # the layer recomputed in the backward pass
+    activations = kept * tokens / tensor
+    logit_rows = min(logit_chunk, tokens) if logit_chunk else tokens
+    logits = 2 * logit_rows * config.vocab_size * 4 / tensor
+    reference_bytes = trainable * compute_bytes / shards if reference else 0.0  # a copy of the trained parameters
+    kv_rows = max(rollout_batch // (data * fsdp), 1) if rollout_batch else 0
+    kv_cache = 2 * config.num_layers * kv_rows * rollout_len * config.kv_size * compute_bytes / max(
+        math.gcd(tensor, config.num_kv_heads), 1)
+    return MemoryEstimate(data, fsdp, tensor, params, gradients, optimizer, activations, kv_cache, logits,
+                          reference_bytes, remat)
+
+
+def train_memory_settings(train) -> dict:
+    """The `estimate` keywords a resolved TrainConfig implies: the rows of one micro-batch (the activations a step
+    holds at once; gradients accumulate in place), length, parameter and compute dtypes, remat, LoRA rank, Adam
+    moments dtype (None: the parameter dtype) and the logits chunk."""
+    param_bytes = DTYPE_BYTES[train.param_dtype or train.dtype]
+    moments = train.optimizer.moments_dtype
+    return {"global_batch": train.batch_size // train.micro_batches, "seq_len": train.max_length,
+            "param_bytes": param_bytes, "compute_bytes": DTYPE_BYTES[train.dtype], "remat": train.remat,
+            "lora_rank": train.lora.rank if train.lora is not None else None,
+            "moments_bytes": DTYPE_BYTES[moments] if moments else param_bytes,
+            "logit_chunk": train.logit_chunk}
+
+
+def fitted_estimate(config: ModelConfig, budget_bytes: float, data: int, fsdp: int, tensor: int,
+                    **settings) -> MemoryEstimate:
+    """`estimate` under `settings["remat"]`; when that is "auto", under the cheapest policy of `REMAT_BY_COST` whose
+    total fits in `budget_bytes` ("full" when none fits)."""
+    if settings.get("remat", "auto") != "auto":
+        return estimate(config, data, fsdp, tensor, **settings)
+    settings = {k: v for k, v in settings.items() if k != "remat"}
+    for remat in REMAT_BY_COST:
+        est = estimate(config, data, fsdp, tensor, remat=remat, **settings)
+        if est.total <= budget_bytes:
+            return est
+    return est
+
+
+def device_memory_bytes(device=None) -> int:
+    """Memory one device may use: the accelerator allocator's limit, or on CPU the host's physical memory shared by
+    the process's devices."""
+    import jax
+
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()

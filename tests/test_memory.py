@@ -1,0 +1,164 @@
+"""The step memory model and `train.remat: auto`: the cheapest policy that fits is chosen by hand-counted bytes, the
+trainer runs under it and records it, explicit policies are kept, and the estimate orders the policies as XLA's
+compiled temporaries do."""
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+import forgetjax
+from forgetjax.models.config import config_from_hf
+from forgetjax.sharding import make_mesh
+from forgetjax.training import trainer as trainer_module
+from forgetjax.training.budget import BudgetConfig
+from forgetjax.training.memory import MEMORY_FRACTION, device_memory_bytes, fitted_estimate
+from forgetjax.training.optim import OptimizerConfig
+from forgetjax.training.step import make_train_step, split_model
+from forgetjax.training.trainer import CheckpointConfig, LogConfig, TrainConfig, Trainer
+from synthetic_method import SyntheticSFT
+from tiny_models import make_hf_model
+
+QWEN_15B = {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+            "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
+
+
+def hand_step_bytes(remat: str, tokens: int, n_params: int) -> float:
+    """Qwen2.5-1.5B, f32 params/grads/moments, bf16 compute, no LoRA, logits chunk 1024, one device: the bytes of one
+    step written out from the decoder's layer (d 1536, f 8960, q 1536, kv 256, 28 layers)."""
+    d, f, q, kv, layers, vocab = 1536, 8960, 1536, 256, 28, 151936
+    every_input = (4 * d + 2 * q + 2 * kv + 3 * f) * 2 + (2 * d + f) * 4  # bf16 matmul inputs, f32 norms and SiLU
+    kept = {"none": layers * every_input,
+            "dots": layers * (2 * d + q + 2 * kv + 2 * f) * 2 + every_input,  # matmul outputs + one layer recomputed
+            "full": layers * d * 2 + every_input}[remat]
+    return 4 * n_params * 4 + kept * tokens + 2 * 1024 * vocab * 4
+
+
+def test_auto_takes_the_cheapest_policy_that_fits_by_hand_counted_bytes():
+    config = config_from_hf(QWEN_15B)
+    n, tokens = config.num_params(), 4 * 2048
+    settings = dict(global_batch=4, seq_len=2048, param_bytes=4, compute_bytes=2, moments_bytes=4, logit_chunk=1024)
+    totals = {remat: hand_step_bytes(remat, tokens, n) for remat in ("none", "dots", "full")}
+    assert totals["none"] > totals["dots"] > totals["full"]
+    for remat, total in totals.items():
+        assert fitted_estimate(config, 1e15, 1, 1, 1, remat=remat, **settings).total == pytest.approx(total)
+    cases = {totals["none"] * 1.001: "none", totals["none"] * 0.999: "dots", totals["dots"] * 0.999: "full",
+             totals["full"] * 0.5: "full"}  # nothing fits: the cheapest in memory, so the plan can say DOES NOT FIT
+    for budget, expected in cases.items():
+        est = fitted_estimate(config, budget, 1, 1, 1, remat="auto", **settings)
+        assert est.remat == expected, (budget, est.remat)
+        assert est.total == pytest.approx(totals[expected])
+    # an explicit policy is kept whatever the budget
+    assert fitted_estimate(config, 1.0, 1, 1, 1, remat="none", **settings).remat == "none"
+
+
+def test_device_memory_on_cpu_is_the_hosts_physical_memory_shared_by_its_devices():
+    mem_total_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemTotal:"))
+    assert abs(device_memory_bytes() - mem_total_kib * 1024 // jax.local_device_count()) <= 64 * 2**20
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_hf_model(path, "qwen2", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=160)
+    return path
+
+
+def one_device():
+    return make_mesh(1, 1, 1, devices=[jax.devices()[0]])
+
+
+def make_cfg(out_dir, **kwargs):
+    return TrainConfig(batch_size=8, max_length=32, budget=BudgetConfig("steps", 2),
+                       checkpoint=CheckpointConfig(every=100, keep=1),
+                       log=LogConfig(progress=False, tensorboard=False, peak_flops=1e11),
+                       optimizer=OptimizerConfig(lr=1e-3, schedule="constant"), out_dir=str(out_dir), **kwargs)
+
+
+def test_the_trainer_runs_under_the_policy_auto_chooses_and_records_it(tiny_dir, tmp_path, monkeypatch):
+    """A device budget between the "dots" and "none" estimates makes the run rematerialise with "dots": the model
+    the step is traced from carries it, and train_result.json records the policy and the estimate."""
+    probe = make_cfg(tmp_path / "probe", remat="auto")
+    model, tok = forgetjax.load(tiny_dir)
+    totals = {}
+    for remat in ("none", "dots", "full"):
+        monkeypatch.setattr(trainer_module, "device_memory_bytes", lambda: 2**50)
+        trainer = Trainer(make_cfg(tmp_path / remat, remat=remat), model, tok, SyntheticSFT(160, 8, 32),
+                          mesh=one_device())
+        totals[remat] = trainer.memory.total
+        assert trainer.current_model().remat == remat
+    assert totals["none"] > totals["dots"] > totals["full"]
+    budget = (totals["none"] + totals["dots"]) / 2 / MEMORY_FRACTION
+    monkeypatch.setattr(trainer_module, "device_memory_bytes", lambda: int(budget))
+    model, tok = forgetjax.load(tiny_dir)
+    result = Trainer(probe, model, tok, SyntheticSFT(160, 8, 32), mesh=one_device()).fit()
+    assert result.remat == "dots" and result.steps == 2
+    written = json.loads((tmp_path / "probe" / "train_result.json").read_text())
+    assert written["remat"] == "dots"
+    assert written["memory"]["total"] == pytest.approx(totals["dots"])
+    assert written["memory"]["device"] == int(budget)
+    monkeypatch.setattr(trainer_module, "device_memory_bytes", lambda: 1)
+    model, tok = forgetjax.load(tiny_dir)
+    explicit = Trainer(make_cfg(tmp_path / "explicit", remat="none"), model, tok, SyntheticSFT(160, 8, 32),
+                       mesh=one_device())
+    assert explicit.memory.remat == "none" and explicit.current_model().remat == "none"
+
+
+def test_the_estimate_orders_the_policies_as_xlas_compiled_temporaries_do(tiny_dir):
+    """Activations kept for the backward pass: none > dots > full in the estimate and in the compiled step's temp
+    bytes (XLA:CPU memory_analysis) on a model whose activations dominate (long rows, small vocabulary)."""
+    import optax
+
+    method = SyntheticSFT(160, 8, 512)
+    batch = method.batch_source(None).next_batch(None).arrays
+    settings = dict(global_batch=8, seq_len=512, param_bytes=4, compute_bytes=4, logit_chunk=0)
+    config = config_from_hf(json.loads((tiny_dir / "config.json").read_text()))
+    estimated = {remat: fitted_estimate(config, 1e15, 1, 1, 1, remat=remat, **settings).activations
+                 for remat in ("none", "dots", "full")}
+    temps = {}
+    for remat in ("none", "dots", "full"):
+        model, _ = forgetjax.load(tiny_dir, remat=remat)
+        graphdef, trainable, frozen = split_model(model, lora=False)
+        tx = optax.adamw(1e-3)
+        step = make_train_step(graphdef, method.loss, tx)
+        compiled = jax.jit(step).lower(trainable, frozen, tx.init(trainable), batch, jax.random.key(0),
+                                       1e-3).compile()
+        temps[remat] = compiled.memory_analysis().temp_size_in_bytes
+    assert estimated["none"] > estimated["dots"] > estimated["full"], estimated
+    assert temps["none"] > temps["dots"] > temps["full"], temps
+
+
+QWEN_7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False}
+QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
+
+
+def test_plan_says_beforehand_that_a_7b_sft_step_fits_one_h200_only_with_full_remat(tmp_path, capsys):
+    """The issue's 7B case (bf16 compute, f32 master weights, bf16 moments, 4 x 2048 tokens) on one H200: without
+    remat the kept activations alone are 28 layers x 263,168 B x 8,192 tokens = 60 GB, with "dots" the step is still
+    above 85% of 141 GiB, with "full" it fits; the 0.5B step fits without remat."""
+    import yaml
+
+    from forgetjax import cli
+    from forgetjax.training.memory import estimate
+
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "models": [{"scale": "7b", "base": "x", "safe": "x", "hf_config": QWEN_7B},
+                   {"scale": "0.5b", "base": "y", "safe": "y", "hf_config": QWEN_05B}],
+        "scales": ["7b", "0.5b"], "methods": ["gt_sft"],
+        "train": {"dtype": "bfloat16", "param_dtype": "float32", "batch_size": 4, "max_length": 2048,
+                  "optimizer": {"moments_dtype": "bfloat16"}}}))
+    assert cli.main(["plan", str(study), "--topology", "gpu:1:h200"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["7b"],
+                                                                                                          ["0.5b"])}
+    assert rows["7b"].split()[5] == "full" and "DOES NOT FIT" not in rows["7b"], rows["7b"]
+    assert rows["0.5b"].split()[5] == "none" and "DOES NOT FIT" not in rows["0.5b"], rows["0.5b"]
+    budget = MEMORY_FRACTION * 141 * 2**30
+    settings = dict(global_batch=4, seq_len=2048, param_bytes=4, compute_bytes=2, moments_bytes=2, reference=True)
+    dots = estimate(config_from_hf(QWEN_7B), 1, 1, 1, remat="dots", **settings)
+    assert dots.total > budget
+    assert dots.activations == pytest.approx((28 * (2 * 3584 + 3584 + 2 * 512 + 2 * 18944) * 2 + 263_168) * 8192)
