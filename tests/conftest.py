@@ -66,6 +66,18 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 HF directory (d 64, 4 heads over 2 kv heads, vocabulary 160); a test module may define its
+    own `tiny_dir` instead."""
+    from tiny_models import make_hf_model
+
+    path = tmp_path_factory.mktemp("tiny")
+    make_hf_model(path, "qwen2", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=160)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf():
     from forgetjax.assets import embedded_gguf
 

@@ -22,7 +22,6 @@ from forgetjax.training.lora import LoraConfig, apply_lora, merge_lora
 from forgetjax.training.trainer import Trainer
 from synthetic_method import SyntheticSFT, SyntheticSource
 from test_training_loop import make_cfg, single_device_mesh
-from tiny_models import make_hf_model
 
 AXES = {
     "adapter": ["full", {"lora": {"rank": 8, "alpha": 16}}],
@@ -158,14 +157,6 @@ def test_interpolation_is_the_weighted_sum_and_exact_at_the_ends():
     assert np.array_equal(np.asarray(interpolate_params(start, post, 1.0)["b"]["c"]), post["b"]["c"])
     with pytest.raises(ValueError, match="alpha must be in"):
         interpolate_params(start, post, 1.5)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    make_hf_model(path, "qwen2", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=160)
-    return path
 
 
 def _randomise_lora(model, seed: int = 1):

@@ -17,7 +17,6 @@ from forgetjax.training.optim import OptimizerConfig
 from forgetjax.training.step import make_train_step, split_model
 from forgetjax.training.trainer import CheckpointConfig, LogConfig, TrainConfig, Trainer
 from synthetic_method import SyntheticSFT
-from tiny_models import make_hf_model
 
 QWEN_15B = {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
             "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
@@ -56,14 +55,6 @@ def test_device_memory_on_cpu_is_the_hosts_physical_memory_shared_by_its_devices
     mem_total_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                          if line.startswith("MemTotal:"))
     assert abs(device_memory_bytes() - mem_total_kib * 1024 // jax.local_device_count()) <= 64 * 2**20
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    make_hf_model(path, "qwen2", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=160)
-    return path
 
 
 def one_device():

@@ -23,17 +23,8 @@ from forgetjax.training.lora import LoraConfig
 from forgetjax.training.optim import OptimizerConfig
 from forgetjax.training.trainer import CheckpointConfig, LogConfig, TrainConfig, Trainer, TrainingDiverged
 from synthetic_method import SyntheticSFT
-from tiny_models import make_hf_model
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    make_hf_model(path, "qwen2", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=160)
-    return path
 
 
 def make_cfg(out_dir, steps=4, **kwargs):
