@@ -86,7 +86,7 @@ def _same_segment_causal(segments: jax.Array | None, t: int) -> jax.Array:
 
 
 @functools.partial(jax.checkpoint, static_argnums=(4,))
-def _xla_attention(q, k, v, segments, query_block: int = XLA_QUERY_BLOCK):
+def _xla_attention(q, k, v, segments, query_block: int):
     """Attention in XLA: float32 scores and softmax. Rows longer than `query_block` are done `query_block` queries
     at a time against every key (a loop over query blocks, each rematerialised), so a forward pass holds
     [B, H, query_block, T] scores instead of [B, H, T, T] (long multiple-choice scoring on CPU). Rematerialised, so

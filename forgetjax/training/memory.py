@@ -17,7 +17,7 @@ Checked against measured peaks on one H200 (benchmarks/results, 2026-12-04): Qwe
 (4 x 2048 tokens, no remat, chunks of 1024 / 4096 / all tokens) and a 7B step (remat full, bf16 moments).
 
 `train.remat: auto` (the default) takes the cheapest policy whose estimate fits in `MEMORY_FRACTION` of a device's
-memory (`choose_remat`): no recomputation, then "dots" (matmul outputs kept), then "full" (each layer recomputed).
+memory (`fitted_estimate`): no recomputation, then "dots" (matmul outputs kept), then "full" (each layer recomputed).
 The trainer decides on its own mesh and device (`device_memory_bytes`), `forgetjax plan` on the planned topology.
 Rematerialisation changes the schedule, not the values computed (gradients equal to float noise, tested), so a
 run's id hashes the setting as written ("auto"); the policy used is recorded in its train_result.json.

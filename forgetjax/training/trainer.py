@@ -112,7 +112,7 @@ class TrainResult:
     kl_to_start: dict[str, float] | None = None  # `KLSummary.result` when train.kl_to_start.every > 0
     replay: dict[str, float] | None = None  # unique, size, epochs of the replay records (`train.replay`)
     remat: str | None = None  # the policy the run used (`train.remat`, or the one "auto" chose)
-    memory: dict[str, float] | None = None  # estimated bytes per device by component, and the device's (`memory_record`)
+    memory: dict[str, Any] | None = None  # the step's estimate and the device memory (`Trainer.memory_record`)
 
 
 def measure_peak_flops(dtype=jnp.float32, n: int = 1024) -> float:
@@ -141,6 +141,7 @@ class Trainer:
             raise UserError(f"train.replay: method {method.name} cannot replay (its batches are not SFT rows); "
                             "replay applies to the SFT-family methods")
         self.mesh = mesh if mesh is not None else cfg.mesh.make()
+        self.device_bytes = device_memory_bytes()
         self.memory = self._memory_estimate(model.config)
         model.remat = self.memory.remat
         if cfg.remat == "auto" and is_writer():
@@ -175,15 +176,13 @@ class Trainer:
         settings = {**train_memory_settings(cfg), "reference": bool(cfg.kl_to_start.every) or self.method.keeps_start,
                     "rollout_batch": bucket(rows, BATCH_BUCKETS) if rows else 0,
                     "rollout_len": cfg.max_length if rows else 0}
-        self.device_bytes = device_memory_bytes()
         return fitted_estimate(model_config, MEMORY_FRACTION * self.device_bytes, shape.get("data", 1),
                                shape.get("fsdp", 1), shape.get("tensor", 1), **settings)
 
-    def memory_record(self) -> dict[str, float]:
-        """The step's estimate by component and the device memory it was fitted to (bytes), for train_result.json."""
-        est = self.memory
-        parts = ("params", "gradients", "optimizer", "activations", "logits", "reference", "kv_cache")
-        return {**{part: getattr(est, part) for part in parts}, "total": est.total, "device": self.device_bytes}
+    def memory_record(self) -> dict[str, Any]:
+        """The step's estimate (mesh, policy, bytes by component and in total) and the device memory it was fitted to,
+        for train_result.json."""
+        return {**dataclasses.asdict(self.memory), "total": self.memory.total, "device": self.device_bytes}
 
     def start_parameters(self):
         """A frozen copy of the trainable parameters the run starts from, in the compute dtype (the forward pass
