@@ -448,9 +448,10 @@ def cmd_plan(args) -> int:
     from forgetjax.models.config import config_from_hf, load_config
     from forgetjax.study.matrix import train_settings
     from forgetjax.study.matrix import expand
-    from forgetjax.study.plan import Rollouts, choose_mesh, format_bytes, parse_topology, study_rollouts
+    from forgetjax.study.plan import (Rollouts, choose_mesh, format_bytes, parse_topology, study_references,
+                                      study_rollouts)
     from forgetjax.study.schema import all_models, load_study_config
-    from forgetjax.training.memory import MEMORY_FRACTION, train_memory_settings
+    from forgetjax.training.memory import MEMORY_FRACTION, fitted_estimate, train_memory_settings
     from forgetjax.training.trainer import TrainConfig
 
     topology = parse_topology(args.topology)
@@ -461,9 +462,9 @@ def cmd_plan(args) -> int:
     _check_at_least("--teacher-prompt-len", args.teacher_prompt_len, 1)
     _check_input_file("CONFIG", args.config)
     cfg = load_study_config(args.config, args.overrides)
-    settings = {scale: train_memory_settings(from_dict(TrainConfig, train_settings(cfg, scale),
-                                                       source=f"{args.config}: train"))
-                for scale in cfg.scales}
+    train_configs = {scale: from_dict(TrainConfig, train_settings(cfg, scale), source=f"{args.config}: train")
+                     for scale in cfg.scales}
+    settings = {scale: train_memory_settings(train) for scale, train in train_configs.items()}
     first = settings[cfg.scales[0]] if cfg.scales else train_memory_settings(TrainConfig())
     print(f"topology {topology.name}: {topology.devices} devices x {topology.hbm_bytes / 2**30:.0f} GiB; "
           f"micro-batch {first['global_batch']} x {first['seq_len']} tokens (all devices), remat {first['remat']}")
@@ -486,13 +487,9 @@ def cmd_plan(args) -> int:
         print(f"{scale}: rollout KV cache {rows} rows x {length} tokens ({origin})")
     adapters = [(value.label, value.setting) for axis in axes if axis.key == "train.lora"
                 for value in axis.values] or [(None, None)]
-    stage_methods = [stage.get("method", "") for p in cfg.pipelines.values()
-                     for stage in (p if isinstance(p, list) else p.get("stages", []))]
-    # the KL to the start model (every method when train.kl_to_start.every > 0) keeps a frozen reference copy
-    reference = any(method.startswith("on_rl") for method in [*cfg.methods, *stage_methods]) or any(
-        from_dict(TrainConfig, train_settings(cfg, scale), source=f"{args.config}: train").kl_to_start.every > 0
-        for scale in cfg.scales)
-    header = (f"{'scale':>8} {'params':>8} {'mesh (data,fsdp,tensor)':>24} {'remat':>5} {'params':>12} "
+    references = study_references(cells)
+    budget = MEMORY_FRACTION * topology.hbm_bytes
+    header = (f"{'scale':>8} {'params':>8} {'mesh (data,fsdp,tensor)':>24} {'from':>12} {'remat':>5} {'params':>12} "
               f"{'grads':>12} {'optimizer':>12} {'activations':>12} {'logits':>12} {'reference':>12} {'kv cache':>12} "
               f"{'total':>12}")
     print(header)
@@ -504,17 +501,30 @@ def cmd_plan(args) -> int:
         else:
             model_cfg = load_config(entry.base or entry.safe)
         for label, lora in adapters:
-            memory = dict(settings[entry.scale])
+            memory = dict(settings[entry.scale], rollout_batch=rollouts[entry.scale].rows,
+                          rollout_len=rollouts[entry.scale].length, reference=references.get(entry.scale, False))
             if label is not None:
                 memory["lora_rank"] = lora["rank"] if lora else None
-            est = choose_mesh(model_cfg, topology, **memory, rollout_batch=rollouts[entry.scale].rows,
-                              rollout_len=rollouts[entry.scale].length, reference=reference)
-            fits = "" if est.total <= MEMORY_FRACTION * topology.hbm_bytes else "  DOES NOT FIT"
             name = entry.scale if label is None else f"{entry.scale} {label}"
-            print(f"{name:>8} {model_cfg.num_params() / 1e9:7.2f}B {str((est.data, est.fsdp, est.tensor)):>24} "
-                  f"{est.remat:>5} "
-                  + " ".join(format_bytes(v) for v in (est.params, est.gradients, est.optimizer, est.activations,
-                                                       est.logits, est.reference, est.kv_cache, est.total)) + fits)
+            rows = []
+            mesh = train_configs[entry.scale].mesh
+            try:
+                shape = mesh.shape(topology.devices)
+            except ValueError as err:
+                print(f"{name:>8}: train.mesh (data={mesh.data}, fsdp={mesh.fsdp}, tensor={mesh.tensor}) cannot be "
+                      f"laid out on {topology.name}: {err}")
+            else:
+                rows.append(("train.mesh", fitted_estimate(model_cfg, budget, *shape, **memory)))
+            smallest = choose_mesh(model_cfg, topology, **memory)
+            if not rows or rows[0][1].total > budget:
+                rows.append(("smallest fit", smallest))
+            for origin, est in rows:
+                fits = "" if est.total <= budget else "  DOES NOT FIT"
+                print(f"{name:>8} {model_cfg.num_params() / 1e9:7.2f}B {str((est.data, est.fsdp, est.tensor)):>24} "
+                      f"{origin:>12} {est.remat:>5} "
+                      + " ".join(format_bytes(v) for v in (est.params, est.gradients, est.optimizer, est.activations,
+                                                           est.logits, est.reference, est.kv_cache, est.total))
+                      + fits)
     _print_teacher_stages(cfg, topology, args.teacher_prompt_len)
     if cfg.pipelines:
         _print_pipeline_stages(cells)

@@ -121,6 +121,35 @@ def test_the_estimate_orders_the_policies_as_xlas_compiled_temporaries_do(tiny_d
     assert temps["none"] > temps["dots"] > temps["full"], temps
 
 
+def test_the_estimate_counts_the_gradient_accumulator_of_micro_batches(tmp_path):
+    """On a model whose parameters dominate (d 256, vocabulary 4096, 2 x 16-token micro-batches), the estimate is
+    within 10% of XLA:CPU's compiled step (arguments + temporaries, parameters and moments donated) with one, two
+    and four micro-batches. Micro-batching adds the accumulated gradients beside each micro-batch's: without that
+    term the estimate falls 15% short of the compiled step at two micro-batches."""
+    import optax
+
+    from forgetjax.training.memory import estimate
+    from tiny_models import make_hf_model
+
+    make_hf_model(tmp_path, "qwen2", hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=4096)
+    model, _ = forgetjax.load(tmp_path)
+    config = config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    graphdef, trainable, frozen = split_model(model, lora=False)
+    tx = optax.adamw(1e-3)
+    for micro in (1, 2, 4):
+        method = SyntheticSFT(4096, 2 * micro, 16)
+        batch = method.batch_source(None).next_batch(None).arrays
+        step = make_train_step(graphdef, method.loss, tx, micro_batches=micro)
+        compiled = jax.jit(step, donate_argnums=(0, 2)).lower(trainable, frozen, tx.init(trainable), batch,
+                                                              jax.random.key(0), 1e-3).compile()
+        analysis = compiled.memory_analysis()
+        measured = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+        est = estimate(config, 1, 1, 1, global_batch=2, micro_batches=micro, seq_len=16, param_bytes=4,
+                       compute_bytes=4, remat="none", logit_chunk=0)
+        assert est.total == pytest.approx(measured, rel=0.10), (micro, est, measured)
+
+
 QWEN_7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
            "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False}
 QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
@@ -146,8 +175,8 @@ def test_plan_says_beforehand_that_a_7b_sft_step_fits_one_h200_only_with_full_re
     assert cli.main(["plan", str(study), "--topology", "gpu:1:h200"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["7b"],
                                                                                                           ["0.5b"])}
-    assert rows["7b"].split()[5] == "full" and "DOES NOT FIT" not in rows["7b"], rows["7b"]
-    assert rows["0.5b"].split()[5] == "none" and "DOES NOT FIT" not in rows["0.5b"], rows["0.5b"]
+    assert rows["7b"].split()[5:7] == ["train.mesh", "full"] and "DOES NOT FIT" not in rows["7b"], rows["7b"]
+    assert rows["0.5b"].split()[5:7] == ["train.mesh", "none"] and "DOES NOT FIT" not in rows["0.5b"], rows["0.5b"]
     budget = MEMORY_FRACTION * 141 * 2**30
     settings = dict(global_batch=4, seq_len=2048, param_bytes=4, compute_bytes=2, moments_bytes=2, reference=True)
     dots = estimate(config_from_hf(QWEN_7B), 1, 1, 1, remat="dots", **settings)

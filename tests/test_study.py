@@ -289,11 +289,11 @@ def test_rerun_after_a_config_change_does_not_pool_old_cells(tmp_path):
 def test_plan_reads_the_training_config_defaults(tmp_path, capsys):
     from forgetjax import cli
     from forgetjax.config import from_dict
-    from forgetjax.training.memory import train_memory_settings
+    from forgetjax.training.memory import MEMORY_FRACTION, fitted_estimate, train_memory_settings
     from forgetjax.training.trainer import TrainConfig
 
     assert train_memory_settings(TrainConfig()) == {
-        "global_batch": 8, "seq_len": 512, "param_bytes": 4, "compute_bytes": 4, "remat": "auto", "lora_rank": None,
+        "global_batch": 8, "micro_batches": 1, "seq_len": 512, "param_bytes": 4, "compute_bytes": 4, "remat": "auto", "lora_rank": None,
         "moments_bytes": 4, "logit_chunk": 1024}
     half = train_memory_settings(from_dict(TrainConfig, {"dtype": "bfloat16", "lora": {"rank": 8},
                                                          "optimizer": {"moments_dtype": "bfloat16"}}))
@@ -304,9 +304,11 @@ def test_plan_reads_the_training_config_defaults(tmp_path, capsys):
     assert cli.main(["plan", str(config), "--topology", "v5e-8"]) == 0
     out = capsys.readouterr().out
     assert "micro-batch 16 x 512 tokens (all devices), remat auto" in out
-    expected = choose_mesh(config_from_hf(QWEN_05B), parse_topology("v5e-8"), global_batch=16, seq_len=512,
-                           param_bytes=4, compute_bytes=4, remat="auto", moments_bytes=4, rollout_batch=0,
-                           rollout_len=0, logit_chunk=1024, reference=True)  # study cells: KL to the start
+    expected = fitted_estimate(config_from_hf(QWEN_05B), MEMORY_FRACTION * 16 * 2**30, 1, 8, 1, global_batch=16,
+                               seq_len=512, param_bytes=4, compute_bytes=4, remat="auto", moments_bytes=4,
+                               rollout_batch=0, rollout_len=0, logit_chunk=1024,
+                               reference=True)  # the default train.mesh: fsdp over all 8; study cells: KL to start
+    assert f"(1, 8, 1)   train.mesh {expected.remat:>5}" in out
     assert f"{expected.total / 2**30:8.2f} GiB" in out
     assert "0.5b: rollout KV cache 0 rows x 0 tokens (no method samples the trained model)" in out
 
@@ -342,6 +344,72 @@ def test_plan_sizes_the_kv_cache_from_the_studys_own_sampler_calls(tmp_path, cap
     assert "0.5b: rollout KV cache 128 rows x 512 tokens (largest sampler call: on_rl_grpo)" in capsys.readouterr().out
     assert cli.main(["plan", str(config), "--topology", "cpu:1", "--rollout-batch", "4", "--rollout-len", "100"]) == 0
     assert "0.5b: rollout KV cache 4 rows x 100 tokens (--rollout-batch / --rollout-len)" in capsys.readouterr().out
+
+
+def plan_rows(out: str, scale: str) -> list[tuple[str, str, list[float]]]:
+    """(mesh, origin, GiB values: params, grads, optimizer, activations, logits, reference, kv cache, total) of the
+    plan's rows for `scale`."""
+    import re
+
+    rows = []
+    for line in out.splitlines():
+        found = re.match(rf"\s*{re.escape(scale)}\s+[\d.]+B\s+(\(\d+, \d+, \d+\))\s+(train\.mesh|smallest fit)\s", line)
+        if found:
+            rows.append((found.group(1), found.group(2), [float(v) for v in re.findall(r"([\d.]+) GiB", line)]))
+    return rows
+
+
+def test_plan_sizes_the_studys_configured_mesh_and_suggests_one_when_it_cannot(tmp_path, capsys):
+    """The row that counts is the mesh the trainer will build from train.mesh (fsdp 4, data the rest: (4, 4, 1) on
+    a v5p-32's 16 chips), with remat auto decided on it; where train.mesh cannot be laid out (fsdp 4 on 2 GPUs) the
+    plan says so and prints the smallest model-parallel mesh that fits."""
+    from forgetjax import cli
+    from forgetjax.training.memory import MEMORY_FRACTION, fitted_estimate
+
+    study = {"models": [{"scale": "0.5b", "base": "x", "safe": "x", "hf_config": QWEN_05B}], "scales": ["0.5b"],
+             "methods": ["gt_sft"], "train": {"batch_size": 32, "max_length": 1024, "dtype": "bfloat16",
+                                              "param_dtype": "float32", "mesh": {"data": -1, "fsdp": 4}}}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    settings = dict(global_batch=32, micro_batches=1, seq_len=1024, param_bytes=4, compute_bytes=2, remat="auto",
+                    moments_bytes=4, logit_chunk=1024, reference=True, rollout_batch=0, rollout_len=0)
+    qwen = config_from_hf(QWEN_05B)
+
+    assert cli.main(["plan", str(config), "--topology", "v5p-32"]) == 0
+    [(mesh, origin, values)] = plan_rows(capsys.readouterr().out, "0.5b")
+    expected = fitted_estimate(qwen, MEMORY_FRACTION * 95 * 2**30, 4, 4, 1, **settings)
+    assert (mesh, origin) == ("(4, 4, 1)", "train.mesh")
+    assert values[-1] == pytest.approx(expected.total / 2**30, abs=0.006)
+    assert values[0] == pytest.approx(qwen.num_params() * 4 / 4 / 2**30, abs=0.006)  # f32 weights over fsdp 4
+
+    assert cli.main(["plan", str(config), "--topology", "gpu:2:h200"]) == 0
+    out = capsys.readouterr().out
+    assert ("train.mesh (data=-1, fsdp=4, tensor=1) cannot be laid out on gpu:2:h200: 2 devices cannot be split into "
+            "data=-1 fsdp=4 tensor=1") in out
+    [(mesh, origin, values)] = plan_rows(out, "0.5b")
+    suggested = choose_mesh(qwen, parse_topology("gpu:2:h200"), **settings)
+    assert (mesh, origin) == (str((suggested.data, suggested.fsdp, suggested.tensor)), "smallest fit")
+    assert values[-1] == pytest.approx(suggested.total / 2**30, abs=0.006)
+
+
+@pytest.mark.parametrize("beta, kl_every, keeps", [(0.0, 0, False), (0.04, 0, True), (0.0, 5, True)])
+def test_plan_counts_the_start_copy_exactly_when_the_trainer_keeps_one(tmp_path, capsys, beta, kl_every, keeps):
+    """A frozen start copy (compute dtype, over fsdp) is counted when GRPO's KL penalty needs it (beta > 0) or the run
+    measures the KL to the start, and not for GRPO at beta 0 without the KL measurement: the plan reads the
+    method's args as the trainer's `Method.keeps_start` does."""
+    from forgetjax import cli
+    from forgetjax.methods.grpo import GRPO, GRPOArgs
+
+    assert GRPO(GRPOArgs(beta=beta), None, "grpo").keeps_start is (beta > 0)
+    study = {"models": [{"scale": "0.5b", "base": "x", "safe": "x", "hf_config": QWEN_05B}], "scales": ["0.5b"],
+             "methods": ["on_rl_grpo"], "domains": ["math"], "method_args": {"on_rl_grpo": {"beta": beta}},
+             "train": {"batch_size": 16, "dtype": "bfloat16", "kl_to_start": {"every": kl_every}}}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    assert cli.main(["plan", str(config), "--topology", "cpu:1"]) == 0
+    [(_, _, values)] = plan_rows(capsys.readouterr().out, "0.5b")
+    start_copy = config_from_hf(QWEN_05B).num_params() * 2 / 2**30 if keeps else 0.0
+    assert values[5] == pytest.approx(start_copy, abs=0.006)
 
 
 def test_safety_stage_trains_with_the_study_optimizer():

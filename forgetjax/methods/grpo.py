@@ -47,6 +47,11 @@ class GRPOArgs(RolloutArgs):
     frpo_lambda: float = 1.0
     frpo_jackknife: bool = False
 
+    @property
+    def keeps_start(self) -> bool:
+        """The KL penalty's reference is the frozen start (beta > 0)."""
+        return self.beta > 0
+
     def validate(self) -> None:
         super().validate()
         if self.beta < 0:
@@ -72,11 +77,6 @@ class GRPO(Method):
         self.name = {"grpo": "on_rl_grpo", "drgrpo": "on_rl_drgrpo", "frpo": "on_rl_frpo"}[variant]
         self.advantage_mode = args.advantage or DEFAULT_ADVANTAGE[variant]
         self.reward_pool = None
-
-    @property
-    def keeps_start(self) -> bool:
-        """The KL penalty's reference is the frozen start (beta > 0)."""
-        return self.args.beta > 0
 
     def sample_messages(self, problem):
         return user_message(problem.prompt, self.args.system_prompt)

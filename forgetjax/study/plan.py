@@ -10,9 +10,10 @@ is planned on its own, once per stage (`teacher_stage_plan`): the teacher's weig
 cache of one chunk's generation batch, both sharded over every device (the stage's mesh is fsdp over all of them),
 plus one decode step's float32 logits per local row; its time is the larger of the generation FLOPs at the devices'
 peak and the decode bandwidth floor (every decode step reads the local weights and KV cache once).
-The mesh chosen is the smallest fsdp (x tensor) group that fits in 85% of HBM (`MEMORY_FRACTION`), the remaining
-devices as data; under `train.remat: auto` each candidate mesh takes the cheapest remat policy that fits there, as the
-trainer does on its own mesh.
+A run is sized on the mesh its trainer will build from `train.mesh` on the topology; where that cannot be laid out or
+does not fit, `choose_mesh` suggests the smallest fsdp (x tensor) group that fits in 85% of HBM (`MEMORY_FRACTION`),
+the remaining devices as data. Under `train.remat: auto` each mesh takes the cheapest remat policy that fits there, as
+the trainer does on its own mesh. The frozen start copy is counted where a run keeps one (`study_references`).
 """
 from __future__ import annotations
 
@@ -75,17 +76,13 @@ class Rollouts:
     method: str | None = None
 
 
-def study_rollouts(cells) -> dict[str, Rollouts]:
-    """Per scale, the largest KV cache the study's training runs (cells and pipeline stages) ask of the sampler that
-    decodes the model being trained: each method's `sampler_rows(batch_size)` (methods that never sample it have
-    none; SF-/CF-SFT teachers are planned as teacher stages) padded to the sampler's batch bucket, times
-    train.max_length tokens. A scale whose methods never sample gets Rollouts()."""
+def _training_runs(cells):
+    """(cell, method args, TrainConfig) of every training run of the study: each cell's run and its pipeline
+    stages' runs, resolved as the trainer will see them."""
     from forgetjax.config import from_dict
     from forgetjax.methods.registry import get_method_spec
-    from forgetjax.sampling.sampler import BATCH_BUCKETS, bucket
     from forgetjax.training.trainer import TrainConfig
 
-    largest: dict[str, Rollouts] = {}
     for cell in cells:
         runs = [cell.run] if cell.run else []
         if cell.pipeline is not None:
@@ -93,15 +90,36 @@ def study_rollouts(cells) -> dict[str, Rollouts]:
         for run in runs:
             args = from_dict(get_method_spec(run["method"]).args_class, run.get("method_args") or {},
                              source=f"{cell.cell_id}: method_args")
-            if not hasattr(args, "sampler_rows"):
-                continue
-            train = from_dict(TrainConfig, run["train"], source=f"{cell.cell_id}: train")
-            rows = bucket(args.sampler_rows(train.batch_size), BATCH_BUCKETS)
-            candidate = Rollouts(rows, train.max_length, run["method"])
-            best = largest.get(cell.scale, Rollouts())
-            if candidate.rows * candidate.length > best.rows * best.length:
-                largest[cell.scale] = candidate
+            yield cell, run["method"], args, from_dict(TrainConfig, run["train"], source=f"{cell.cell_id}: train")
+
+
+def study_rollouts(cells) -> dict[str, Rollouts]:
+    """Per scale, the largest KV cache the study's training runs (cells and pipeline stages) ask of the sampler that
+    decodes the model being trained: each method's `sampler_rows(batch_size)` (methods that never sample it have
+    none; SF-/CF-SFT teachers are planned as teacher stages) padded to the sampler's batch bucket, times
+    train.max_length tokens. A scale whose methods never sample gets Rollouts()."""
+    from forgetjax.sampling.sampler import BATCH_BUCKETS, bucket
+
+    largest: dict[str, Rollouts] = {}
+    for cell, method, args, train in _training_runs(cells):
+        if not hasattr(args, "sampler_rows"):
+            continue
+        candidate = Rollouts(bucket(args.sampler_rows(train.batch_size), BATCH_BUCKETS), train.max_length, method)
+        best = largest.get(cell.scale, Rollouts())
+        if candidate.rows * candidate.length > best.rows * best.length:
+            largest[cell.scale] = candidate
     return largest
+
+
+def study_references(cells) -> dict[str, bool]:
+    """Per scale, whether any training run keeps a frozen copy of its starting parameters, as the trainer decides
+    it: the run measures the KL to the start (train.kl_to_start.every > 0) or its method's args keep the start
+    (`keeps_start`: GRPO with beta > 0)."""
+    keeps: dict[str, bool] = {}
+    for cell, _, args, train in _training_runs(cells):
+        keeps[cell.scale] = keeps.get(cell.scale, False) or bool(train.kl_to_start.every) or bool(
+            getattr(args, "keeps_start", False))
+    return keeps
 
 
 def choose_mesh(config: ModelConfig, topology: Topology, **kwargs) -> MemoryEstimate:

@@ -1,9 +1,10 @@
 """Per-device memory of a training step, and the remat policy a run can afford.
 
 Estimates (bytes per device), each term sharded over fsdp x tensor unless said otherwise:
-- parameters, gradients (both in the param dtype) and AdamW's two moments in `moments_bytes` (only LoRA factors
-  are trained when LoRA is on); the compute-dtype copy of the weights is made one layer at a time inside the
-  layer scan, so it is not counted;
+- parameters, gradients (both in the param dtype; twice under micro_batches > 1: the accumulated sum beside one
+  micro-batch's gradients) and AdamW's two moments in `moments_bytes` (only LoRA factors are trained when LoRA is
+  on); the compute-dtype copy of the weights is made one layer at a time inside the layer scan, so it is not
+  counted;
 - activations kept for the backward pass of the local micro-batch, counted from the decoder's own layer
   (`saved_bytes_per_token`): without remat every matmul input and the SwiGLU branches in the compute dtype plus
   the two RMSNorms and the SiLU in float32; with remat "dots" the matmul outputs; with remat "full" the layer
@@ -71,7 +72,7 @@ def saved_bytes_per_token(config: ModelConfig, remat: str, compute_bytes: int) -
 def estimate(config: ModelConfig, data: int, fsdp: int, tensor: int, *, global_batch: int, seq_len: int,
              param_bytes: int = 4, compute_bytes: int = 2, remat: str = "full", lora_rank: int | None = None,
              moments_bytes: int = 4, logit_chunk: int = DEFAULT_CHUNK, reference: bool = False,
-             rollout_batch: int = 0, rollout_len: int = 0) -> MemoryEstimate:
+             rollout_batch: int = 0, rollout_len: int = 0, micro_batches: int = 1) -> MemoryEstimate:
     """Bytes per device of one training step on a data x fsdp x tensor mesh (see the module docstring)."""
     shards = fsdp * tensor
     n = config.num_params()
@@ -81,7 +82,7 @@ def estimate(config: ModelConfig, data: int, fsdp: int, tensor: int, *, global_b
         trainable = layers * lora_rank * (4 * d + 3 * f + 3 * d + config.q_size + 2 * config.kv_size)
     else:
         trainable = n
-    gradients = trainable * param_bytes / shards
+    gradients = trainable * param_bytes / shards * (2 if micro_batches > 1 else 1)
     optimizer = 2 * trainable * moments_bytes / shards
     local_batch = max(global_batch // (data * fsdp), 1)
     tokens = local_batch * seq_len
@@ -101,11 +102,12 @@ def estimate(config: ModelConfig, data: int, fsdp: int, tensor: int, *, global_b
 
 def train_memory_settings(train) -> dict:
     """The `estimate` keywords a resolved TrainConfig implies: the rows of one micro-batch (the activations a step
-    holds at once; gradients accumulate in place), length, parameter and compute dtypes, remat, LoRA rank, Adam
+    holds at once) and the number of micro-batches, length, parameter and compute dtypes, remat, LoRA rank, Adam
     moments dtype (None: the parameter dtype) and the logits chunk."""
     param_bytes = DTYPE_BYTES[train.param_dtype or train.dtype]
     moments = train.optimizer.moments_dtype
-    return {"global_batch": train.batch_size // train.micro_batches, "seq_len": train.max_length,
+    return {"global_batch": train.batch_size // train.micro_batches, "micro_batches": train.micro_batches,
+            "seq_len": train.max_length,
             "param_bytes": param_bytes, "compute_bytes": DTYPE_BYTES[train.dtype], "remat": train.remat,
             "lora_rank": train.lora.rank if train.lora is not None else None,
             "moments_bytes": DTYPE_BYTES[moments] if moments else param_bytes,

@@ -72,7 +72,6 @@ class Method(abc.ABC):
     trim: str = "tokens"  # "tokens" (SFT-style rows), "pairs" (whole rows of a paired batch) or "none"
     kl_contexts: tuple[str, ...] = ("",)  # array-name prefixes of the contexts the KL to the start is measured on
     replays: bool = False  # its batch source mixes `train.replay` rows in (`forgetjax.training.replay`)
-    keeps_start: bool = False  # keeps a frozen copy of the starting parameters (a reference model)
 
     @abc.abstractmethod
     def loss(self, model, batch: dict, rng: jax.Array):
@@ -81,6 +80,12 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def batch_source(self, trainer) -> BatchSource:
         """Build the source of batches (may prepare data with the trainer's model and tokenizer first)."""
+
+    @property
+    def keeps_start(self) -> bool:
+        """Whether it keeps a frozen copy of the starting parameters (a reference model): the args' `keeps_start`
+        when they have one (read by `forgetjax plan` too)."""
+        return bool(getattr(getattr(self, "args", None), "keeps_start", False))
 
     def sampler_rows(self, batch_size: int) -> int:
         """Rows of the largest call this method makes to the sampler with the model being trained (0: it never

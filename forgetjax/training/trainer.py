@@ -16,7 +16,7 @@ from flax import nnx
 from forgetjax.distributed import allgather_json, is_writer, process_rows
 from forgetjax.models.vocab import DEFAULT_CHUNK, check_logit_chunk, set_logit_chunk
 from forgetjax.sampling.sampler import BATCH_BUCKETS, bucket
-from forgetjax.sharding import make_mesh, shard_batch
+from forgetjax.sharding import make_mesh, mesh_shape, shard_batch
 from forgetjax.training import budget as budgets
 from forgetjax.training.budget import BudgetConfig, BudgetUsage
 from forgetjax.training.checkpointing import TrainCheckpointer, key_from_json, key_to_json
@@ -44,6 +44,10 @@ class MeshConfig:
     def make(self):
         """The (data, fsdp, tensor) mesh over every device, or None on a single device."""
         return make_mesh(self.data, self.fsdp, self.tensor) if jax.device_count() > 1 else None
+
+    def shape(self, devices: int) -> tuple[int, int, int]:
+        """The (data, fsdp, tensor) sizes `make` lays out on `devices` devices ((1, 1, 1) on one device)."""
+        return mesh_shape(self.data, self.fsdp, self.tensor, devices) if devices > 1 else (1, 1, 1)
 
 
 @dataclasses.dataclass
