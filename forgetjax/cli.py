@@ -491,7 +491,7 @@ def cmd_plan(args) -> int:
     budget = MEMORY_FRACTION * topology.hbm_bytes
     header = (f"{'scale':>8} {'params':>8} {'mesh (data,fsdp,tensor)':>24} {'from':>12} {'remat':>5} {'params':>12} "
               f"{'grads':>12} {'optimizer':>12} {'activations':>12} {'logits':>12} {'reference':>12} {'kv cache':>12} "
-              f"{'total':>12}")
+              f"{'attn scores':>12} {'total':>12}")
     print(header)
     for entry in all_models(cfg):
         if entry.scale not in cfg.scales:
@@ -502,7 +502,8 @@ def cmd_plan(args) -> int:
             model_cfg = load_config(entry.base or entry.safe)
         for label, lora in adapters:
             memory = dict(settings[entry.scale], rollout_batch=rollouts[entry.scale].rows,
-                          rollout_len=rollouts[entry.scale].length, reference=references.get(entry.scale, False))
+                          rollout_len=rollouts[entry.scale].length, reference=references.get(entry.scale, False),
+                          backend=topology.backend)
             if label is not None:
                 memory["lora_rank"] = lora["rank"] if lora else None
             name = entry.scale if label is None else f"{entry.scale} {label}"
@@ -523,7 +524,8 @@ def cmd_plan(args) -> int:
                 print(f"{name:>8} {model_cfg.num_params() / 1e9:7.2f}B {str((est.data, est.fsdp, est.tensor)):>24} "
                       f"{origin:>12} {est.remat:>5} "
                       + " ".join(format_bytes(v) for v in (est.params, est.gradients, est.optimizer, est.activations,
-                                                           est.logits, est.reference, est.kv_cache, est.total))
+                                                           est.logits, est.reference, est.kv_cache, est.attention,
+                                                           est.total))
                       + fits)
     _print_teacher_stages(cfg, topology, args.teacher_prompt_len)
     if cfg.pipelines:

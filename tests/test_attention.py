@@ -150,6 +150,18 @@ def test_dispatch_picks_xla_on_cpu_and_refuses_impossible_requests():
         attn.choose_implementation("flash", dtype=jnp.float32, head_dim=64, length=128)
 
 
+@pytest.mark.parametrize("backend, dtype, head_dim, length, kind", [
+    ("gpu", jnp.bfloat16, 128, 2048, "cudnn"), ("gpu", jnp.float16, 64, 100, "cudnn"),
+    ("gpu", jnp.float32, 128, 2048, "xla"), ("gpu", jnp.bfloat16, 260, 2048, "xla"),
+    ("gpu", jnp.bfloat16, 60, 256, "xla"), ("tpu", jnp.bfloat16, 128, 1024, "splash"),
+    ("tpu", jnp.float32, 64, 384, "splash"), ("tpu", jnp.bfloat16, 128, 1000, "xla"),
+    ("cpu", jnp.bfloat16, 128, 1024, "xla")])
+def test_dispatch_on_a_named_backend_follows_the_kernels_constraints(backend, dtype, head_dim, length, kind):
+    """The rule `forgetjax plan` applies for a planned topology: cuDNN for bf16/f16 with head_dim % 8 == 0 and <= 256
+    on GPUs, splash for lengths that are multiples of 128 on TPUs, XLA otherwise."""
+    assert attn.choose_implementation("auto", dtype=dtype, head_dim=head_dim, length=length, backend=backend) == kind
+
+
 @pytest.mark.parametrize("block", [8, 7, 24])
 def test_xla_attention_by_query_blocks_matches_reference_and_its_gradients(block):
     """Rows longer than the query block are attended block by block (the last block padded when the length is not a

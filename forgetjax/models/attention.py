@@ -25,6 +25,9 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _SPLASH_BLOCK = 128
 XLA_QUERY_BLOCK = 512  # queries per block of the XLA path on long rows (see _xla_attention)
+# float32 [B, Hq, query block, T] arrays the XLA path holds at once in a layer's backward pass (recomputed scores and
+# probabilities, their gradients): 3 on XLA:CPU under remat dots and full (tests/test_memory.py)
+XLA_SCORE_COPIES = 3
 
 
 def segments_from(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
@@ -35,12 +38,14 @@ def segments_from(attention_mask: jax.Array | None, segment_ids: jax.Array | Non
     return jnp.where(valid, segment_ids.astype(jnp.int32) + 1, 0)
 
 
-def choose_implementation(requested: Implementation, *, dtype, head_dim: int, length: int) -> str:
+def choose_implementation(requested: Implementation, *, dtype, head_dim: int, length: int,
+                          backend: str | None = None) -> str:
     """The backend kernel for this call. 'auto' picks cuDNN on GPU for bf16/f16 with a supported head size, splash
-    on TPU when the length is a multiple of 128, and XLA otherwise; an explicit request is honoured or refused."""
+    on TPU when the length is a multiple of 128, and XLA otherwise; an explicit request is honoured or refused.
+    `backend` ("cpu", "gpu", "tpu") defaults to jax's; the memory plan passes the planned one."""
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {requested!r}; choose one of {IMPLEMENTATIONS}")
-    backend = jax.default_backend()
+    backend = backend or jax.default_backend()
     cudnn_ok = backend == "gpu" and jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 256
     splash_ok = length % _SPLASH_BLOCK == 0
     if requested == "auto":

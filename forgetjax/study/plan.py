@@ -43,10 +43,12 @@ class Topology:
     hbm_bytes: int
     peak_flops: float = PEAK_TFLOPS["cpu"] * 1e12
     hbm_bandwidth: float = HBM_GBPS["cpu"] * 1e9
+    backend: str = "cpu"  # as jax names it: decides the attention kernel (`models.attention.choose_implementation`)
 
 
 def _topology(name: str, kind: str, devices: int) -> Topology:
-    return Topology(name, devices, HBM_GIB[kind] * 2**30, PEAK_TFLOPS[kind] * 1e12, HBM_GBPS[kind] * 1e9)
+    backend = "tpu" if kind in CORES_PER_CHIP else "cpu" if kind == "cpu" else "gpu"
+    return Topology(name, devices, HBM_GIB[kind] * 2**30, PEAK_TFLOPS[kind] * 1e12, HBM_GBPS[kind] * 1e9, backend)
 
 
 def parse_topology(text: str) -> Topology:
@@ -124,7 +126,9 @@ def study_references(cells) -> dict[str, bool]:
 
 def choose_mesh(config: ModelConfig, topology: Topology, **kwargs) -> MemoryEstimate:
     """Smallest model-parallel group (fsdp first, tensor up to 8) that fits in `MEMORY_FRACTION` of HBM, data takes
-    the rest; under remat "auto" each mesh is tried with the cheapest policy that fits on it."""
+    the rest; under remat "auto" each mesh is tried with the cheapest policy that fits on it. The attention kernel is
+    the topology's backend's unless `backend` says otherwise."""
+    kwargs.setdefault("backend", topology.backend)
     budget = MEMORY_FRACTION * topology.hbm_bytes
     best = None
     for tensor in (1, 2, 4, 8):

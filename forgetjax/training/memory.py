@@ -9,7 +9,9 @@ Estimates (bytes per device), each term sharded over fsdp x tensor unless said o
   (`saved_bytes_per_token`): without remat every matmul input and the SwiGLU branches in the compute dtype plus
   the two RMSNorms and the SiLU in float32; with remat "dots" the matmul outputs; with remat "full" the layer
   inputs alone, plus one layer's activations recomputed during the backward pass. Attention keeps no T x T scores
-  (fused kernels, or rematerialised XLA attention);
+  between layers (fused kernels, or rematerialised XLA attention); where the XLA path runs (CPU, float32 on GPU,
+  `models.attention.choose_implementation` on the planned backend) one layer's backward pass holds
+  `XLA_SCORE_COPIES` float32 score blocks [rows, heads, min(T, XLA_QUERY_BLOCK), T] (`attention`);
 - the float32 logits and their gradient for one chunk of `logit_chunk` tokens per device (`forgetjax.models.vocab`:
   every loss projects the vocabulary chunk by chunk; 0 = the whole batch at once);
 - a frozen copy of the starting trained parameters (the KL to the start model, GRPO's KL reference; only the LoRA
@@ -29,10 +31,12 @@ import dataclasses
 import math
 import os
 
+from forgetjax.models.attention import XLA_QUERY_BLOCK, XLA_SCORE_COPIES, choose_implementation
 from forgetjax.models.config import ModelConfig
 from forgetjax.models.vocab import DEFAULT_CHUNK
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_COMPUTE_DTYPE = {4: "float32", 2: "bfloat16"}
 MEMORY_FRACTION = 0.85  # of a device's memory that a plan may fill (allocator slack, XLA temporaries)
 REMAT_BY_COST = ("none", "dots", "full")  # least recomputation first
 
@@ -50,11 +54,12 @@ class MemoryEstimate:
     logits: float = 0.0
     reference: float = 0.0
     remat: str = "full"
+    attention: float = 0.0
 
     @property
     def total(self) -> float:
         return (self.params + self.gradients + self.optimizer + self.activations + self.logits + self.reference
-                + self.kv_cache)
+                + self.kv_cache + self.attention)
 
 
 def saved_bytes_per_token(config: ModelConfig, remat: str, compute_bytes: int) -> float:
@@ -72,8 +77,10 @@ def saved_bytes_per_token(config: ModelConfig, remat: str, compute_bytes: int) -
 def estimate(config: ModelConfig, data: int, fsdp: int, tensor: int, *, global_batch: int, seq_len: int,
              param_bytes: int = 4, compute_bytes: int = 2, remat: str = "full", lora_rank: int | None = None,
              moments_bytes: int = 4, logit_chunk: int = DEFAULT_CHUNK, reference: bool = False,
-             rollout_batch: int = 0, rollout_len: int = 0, micro_batches: int = 1) -> MemoryEstimate:
-    """Bytes per device of one training step on a data x fsdp x tensor mesh (see the module docstring)."""
+             rollout_batch: int = 0, rollout_len: int = 0, micro_batches: int = 1, backend: str | None = None,
+             attention_impl: str = "auto") -> MemoryEstimate:
+    """Bytes per device of one training step on a data x fsdp x tensor mesh (see the module docstring); `backend`
+    ("cpu", "gpu", "tpu"; None: a fused kernel is assumed) decides whether the XLA attention's score blocks count."""
     shards = fsdp * tensor
     n = config.num_params()
     params = n * param_bytes / shards
@@ -96,8 +103,14 @@ def estimate(config: ModelConfig, data: int, fsdp: int, tensor: int, *, global_b
     kv_rows = max(rollout_batch // (data * fsdp), 1) if rollout_batch else 0
     kv_cache = 2 * config.num_layers * kv_rows * rollout_len * config.kv_size * compute_bytes / max(
         math.gcd(tensor, config.num_kv_heads), 1)
+    attention = 0.0
+    if backend is not None and choose_implementation(attention_impl, dtype=_COMPUTE_DTYPE[compute_bytes],
+                                                     head_dim=config.head_dim, length=seq_len,
+                                                     backend=backend) == "xla":
+        rows = local_batch * config.num_heads / tensor
+        attention = XLA_SCORE_COPIES * rows * min(seq_len, XLA_QUERY_BLOCK) * seq_len * 4
     return MemoryEstimate(data, fsdp, tensor, params, gradients, optimizer, activations, kv_cache, logits,
-                          reference_bytes, remat)
+                          reference_bytes, remat, attention)
 
 
 def train_memory_settings(train) -> dict:

@@ -146,7 +146,7 @@ class Trainer:
                             "replay applies to the SFT-family methods")
         self.mesh = mesh if mesh is not None else cfg.mesh.make()
         self.device_bytes = device_memory_bytes()
-        self.memory = self._memory_estimate(model.config)
+        self.memory = self._memory_estimate(model.config, model.attention_impl)
         model.remat = self.memory.remat
         if cfg.remat == "auto" and is_writer():
             print(f"forgetjax: remat auto -> {self.memory.remat} (step estimated at "
@@ -170,16 +170,18 @@ class Trainer:
         self._start_params = None
         self._kl = KLSummary()
 
-    def _memory_estimate(self, model_config) -> MemoryEstimate:
+    def _memory_estimate(self, model_config, attention_impl: str) -> MemoryEstimate:
         """The step's bytes per device on this mesh (`forgetjax.training.memory`): under train.remat, or for "auto"
         under the cheapest policy that fits in `MEMORY_FRACTION` of one device; counts the frozen start copy (KL to the
-        start, GRPO's reference) and the KV cache of the method's largest sampler call."""
+        start, GRPO's reference), the KV cache of the method's largest sampler call and, on the XLA attention path,
+        one layer's score blocks."""
         cfg = self.cfg
         shape = dict(self.mesh.shape) if self.mesh is not None else {}
         rows = self.method.sampler_rows(cfg.batch_size)
         settings = {**train_memory_settings(cfg), "reference": bool(cfg.kl_to_start.every) or self.method.keeps_start,
                     "rollout_batch": bucket(rows, BATCH_BUCKETS) if rows else 0,
-                    "rollout_len": cfg.max_length if rows else 0}
+                    "rollout_len": cfg.max_length if rows else 0, "backend": jax.default_backend(),
+                    "attention_impl": attention_impl}
         return fitted_estimate(model_config, MEMORY_FRACTION * self.device_bytes, shape.get("data", 1),
                                shape.get("fsdp", 1), shape.get("tensor", 1), **settings)
 
