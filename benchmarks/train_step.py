@@ -157,6 +157,8 @@ def run_side(args) -> None:
             model = random_forgetjax(direct, args.dtype, "float32", args.remat)
         else:
             model, _ = load_forgetjax(hf_dir, args.dtype, param_dtype="float32", remat=args.remat)
+        import jax
+
         from forgetjax.training.memory import estimate
 
         run, result["first_loss"], result["first_call"], result["compiled_bytes"] = forgetjax_runner(
@@ -164,7 +166,8 @@ def run_side(args) -> None:
         result["plan_bytes"] = estimate(
             config, 1, 1, 1, global_batch=args.batch, seq_len=args.seq, param_bytes=4,
             compute_bytes=np.dtype(args.dtype).itemsize if args.dtype != "bfloat16" else 2, remat=args.remat,
-            moments_bytes=2 if args.moments_dtype == "bfloat16" else 4, logit_chunk=args.logit_chunk).total
+            moments_bytes=2 if args.moments_dtype == "bfloat16" else 4, logit_chunk=args.logit_chunk,
+            backend=jax.default_backend(), attention_impl=model.attention_impl).total
         result["backend"] = describe_backend()
         result["seconds"] = best_time(run, args.repeats)
         result["peak_bytes"] = jax_peak_bytes()
