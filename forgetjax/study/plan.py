@@ -79,8 +79,8 @@ class Rollouts:
 
 
 def _training_runs(cells):
-    """(cell, method args, TrainConfig) of every training run of the study: each cell's run and its pipeline
-    stages' runs, resolved as the trainer will see them."""
+    """(cell, method name, method args, TrainConfig) of every training run of the study: each cell's run and its
+    pipeline stages' runs, resolved as the trainer will see them."""
     from forgetjax.config import from_dict
     from forgetjax.methods.registry import get_method_spec
     from forgetjax.training.trainer import TrainConfig
