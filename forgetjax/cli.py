@@ -516,9 +516,8 @@ def cmd_plan(args) -> int:
                       f"laid out on {topology.name}: {err}")
             else:
                 rows.append(("train.mesh", fitted_estimate(model_cfg, budget, *shape, **memory)))
-            smallest = choose_mesh(model_cfg, topology, **memory)
             if not rows or rows[0][1].total > budget:
-                rows.append(("smallest fit", smallest))
+                rows.append(("smallest fit", choose_mesh(model_cfg, topology, **memory)))
             for origin, est in rows:
                 fits = "" if est.total <= budget else "  DOES NOT FIT"
                 print(f"{name:>8} {model_cfg.num_params() / 1e9:7.2f}B {str((est.data, est.fsdp, est.tensor)):>24} "

@@ -23,7 +23,7 @@ import re
 
 from forgetjax.errors import UserError
 from forgetjax.models.config import ModelConfig
-from forgetjax.training.memory import MEMORY_FRACTION, MemoryEstimate, fitted_estimate
+from forgetjax.training.memory import MEMORY_FRACTION, MemoryEstimate, fitted_estimate, keeps_start_copy
 
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80, "h200": 141, "b200": 180, "a100": 80,
            "a100-40": 40, "l4": 24, "cpu": 24}
@@ -119,8 +119,7 @@ def study_references(cells) -> dict[str, bool]:
     (`keeps_start`: GRPO with beta > 0)."""
     keeps: dict[str, bool] = {}
     for cell, _, args, train in _training_runs(cells):
-        keeps[cell.scale] = keeps.get(cell.scale, False) or bool(train.kl_to_start.every) or bool(
-            getattr(args, "keeps_start", False))
+        keeps[cell.scale] = keeps.get(cell.scale, False) or keeps_start_copy(train, args)
     return keeps
 
 

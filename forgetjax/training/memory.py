@@ -127,6 +127,12 @@ def train_memory_settings(train) -> dict:
             "logit_chunk": train.logit_chunk}
 
 
+def keeps_start_copy(train, method) -> bool:
+    """Whether a run keeps a frozen copy of its starting parameters: it measures the KL to the start
+    (train.kl_to_start.every > 0) or its method (or the method's args) `keeps_start` (GRPO with beta > 0)."""
+    return bool(train.kl_to_start.every) or bool(getattr(method, "keeps_start", False))
+
+
 def fitted_estimate(config: ModelConfig, budget_bytes: float, data: int, fsdp: int, tensor: int,
                     **settings) -> MemoryEstimate:
     """`estimate` under `settings["remat"]`; when that is "auto", under the cheapest policy of `REMAT_BY_COST` whose

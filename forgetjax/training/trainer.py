@@ -23,7 +23,7 @@ from forgetjax.training.checkpointing import TrainCheckpointer, key_from_json, k
 from forgetjax.training.kl_monitor import KLConfig, KLSummary, context_keys, kl_flops, kl_sums
 from forgetjax.training.lora import LoraConfig, apply_lora
 from forgetjax.training.memory import MEMORY_FRACTION, MemoryEstimate, device_memory_bytes, fitted_estimate, \
-    train_memory_settings
+    keeps_start_copy, train_memory_settings
 from forgetjax.training.method import Batch, Method, StepContext
 from forgetjax.training.metrics import MetricsLogger
 from forgetjax.training.optim import OptimizerConfig, learning_rate, make_optimizer
@@ -178,7 +178,7 @@ class Trainer:
         cfg = self.cfg
         shape = dict(self.mesh.shape) if self.mesh is not None else {}
         rows = self.method.sampler_rows(cfg.batch_size)
-        settings = {**train_memory_settings(cfg), "reference": bool(cfg.kl_to_start.every) or self.method.keeps_start,
+        settings = {**train_memory_settings(cfg), "reference": keeps_start_copy(cfg, self.method),
                     "rollout_batch": bucket(rows, BATCH_BUCKETS) if rows else 0,
                     "rollout_len": cfg.max_length if rows else 0, "backend": jax.default_backend(),
                     "attention_impl": attention_impl}
