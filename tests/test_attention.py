@@ -131,8 +131,8 @@ def test_cached_attention_equals_attention_over_the_concatenated_sequence():
     cache_valid[0, 2:6] = True
     cache_valid[1, 4:6] = True
     new_real = np.array([[True, True, True], [False, True, True]])
-    out = attn.cached_attention(q, k_new, v_new, jnp.asarray(new_real, jnp.int32), k_cache, v_cache,
-                                jnp.asarray(cache_valid))
+    out = attn.cached_attention(q, k_new, v_new, jnp.asarray(new_real, jnp.int32), k_cache.transpose(0, 2, 1, 3),
+                                v_cache.transpose(0, 2, 1, 3), jnp.asarray(cache_valid))
     allowed = np.concatenate([np.repeat(cache_valid[:, None], t, 1),
                               np.tril(np.ones((t, t), bool))[None] & new_real[:, None, :]], axis=-1)
     expected = reference(q, jnp.concatenate([k_cache, k_new], 1), jnp.concatenate([v_cache, v_new], 1), allowed)

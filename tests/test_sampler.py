@@ -1,9 +1,14 @@
 """The on-device sampler against HF `generate` (greedy, float32), teacher-forced logprobs and a NumPy filter."""
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import forgetjax
+from forgetjax.models.decoder import KVCache
 from forgetjax.sampling import sampler as sampler_module
 from forgetjax.sampling.sampler import Sampler, SamplingParams, filter_logits
 from tiny_models import QWEN2_SHAPES, make_hf_model
@@ -84,6 +89,22 @@ def test_no_recompilation_within_a_bucket(tmp_path):
     assert sampler_module._generate._cache_size() == before
     sampler.generate_tokens([[3]] * 3, params)
     assert sampler_module._generate._cache_size() == before + 1
+
+
+def test_decode_step_reads_each_layer_cache_in_place(tmp_path):
+    """XLA:CPU's compiled decode step moves no layer's cache slice: no transpose or copy of a [B, Hkv, S, D] array
+    (with the cache stored slots before heads, every layer's K and V slices were transposed every step)."""
+    make_hf_model(tmp_path, "qwen2")
+    model, _ = forgetjax.load(tmp_path)
+    batch, slots, cfg = 3, 40, model.config
+    cache = KVCache.init(cfg, batch, slots)
+    step = nnx.jit(lambda m, token, c: m(token, None, cache=c))
+    text = step.lower(model, jnp.ones((batch, 1), jnp.int32), cache).compile().as_text()
+    layer_slice = sorted((batch, cfg.num_kv_heads, slots, cfg.head_dim))
+    moved = [line.strip() for line in text.splitlines()
+             if (m := re.search(r"= \w+\[([0-9,]+)\]\S* (?:transpose|copy)\(", line))
+             and sorted(int(n) for n in m.group(1).split(",")) == layer_slice]
+    assert not moved, moved
 
 
 def _numpy_filter(logits, temperature, top_k, top_p):

@@ -201,13 +201,15 @@ def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_segme
     """Attention of T new tokens over a KV cache and themselves, without writing the cache.
 
     q: [B, T, Hq, D]; k_new, v_new: [B, T, Hkv, D]; new_segments: [B, T] (0 = padding); k_cache, v_cache:
-    [B, S, Hkv, D] with cache_valid [B, S] marking slots that hold earlier real tokens (every such slot precedes
-    the new tokens). The two score blocks share one float32 softmax; each cache slot is read once."""
+    [B, Hkv, S, D] (the KV cache's layout) with cache_valid [B, S] marking slots that hold earlier real tokens
+    (every such slot precedes the new tokens). The two score blocks share one float32 softmax; each cache slot is
+    read once, in place: the cache is the first operand of its two contractions (with it second, XLA:CPU's decode
+    step ran 1.6x slower on SmolLM2-135M)."""
     b, t, hq, d = q.shape
     hkv = k_new.shape[2]
     qg = q.reshape(b, t, hkv, hq // hkv, d)
     scale = d ** -0.5
-    old = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    old = jnp.einsum("bksd,btkgd->bkgts", k_cache.astype(q.dtype), qg, preferred_element_type=jnp.float32) * scale
     old = jnp.where(cache_valid[:, None, None, None, :], old, MASK_VALUE)
     new = jnp.einsum("btkgd,bskd->bkgts", qg, k_new, preferred_element_type=jnp.float32) * scale
     real = new_segments > 0
@@ -217,6 +219,6 @@ def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_segme
     top = jnp.maximum(jnp.max(old, axis=-1, keepdims=True), jnp.max(new, axis=-1, keepdims=True))
     p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
     total = jnp.sum(p_old, axis=-1, keepdims=True) + jnp.sum(p_new, axis=-1, keepdims=True)
-    out = (jnp.einsum("bkgts,bskd->btkgd", (p_old / total).astype(q.dtype), v_cache.astype(q.dtype))
+    out = (jnp.einsum("bksd,bkgts->btkgd", v_cache.astype(q.dtype), (p_old / total).astype(q.dtype))
            + jnp.einsum("bkgts,bskd->btkgd", (p_new / total).astype(q.dtype), v_new))
     return out.reshape(b, t, hq * d)

@@ -29,8 +29,10 @@ REMAT_POLICIES = {
 class KVCache:
     """Preallocated key/value cache for all layers.
 
-    k, v: [layers, batch, max_len, kv_heads, head_dim]; mask: [batch, max_len] marks slots holding real tokens;
-    index: the next slot to write (the same for every row: prompts are left-padded so their ends align)."""
+    k, v: [layers, batch, kv_heads, max_len, head_dim], each head's slots contiguous so that a decode step reads them
+    in place (with slots before heads XLA copies every layer's slice into this order each step); mask: [batch,
+    max_len] marks slots holding real tokens; index: the next slot to write (the same for every row: prompts are
+    left-padded so their ends align)."""
 
     k: jax.Array
     v: jax.Array
@@ -39,13 +41,24 @@ class KVCache:
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
+
+    def written(self, k: jax.Array, v: jax.Array, mask: jax.Array, index) -> "KVCache":
+        """This cache with T new tokens' keys and values (each [layers, batch, T, kv_heads, head_dim], as the layer
+        loop yields them) and their mask [batch, T] written at slots [index, index + T)."""
+        def put(cache, new):
+            new = jnp.swapaxes(new, 2, 3).astype(cache.dtype)
+            return jax.lax.dynamic_update_slice(cache, new, (0, 0, 0, index, 0))
+
+        return KVCache(k=put(self.k, k), v=put(self.v, v),
+                       mask=jax.lax.dynamic_update_slice(self.mask, mask, (0, index)),
+                       index=jnp.asarray(index + k.shape[2], jnp.int32))
 
 
 def _init_normal(rngs: nnx.Rngs, shape, dtype, std: float):
@@ -267,12 +280,7 @@ class CausalLM(nnx.Module):
         attention_mask = attention_mask.astype(bool)
         x, (k, v), layer_outputs = self._forward(input_ids, attention_mask, None, None, return_hidden,
                                                  collect_kv=True)
-        t = input_ids.shape[1]
-        cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, 0, 0, 0)),
-                        v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, 0, 0, 0)),
-                        mask=jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, 0)),
-                        index=jnp.asarray(t, jnp.int32))
-        return x, cache, layer_outputs
+        return x, cache.written(k, v, attention_mask, 0), layer_outputs
 
     def _forward(self, input_ids, attention_mask, positions, segment_ids, return_hidden: bool, collect_kv: bool,
                  embeds: jax.Array | None = None):
@@ -332,9 +340,4 @@ class CausalLM(nnx.Module):
 
         x, (layer_outputs, (k_new, v_new)) = jax.lax.scan(
             body, self.embed(input_ids), (self.layer_weights(), cache.k, cache.v), unroll=self._decode_unroll())
-        start = (0, 0, index, 0, 0)
-        new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), start),
-                            v=jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), start),
-                            mask=jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index)),
-                            index=index + t)
-        return x, new_cache, layer_outputs
+        return x, cache.written(k_new, v_new, attention_mask, index), layer_outputs
