@@ -45,7 +45,7 @@ def run_forgetjax(args, problems_path: Path, out_dir: Path) -> dict:
     """Per-step wall times and the logged time split of forgetjax's GRPO."""
     import forgetjax
     from forgetjax.methods.registry import build_method
-    from forgetjax.training.budget import BudgetConfig
+    from forgetjax.training.budget import FLOP_COMPONENTS, BudgetConfig
     from forgetjax.training.optim import OptimizerConfig
     from forgetjax.methods.run import DomainConfig
     from forgetjax.training.trainer import CheckpointConfig, LogConfig, TrainConfig, Trainer
@@ -84,7 +84,7 @@ def run_forgetjax(args, problems_path: Path, out_dir: Path) -> dict:
     split = [{"rollout_s": m["rollout_s"], "reward_wait_s": m["reward_wait_s"], "reward_s": m["reward_s"],
               "reference_s": m["reference_s"], "update_s": m["step_seconds"],
               "generated_tokens": m["response_length"] * cfg.batch_size, "reward_mean": m["reward_mean"],
-              "model_flops": m["train_flops"] + m["prepare_flops"]}
+              "model_flops": sum(m.get(f"{name}_flops", 0.0) for name in FLOP_COMPONENTS)}
              for m in logged]
     return {"step_s": steps, "split": split}
 
