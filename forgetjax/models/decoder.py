@@ -39,6 +39,8 @@ class KVCache:
     mask: jax.Array
     index: jax.Array
 
+    AXES = ("layers", "batch", "kv_heads", "length", "head_dim")  # logical axis names of k and v
+
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
         shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
@@ -49,9 +51,11 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def written(self, k: jax.Array, v: jax.Array, mask: jax.Array, index) -> "KVCache":
+    def written(self, k: jax.Array, v: jax.Array, mask: jax.Array) -> "KVCache":
         """This cache with T new tokens' keys and values (each [layers, batch, T, kv_heads, head_dim], as the layer
         loop yields them) and their mask [batch, T] written at slots [index, index + T)."""
+        index = self.index
+
         def put(cache, new):
             new = jnp.swapaxes(new, 2, 3).astype(cache.dtype)
             return jax.lax.dynamic_update_slice(cache, new, (0, 0, 0, index, 0))
@@ -280,7 +284,7 @@ class CausalLM(nnx.Module):
         attention_mask = attention_mask.astype(bool)
         x, (k, v), layer_outputs = self._forward(input_ids, attention_mask, None, None, return_hidden,
                                                  collect_kv=True)
-        return x, cache.written(k, v, attention_mask, 0), layer_outputs
+        return x, cache.written(k, v, attention_mask), layer_outputs
 
     def _forward(self, input_ids, attention_mask, positions, segment_ids, return_hidden: bool, collect_kv: bool,
                  embeds: jax.Array | None = None):
@@ -321,7 +325,6 @@ class CausalLM(nnx.Module):
         cfg = self.config
         b, t = input_ids.shape
         attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        index = cache.index
         if positions is None:
             seen = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]
             positions = jnp.maximum(seen + jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -340,4 +343,4 @@ class CausalLM(nnx.Module):
 
         x, (layer_outputs, (k_new, v_new)) = jax.lax.scan(
             body, self.embed(input_ids), (self.layer_weights(), cache.k, cache.v), unroll=self._decode_unroll())
-        return x, cache.written(k_new, v_new, attention_mask, index), layer_outputs
+        return x, cache.written(k_new, v_new, attention_mask), layer_outputs

@@ -109,8 +109,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, temperature, top_p,
     batch, prompt_len = prompt_ids.shape
     cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens, cache_dtype)
     cache = dataclasses.replace(
-        cache, k=constrain(cache.k, ("layers", "batch", "kv_heads", "length", "head_dim")),
-        v=constrain(cache.v, ("layers", "batch", "kv_heads", "length", "head_dim")))
+        cache, k=constrain(cache.k, KVCache.AXES), v=constrain(cache.v, KVCache.AXES))
     hidden, cache, _ = model.prefill(prompt_ids, prompt_mask, cache)
     last_logits = model.unembed(hidden[:, -1:])[:, 0]  # only the last position's logits are needed
 
