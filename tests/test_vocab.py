@@ -311,3 +311,39 @@ def test_backward_temp_memory_scales_with_the_chunk(tied):
     print(f"chunk logits {chunk_bytes / 2**20:.0f} MiB, [B, T, V] {b * t * vocab * 4 / 2**20:.0f} MiB; backward temp "
           f"{temp / 2**20:.0f} MiB")
     assert temp < 3 * chunk_bytes
+
+
+def _chunk_loops(t: int, chunk: int, b: int = 4, d: int = 8, vocab: int = 50):
+    """(scan length, positions per chunk, whether anything is rematerialised) of vocab_stats' log-probs over [b, t]
+    rows, read from its jaxpr; (0, t, False) when there is no scan."""
+    S = jax.ShapeDtypeStruct
+    args = (S((b, t, d), jnp.float32), S((d,), jnp.float32), S((d, vocab), jnp.float32), S((b, t), jnp.int32))
+
+    def loss(hidden, scale, head, targets):
+        return jnp.sum(vocab_stats(hidden, scale, head, tied=False, eps=EPS, chunk=chunk, targets=targets).logprobs)
+
+    jaxpr = jax.make_jaxpr(loss)(*args).jaxpr
+    names = {eqn.primitive.name for eqn in jaxpr.eqns}
+    scans = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+    if not scans:
+        return 0, t, any(name.startswith(("checkpoint", "remat")) for name in names)
+    hidden_xs = next(v.aval.shape for v in scans[0].invars if len(v.aval.shape) == 4 and v.aval.shape[-1] == d)
+    remat = any(e.primitive.name.startswith(("checkpoint", "remat")) for e in scans[0].params["jaxpr"].jaxpr.eqns)
+    return scans[0].params["length"], hidden_xs[2], remat
+
+
+@pytest.mark.parametrize("t, chunk, chunks", [(384, 1024, 2), (13, 7 * 4 // 3, 7), (1000, 4 * 300, 4), (321, 512, 3)])
+def test_chunks_are_balanced_so_padding_never_costs_a_chunk(t, chunk, chunks):
+    """T is split into the fewest chunks of at most chunk // B positions, of equal width: fewer than one padded
+    position per chunk (384 positions at 256 per chunk are 2 x 192, not 2 x 256 with 128 positions of padding whose
+    logits would be computed, a third of the LM head's work wasted); every chunk is rematerialised."""
+    length, width, remat = _chunk_loops(t, chunk)
+    assert length == chunks and 0 <= length * width - t < length and width <= max(1, chunk // 4)
+    assert remat
+
+
+def test_a_single_chunk_is_neither_looped_nor_rematerialised():
+    """When the whole batch fits one chunk the logits are computed once, as without chunking: rematerialising the only
+    chunk would recompute the LM head in the backward pass and hold the same logits again."""
+    assert _chunk_loops(384, 4 * 384) == (0, 384, False)
+    assert _chunk_loops(384, 0) == (0, 384, False)

@@ -5,8 +5,9 @@ hidden states [B, T, D] a chunk of positions at a time inside a `lax.scan`: each
 are reduced at once to the requested per-token quantities (`VocabStats`). The chunk body is rematerialised
 (`jax.checkpoint`), so the backward pass recomputes a chunk's logits instead of keeping them: the logits (and their
 cotangent) take one chunk's [B, c, V] at a time, not [B, T, V]. `chunk` counts the tokens one device holds: with
-the B rows split over S batch shards of the active mesh (S = 1 without one), c = max(1, chunk * S // B) positions
-per row, T padded to a multiple of c; 0 runs one unchunked pass.
+the B rows split over S batch shards of the active mesh (S = 1 without one), at most max(1, chunk * S // B)
+positions per row, T split into the fewest such chunks of equal width (padded by less than one position per chunk);
+0 runs one unchunked pass. A single chunk is not rematerialised: recomputing it would hold the same logits again.
 `logit_stats` is the reduction of one block of logits, shared with the logits-level losses.
 
 `token_stats(model, ...)` runs the decoder and `head_stats(model, hidden)` the model's head; both use the model's
@@ -109,8 +110,10 @@ def _chunked(block, chunk: int, *xs):
     b, t = xs[0].shape[:2]
     if not chunk or t == 0:
         return block(*xs)
-    width = min(t, max(1, chunk * batch_shards(b) // b))
-    n = -(-t // width)
+    n = -(-t // min(t, max(1, chunk * batch_shards(b) // b)))
+    if n == 1:
+        return block(*xs)
+    width = -(-t // n)
 
     def split(x):
         if x is None:
