@@ -71,7 +71,8 @@ def test_no_device_ever_holds_full_parameters_when_creating_or_loading(tmp_path)
     shard: gate/up/down [2 layers, 32, 48] / 8 = 384 elements, whereas a full copy of even the smallest sharded
     kernel (k_proj, [2, 32, 16]) has 1024. Loading must read at most one shard's block per call."""
     dump = tmp_path / "xla"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+    env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},  # compile, do not read back
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 --xla_dump_to={dump}"}
     out = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_creation_probe.py"), str(dump)], env=env,
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
