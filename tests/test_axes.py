@@ -267,6 +267,7 @@ def _records(results: Path, cell_id: str) -> dict[str, list]:
     return out
 
 
+@pytest.mark.slow
 def test_interpolation_endpoints_reproduce_the_start_and_post_trained_records(tmp_path, data_dir):
     """A study with an adapter axis and merge {interpolate: [0, 0.5, 1]}: alpha 0 gives exactly the baseline's
     records, alpha 1 exactly the trained cell's (full and LoRA), and the report renders the axis sections."""

@@ -225,6 +225,7 @@ def file_states(directory: Path) -> dict[str, tuple[int, str]]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_study_killed_in_its_second_stage_resumes_without_retraining_the_first(tmp_path, data_dir):
     config = chain_study(tmp_path, data_dir, second_steps=6)
     results = tmp_path / "results"

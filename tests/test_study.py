@@ -637,6 +637,7 @@ def test_demo_study_expands_to_both_start_points_with_the_same_methods():
     assert stage.enabled and stage.harmful_limit > 0 and stage.borderline_limit > 0 and stage.helpful_limit > 0
 
 
+@pytest.mark.slow
 def test_study_attacks_every_cell_and_replays_the_baseline_suffixes(tmp_path, data_dir):
     """With `attacks` enabled the baseline attacks its model and replays its suffixes, the post-trained cell attacks
     itself and replays the baseline's (same suffix ids); the attack settings are in the cell ids; the analysis' jailbreak
