@@ -110,7 +110,7 @@ def _chunked(block, chunk: int, *xs):
     b, t = xs[0].shape[:2]
     if not chunk or t == 0:
         return block(*xs)
-    n = -(-t // min(t, max(1, chunk * batch_shards(b) // b)))
+    n = -(-t // max(1, chunk * batch_shards(b) // b))
     if n == 1:
         return block(*xs)
     width = -(-t // n)
