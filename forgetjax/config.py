@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import difflib
 import enum
+import functools
 import hashlib
 import json
 import math
@@ -202,10 +203,16 @@ def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved field annotations of a config class (resolving them dominated building a study's cells)."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
     """Build dataclass `cls` from a mapping: reject unknown keys, convert every value, then run validate()."""
     fields = _init_fields(cls)
-    hints = typing.get_type_hints(cls, include_extras=True)
+    hints = _type_hints(cls)
     for name in data:
         if name not in fields:
             close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
@@ -279,7 +286,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
     try:
-        data = yaml.safe_load(text)
+        data = copy.deepcopy(_parse_yaml(text))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     if data is None:
@@ -287,6 +294,13 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_yaml(text: str) -> Any:
+    """The parsed YAML of a file's text, kept by text: a study reads its model, domain and method files once per
+    cell, and parsing dominated its expansion. Callers get a deep copy."""
+    return yaml.safe_load(text)
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -365,9 +379,20 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
         raise ConfigError(_format(source, err, note)) from None
 
 
+_PLAIN_TYPES = frozenset({bool, int, float, str, type(None)})
+
+
 def to_dict(obj: Any) -> Any:
     """Plain YAML/JSON form of a config: dataclasses -> dicts (init fields), tuples -> lists, Path -> str,
     Enum -> value."""
+    kind = type(obj)
+    if kind in _PLAIN_TYPES:  # exact types first: a study hashes every cell's resolved config through here
+        return obj
+    if kind is dict:
+        return {key if type(key) is str else str(key) if isinstance(key, Path) else to_dict(key): to_dict(value)
+                for key, value in obj.items()}
+    if kind is list or kind is tuple:
+        return [to_dict(v) for v in obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, enum.Enum):

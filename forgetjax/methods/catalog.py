@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 from pathlib import Path
 from typing import Literal
@@ -123,8 +124,14 @@ def _module_file(module: str) -> Path | None:
 
 def _code_imports(path: Path) -> set[str]:
     """The modules of CODE_PACKAGES a source file imports (at any depth; `from pkg import module` counts)."""
+    return set(_source_imports(path.read_text(encoding="utf-8"), str(path)))
+
+
+@functools.lru_cache(maxsize=512)
+def _source_imports(source: str, filename: str) -> frozenset[str]:
+    """`_code_imports` of one source text, kept by text (every study expansion walks the same method modules)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in ast.walk(ast.parse(source, filename)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -133,7 +140,7 @@ def _code_imports(path: Path) -> set[str]:
         else:
             continue
         found.update(n for n in names if n.startswith(tuple(p + "." for p in CODE_PACKAGES)) or n in CODE_PACKAGES)
-    return found - BOOKKEEPING_MODULES
+    return frozenset(found - BOOKKEEPING_MODULES)
 
 
 def method_modules(name: str) -> list[str]:
