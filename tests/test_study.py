@@ -123,6 +123,32 @@ def test_slurm_and_tpu_pod_scripts_are_generated(tmp_path, data_dir):
     assert len(listing.stdout.strip().splitlines()) == 3
 
 
+def test_launch_scripts_give_their_tasks_one_compilation_cache_unless_the_environment_names_one(tmp_path):
+    """The export line each launch script runs (SLURM: a line of the script; TPU pod: a step of the command every
+    worker runs), executed by bash: RESULTS_DIR/jax_compilation_cache by default (a path with a space and a quote
+    survives), the caller's JAX_COMPILATION_CACHE_DIR when set."""
+    import os
+    import shlex
+
+    from forgetjax.study.executors import slurm_array_text, tpu_pod_text
+
+    results = tmp_path / "it's results"
+    slurm = next(line for line in slurm_array_text("study.yaml", 3, results).splitlines()
+                 if "JAX_COMPILATION_CACHE_DIR=" in line)
+    ssh = next(line for line in tpu_pod_text("study.yaml", results).splitlines() if line.startswith("gcloud"))
+    worker_command = shlex.split(ssh)[-1]
+    pod = next(step for step in worker_command.split(" && ") if "JAX_COMPILATION_CACHE_DIR=" in step)
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    for line in (slurm, pod):
+        shown = subprocess.run(["bash", "-c", f'{line}; printf %s "$JAX_COMPILATION_CACHE_DIR"'], env=env,
+                               capture_output=True, text=True, check=True).stdout
+        assert shown == str(results / "jax_compilation_cache")
+        shown = subprocess.run(["bash", "-c", f'{line}; printf %s "$JAX_COMPILATION_CACHE_DIR"'],
+                               env={**env, "JAX_COMPILATION_CACHE_DIR": "/shared/cache"},
+                               capture_output=True, text=True, check=True).stdout
+        assert shown == "/shared/cache"
+
+
 QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
             "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
 
