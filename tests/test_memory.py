@@ -121,7 +121,8 @@ def test_the_estimate_orders_the_policies_as_xlas_compiled_temporaries_do(tiny_d
     assert temps["none"] > temps["dots"] > temps["full"], temps
 
 
-@pytest.mark.parametrize("rows, length", [(8, 256), (4, 512), (2, 1024), (1, 2048)])
+@pytest.mark.parametrize("rows, length", [(8, 256), pytest.param(4, 512, marks=pytest.mark.slow),
+                                          pytest.param(2, 1024, marks=pytest.mark.slow), (1, 2048)])
 def test_on_the_xla_attention_path_the_estimate_counts_one_layers_score_blocks(tiny_dir, rows, length):
     """On CPU attention runs on the XLA path, whose backward pass holds float32 [rows, heads, min(T, 512), T] score
     blocks for one layer at a time. With them counted, the remat dots and full estimates are within 15% of XLA:CPU's

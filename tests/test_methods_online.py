@@ -494,8 +494,10 @@ def test_self_online_without_rewrites_leaves_failing_prompts_untrained(tiny, tmp
     np.testing.assert_array_equal(batch.arrays["loss_mask"].sum(axis=1), [0, 0, 0, 3])
 
 
-@pytest.mark.parametrize("domain", ["math", "code", "qa"])
-@pytest.mark.parametrize("name", ["pi_distill", "self_sdft_online"])
+@pytest.mark.parametrize("name, domain", [  # CI runs each method and each domain; the slow set every pair
+    ("pi_distill", "code"), ("self_sdft_online", "math"), ("self_sdft_online", "qa"),
+    pytest.param("pi_distill", "math", marks=pytest.mark.slow), pytest.param("pi_distill", "qa", marks=pytest.mark.slow),
+    pytest.param("self_sdft_online", "code", marks=pytest.mark.slow)])
 def test_online_method_trains_in_every_domain(tmp_path_factory, data_dir, name, domain):
     """Two steps on real training problems of each domain with the real verifiers (code: the sandbox), on a tiny
     random chat model with a byte-level tokenizer; self_sdft_online's rewrites are forced by random completions."""

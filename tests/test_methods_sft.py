@@ -285,7 +285,7 @@ def test_rematerialisation_gives_the_same_gradients_and_training(models, tmp_pat
     gradients, logged = {}, {}
     for remat in ("none", "dots", "full"):
         model, tokenizer = forgetjax.load(models.student, remat=remat)
-        grads = nnx.grad(mean_loss)(model)
+        grads = nnx.jit(nnx.grad(mean_loss))(model)
         gradients[remat] = [np.asarray(g) for g in jax.tree.leaves(nnx.state(grads, nnx.Param))]
         out = tmp_path / remat
         result = Trainer(train_config(out, 3, batch_size=2, remat=remat), model, tokenizer, method(),

@@ -2,6 +2,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import forgetjax
 from forgetjax.models.decoder import KVCache
@@ -55,10 +56,11 @@ def test_kv_cache_prefill_and_decode_match_full_forward(tmp_path):
     prompt_len, new = 5, 3
     expected = hf_logits(hf, ids, mask)
     cache = KVCache.init(model.config, batch=3, max_len=16)
-    logits, cache = model(ids[:, :prompt_len], mask[:, :prompt_len], cache=cache)
+    cached_forward = nnx.jit(lambda model, ids, mask, cache: model(ids, mask, cache=cache))  # one program per width
+    logits, cache = cached_forward(model, ids[:, :prompt_len], mask[:, :prompt_len], cache)
     pieces = [np.asarray(logits)]
     for t in range(prompt_len, prompt_len + new):
-        logits, cache = model(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache)
+        logits, cache = cached_forward(model, ids[:, t:t + 1], mask[:, t:t + 1], cache)
         pieces.append(np.asarray(logits))
     actual = np.concatenate(pieces, axis=1)
     assert int(cache.index) == prompt_len + new

@@ -33,9 +33,17 @@ def _hf_greedy(hf, prompts, max_new_tokens, pad_id, eos_id):
     return rows
 
 
+_LOG_SOFTMAX_FORWARD = nnx.jit(lambda model, ids: jax.nn.log_softmax(model(ids), axis=-1))
+
+
 def _teacher_forced_logprobs(model, prompt, completion):
-    ids = np.asarray([list(prompt) + list(completion)], np.int32)
-    logp = np.asarray(jax.nn.log_softmax(model(ids)[0], axis=-1))
+    """Log-probs of `completion` after `prompt` from one plain forward pass (no cache). The row is right-padded to a
+    multiple of 64 so that every call compiles one program; padding after the sequence cannot reach its causal
+    positions."""
+    sequence = list(prompt) + list(completion)
+    ids = np.zeros((1, -(-len(sequence) // 64) * 64), np.int32)
+    ids[0, :len(sequence)] = sequence
+    logp = np.asarray(_LOG_SOFTMAX_FORWARD(model, ids)[0])
     return np.array([logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(completion)])
 
 

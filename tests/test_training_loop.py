@@ -126,7 +126,8 @@ def uninterrupted(tiny_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kill_after", [2, pytest.param(5, marks=pytest.mark.slow), 7])
+@pytest.mark.parametrize("kill_after", [2, pytest.param(5, marks=pytest.mark.slow),
+                                        pytest.param(7, marks=pytest.mark.slow)])
 def test_sigkill_and_resume_is_bit_identical(tiny_dir, uninterrupted, tmp_path, kill_after):
     _run_script(tiny_dir, tmp_path, 8, sleep=0.3, kill_after_step=kill_after)
     assert not (tmp_path / "final_params.npz").exists()
