@@ -252,10 +252,10 @@ def main() -> None:
     print(f"forgetjax: best {result['forgetjax']['best_s']:.1f} s, median {result['forgetjax']['median_s']:.1f} s")
     for key in ("rollout_s", "reward_wait_s", "reward_s", "reference_s", "update_s", "compile_s",
                 "generated_tokens"):
-        print(f"  {key:17s} median {statistics.median(s.get(key, 0.0) for s in kept):8.2f}")
-    steady = [step - split.get("compile_s", 0.0) for step, split in zip(ours["step_s"][args.warmup:], kept)]
+        print(f"  {key:17s} median {statistics.median(s[key] for s in kept):8.2f}")
+    steady = [step - split["compile_s"] for step, split in zip(ours["step_s"][args.warmup:], kept)]
     result["forgetjax"]["steady_median_s"] = statistics.median(steady)
-    print(f"  timed steps compiled for {sum(s.get('compile_s', 0.0) for s in kept):.1f} s in all (a new row "
+    print(f"  timed steps compiled for {sum(s['compile_s'] for s in kept):.1f} s in all (a new row "
           f"width compiles the step once); median step without it {result['forgetjax']['steady_median_s']:.1f} s")
     print(f"  jax f32 matmul peak {ours['jax_f32_matmul_flops'] / 1e9:.0f} GFLOP/s")
     floor_s = statistics.median(s["model_flops"] for s in kept) / ours["jax_f32_matmul_flops"]

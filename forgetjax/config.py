@@ -385,13 +385,11 @@ _PLAIN_TYPES = frozenset({bool, int, float, str, type(None)})
 def to_dict(obj: Any) -> Any:
     """Plain YAML/JSON form of a config: dataclasses -> dicts (init fields), tuples -> lists, Path -> str,
     Enum -> value."""
-    kind = type(obj)
-    if kind in _PLAIN_TYPES:  # exact types first: a study hashes every cell's resolved config through here
+    if type(obj) in _PLAIN_TYPES:  # exact types first: a study hashes every cell's resolved config through here
         return obj
-    if kind is dict:
-        return {key if type(key) is str else str(key) if isinstance(key, Path) else to_dict(key): to_dict(value)
-                for key, value in obj.items()}
-    if kind is list or kind is tuple:
+    if isinstance(obj, Mapping):
+        return {str(k) if isinstance(k, Path) else to_dict(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
@@ -399,10 +397,6 @@ def to_dict(obj: Any) -> Any:
         return to_dict(obj.value)
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, Mapping):
-        return {str(k) if isinstance(k, Path) else to_dict(k): to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot serialise {type(obj).__name__} value {obj!r} in a config")

@@ -496,7 +496,8 @@ def test_self_online_without_rewrites_leaves_failing_prompts_untrained(tiny, tmp
 
 @pytest.mark.parametrize("name, domain", [  # CI runs each method and each domain; the slow set every pair
     ("pi_distill", "code"), ("self_sdft_online", "math"), ("self_sdft_online", "qa"),
-    pytest.param("pi_distill", "math", marks=pytest.mark.slow), pytest.param("pi_distill", "qa", marks=pytest.mark.slow),
+    pytest.param("pi_distill", "math", marks=pytest.mark.slow),
+    pytest.param("pi_distill", "qa", marks=pytest.mark.slow),
     pytest.param("self_sdft_online", "code", marks=pytest.mark.slow)])
 def test_online_method_trains_in_every_domain(tmp_path_factory, data_dir, name, domain):
     """Two steps on real training problems of each domain with the real verifiers (code: the sandbox), on a tiny

@@ -139,14 +139,14 @@ def test_launch_scripts_give_their_tasks_one_compilation_cache_unless_the_enviro
     worker_command = shlex.split(ssh)[-1]
     pod = next(step for step in worker_command.split(" && ") if "JAX_COMPILATION_CACHE_DIR=" in step)
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+    def cache_after(line: str, **extra_env) -> str:
+        return subprocess.run(["bash", "-c", f'{line}; printf %s "$JAX_COMPILATION_CACHE_DIR"'],
+                              env={**env, **extra_env}, capture_output=True, text=True, check=True).stdout
+
     for line in (slurm, pod):
-        shown = subprocess.run(["bash", "-c", f'{line}; printf %s "$JAX_COMPILATION_CACHE_DIR"'], env=env,
-                               capture_output=True, text=True, check=True).stdout
-        assert shown == str(results / "jax_compilation_cache")
-        shown = subprocess.run(["bash", "-c", f'{line}; printf %s "$JAX_COMPILATION_CACHE_DIR"'],
-                               env={**env, "JAX_COMPILATION_CACHE_DIR": "/shared/cache"},
-                               capture_output=True, text=True, check=True).stdout
-        assert shown == "/shared/cache"
+        assert cache_after(line) == str(results / "jax_compilation_cache")
+        assert cache_after(line, JAX_COMPILATION_CACHE_DIR="/shared/cache") == "/shared/cache"
 
 
 QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,

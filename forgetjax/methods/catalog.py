@@ -122,9 +122,9 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def _code_imports(path: Path) -> set[str]:
+def _code_imports(path: Path) -> frozenset[str]:
     """The modules of CODE_PACKAGES a source file imports (at any depth; `from pkg import module` counts)."""
-    return set(_source_imports(path.read_text(encoding="utf-8"), str(path)))
+    return _source_imports(path.read_text(encoding="utf-8"), str(path))
 
 
 @functools.lru_cache(maxsize=512)
