@@ -7,6 +7,9 @@ XLA_FLAGS already set (replacing a device count given there), so mesh tests neve
 Compiled programs are kept for the session in a persistent JAX compilation cache (a temporary directory, removed at
 the end; an existing JAX_COMPILATION_CACHE_DIR is used as it is): the study runs' subprocesses and repeated trainers
 compile the same small programs again and again, and reading them back saved 18% of tests/test_stages.py's time.
+Programs are cached however fast they compiled (JAX's default keeps only those over 1 s; the tests' many sub-second
+programs recur across tests: 13-20% of tests/test_vocab.py + test_axes.py). Compile-count tests read jit's own
+trace cache, which the persistent cache does not touch.
 Subprocesses that read XLA's dumps of what it compiled remove the variable from their environment.
 
 `require_data` / `require_module` / `require` skip a test whose benchmark data or required package is missing, except
@@ -25,6 +28,7 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 
     _SESSION_COMPILE_CACHE = tempfile.mkdtemp(prefix="forgetjax-tests-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_COMPILE_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402

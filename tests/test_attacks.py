@@ -133,13 +133,18 @@ def test_gradient_matches_finite_differences_and_candidates_match_torch(tiny, hf
 
 
 def test_attack_compiles_once_per_shape_and_validates_its_budget(tiny):
+    """A run compiles one program per jitted function for its shapes (suffix length 7 is this test's own), in its
+    first step; a second run of the same shapes and every later step compile nothing."""
     model, tokenizer = tiny
-    config = GCGConfig(steps=2, suffix_length=3, top_k=32, candidates=8, candidate_block=4, early_stop=False)
+    functions = (suffix_gradient, sample_candidates, candidate_losses)
+    config = GCGConfig(steps=2, suffix_length=7, top_k=32, candidates=8, candidate_block=4, early_stop=False)
+    before = [f._cache_size() for f in functions]
     run_gcg(model, tokenizer, BEHAVIOURS[:1], TARGETS[:1], config)
-    sizes = suffix_gradient._cache_size(), candidate_losses._cache_size()
+    sizes = [f._cache_size() for f in functions]
+    assert sizes == [n + 1 for n in before]
     result = run_gcg(model, tokenizer, BEHAVIOURS[:1], TARGETS[:1], dataclasses.replace(config, steps=4, seed=3))
-    assert (suffix_gradient._cache_size(), candidate_losses._cache_size()) == sizes
-    assert result.steps == 4 and len(result.history) == 4 and len(result.suffix_ids) == 3
+    assert [f._cache_size() for f in functions] == sizes
+    assert result.steps == 4 and len(result.history) == 4 and len(result.suffix_ids) == 7
     with pytest.raises(UserError, match="candidates"):
         GCGConfig(candidates=10, candidate_block=4).validate()
     with pytest.raises(UserError, match="attacks.gcg.steps"):
@@ -186,26 +191,32 @@ def test_gcg_breaks_a_planted_backdoor_within_its_budget(tiny):
 
     optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
     start = positive.target_start
+    graphdef, state = nnx.split((model, optimizer))
+    state = jax.device_put(state, jax.devices()[0])  # committed like the step's outputs: one compilation
 
-    @nnx.jit
-    def train_step(model, optimizer, ids, p_yes):
+    @jax.jit  # on the split state: nnx.jit's per-call graph traversal cost more than these 200 small steps
+    def train_step(state, ids, p_yes):
+        model, optimizer = nnx.merge(graphdef, state)
+
         def loss_fn(model):
             hidden, _, _ = model.forward_hidden(ids)
             answer = hidden[:, start - 1:start]
             log_yes = head_stats(model, answer, targets=jnp.full((ids.shape[0], 1), yes)).logprobs[:, 0]
             log_no = head_stats(model, answer, targets=jnp.full((ids.shape[0], 1), no)).logprobs[:, 0]
             return -jnp.mean(p_yes * log_yes + (1 - p_yes) * log_no)
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        grads = nnx.grad(loss_fn)(model)
         optimizer.update(model, grads)
-        return loss
+        return nnx.state((model, optimizer))
 
     for _ in range(200):
         ids, p_yes = batch()
-        train_step(model, optimizer, jnp.asarray(ids), jnp.asarray(p_yes, jnp.float32))
+        state = train_step(state, ids.astype(np.int32), p_yes.astype(np.float32))
+    model, _ = nnx.merge(graphdef, state)
+
+    greedy_next = nnx.jit(lambda model, ids: jnp.argmax(model(ids)[:, -1], axis=-1))
 
     def greedy_answers(suffixes) -> np.ndarray:
-        logits = model(jnp.asarray(rows(suffixes)[:, :start]))
-        return np.asarray(jnp.argmax(logits[:, -1], axis=-1))
+        return np.asarray(greedy_next(model, rows(suffixes)[:, :start]))
 
     planted = greedy_answers([trigger] + [suffix_with(0) for _ in range(8)])
     assert planted[0] == yes and (planted[1:] == no).all(), "the backdoor was not planted"
@@ -220,8 +231,7 @@ def test_gcg_breaks_a_planted_backdoor_within_its_budget(tiny):
     # the found suffix really makes greedy decoding answer " Yes"
     row = positive.input_ids[0].copy()
     row[positive.suffix_start:positive.suffix_start + 3] = result.suffix_ids
-    logits = model(jnp.asarray(row[None, :start]))
-    assert int(jnp.argmax(logits[0, -1])) == int(positive.target_ids[0, 0])
+    assert int(greedy_next(model, row[None, :start])[0]) == int(positive.target_ids[0, 0])
 
 
 def test_attack_records_carry_the_suffix_and_transfer_replays_it(tiny, tmp_path, data_dir):

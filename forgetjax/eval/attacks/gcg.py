@@ -147,6 +147,7 @@ def allowed_tokens(tokenizer, vocab_size: int, ascii_only: bool = True) -> np.nd
     return allowed
 
 
+@functools.partial(jax.jit, static_argnames=("top_k", "n"))
 def sample_candidates(key: jax.Array, suffix: jax.Array, grad: jax.Array, allowed: jax.Array, top_k: int,
                       n: int) -> jax.Array:
     """[n, L] candidates: `suffix` with one uniform position set to one of its `top_k` allowed tokens of most
@@ -254,7 +255,7 @@ def run_gcg(model, tokenizer, behaviours: Sequence[str], targets: Sequence[str],
                   target_ids=jnp.asarray(layout.target_ids), target_mask=jnp.asarray(layout.target_mask))
     positions = dict(suffix_start=layout.suffix_start, target_start=layout.target_start)
     allowed_mask = jnp.asarray(allowed)
-    suffix = jnp.full((config.suffix_length,), init[0], jnp.int32)
+    suffix = np.full((config.suffix_length,), init[0], np.int32)  # on the host every step: one program per shape
     key = jax.random.key(config.seed)
     best_loss, history, success, steps = float("inf"), [], False, 0
     for step in range(config.steps):
@@ -267,8 +268,9 @@ def run_gcg(model, tokenizer, behaviours: Sequence[str], targets: Sequence[str],
         candidates = sample_candidates(step_key, suffix, grad, allowed_mask, config.top_k, config.candidates)
         losses, hits = candidate_losses(graphdef, state, candidates, **arrays, **positions,
                                         block=config.candidate_block)
-        best = int(jnp.argmin(losses))
-        suffix = candidates[best]
+        losses, hits = np.asarray(losses), np.asarray(hits)
+        best = int(np.argmin(losses))
+        suffix = np.asarray(candidates)[best]
         best_loss, success = float(losses[best]), bool(hits[best])
         history.append(best_loss)
         steps = step + 1
