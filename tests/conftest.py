@@ -99,6 +99,17 @@ def smollm2_gguf():
     return embedded_gguf("smollm2-135m-instruct")
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """The same GGUF file loaded by transformers (its own dequantisation; float32, eval mode): the independent
+    reference for the embedded model. Loading takes ~25 s, so it is shared."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _SESSION_COMPILE_CACHE is not None:
         import shutil

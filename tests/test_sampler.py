@@ -144,13 +144,9 @@ def test_filter_logits_matches_numpy(top_k, top_p):
 
 
 @pytest.mark.real_model
-def test_smollm2_greedy_matches_hf_generate(smollm2, smollm2_gguf):
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def test_smollm2_greedy_matches_hf_generate(smollm2, smollm2_hf):
     model, tokenizer = smollm2
-    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                              dtype=torch.float32).eval()
+    hf = smollm2_hf
     sampler = Sampler(model, tokenizer)
     questions = ["What is the capital of Australia?", "Name three primary colors.", "Hi"]
     prompts = [sampler.encode_chat([{"role": "user", "content": q}]) for q in questions]

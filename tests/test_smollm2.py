@@ -11,32 +11,23 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hf_gguf_model(smollm2_gguf):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                dtype=torch.float32).eval()
-
-
-def test_dequantised_weights_equal_transformers(smollm2_gguf, hf_gguf_model):
+def test_dequantised_weights_equal_transformers(smollm2_gguf, smollm2_hf):
     from forgetjax.convert.gguf import load_gguf
 
     config, tensors = load_gguf(smollm2_gguf)
-    state = hf_gguf_model.state_dict()
+    state = smollm2_hf.state_dict()
     assert config.model_type == "llama" and config.num_layers == 30 and config.tie_word_embeddings
     assert 134_000_000 < config.num_params() < 135_000_000
     for name in tensors.names():
         assert np.array_equal(tensors.read(name), state[name].numpy()), name
-    hf_cfg = hf_gguf_model.config
+    hf_cfg = smollm2_hf.config
     for ours, theirs in ((config.num_kv_heads, hf_cfg.num_key_value_heads), (config.head_dim, hf_cfg.head_dim),
                          (config.rope_theta, hf_cfg.rope_parameters["rope_theta"]),
                          (config.rms_norm_eps, hf_cfg.rms_norm_eps), (config.vocab_size, hf_cfg.vocab_size)):
         assert ours == theirs
 
 
-def test_chat_logits_and_greedy_tokens_match_transformers(smollm2, hf_gguf_model):
+def test_chat_logits_and_greedy_tokens_match_transformers(smollm2, smollm2_hf):
     import torch
 
     model, tokenizer = smollm2
@@ -44,7 +35,7 @@ def test_chat_logits_and_greedy_tokens_match_transformers(smollm2, hf_gguf_model
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = np.asarray([tokenizer(text, add_special_tokens=False)["input_ids"]], np.int32)
         with torch.no_grad():
-            expected = hf_gguf_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+            expected = smollm2_hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
         actual = np.asarray(model(ids))
         assert np.max(np.abs(actual - expected)) / np.max(np.abs(expected)) <= 1e-4
         assert np.array_equal(actual.argmax(-1), expected.argmax(-1))
