@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -84,6 +86,28 @@ def decode_bytes(config, batch: int, context: float, param_bytes: int, cache_byt
     return weights * param_bytes + kv * cache_bytes
 
 
+def profile_decode(args, peers) -> list[str]:
+    """One more (compiled) run of the first forgetjax peer per batch size under `jax.profiler.trace`, summarised by
+    `trace_summary` per decode step; each trace stays in `--profile-dir/<peer>_b<batch>` (perfetto JSON only)."""
+    import jax
+
+    from trace_summary import summarize
+
+    name, make = next(iter(peers.items()))
+    lines = []
+    for batch in args.batch_sizes:
+        run = make(batch)
+        trace_dir = Path(args.profile_dir) / f"{name}_b{batch}"
+        shutil.rmtree(trace_dir, ignore_errors=True)  # an earlier round's trace
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            run()
+        for bulky in trace_dir.rglob("*.pb"):  # the same trace as XPlane protobuf: not needed beside the JSON
+            bulky.unlink()
+        lines += [f"--- {name}, batch {batch}, {args.new_tokens} decode steps (per unit = one step)"]
+        lines += summarize(trace_dir, top=args.profile_top, per=args.new_tokens)
+    return lines
+
+
 def run_side(args) -> None:
     """One peer in this process: for each batch size, a first call (compile) then `--repeats` timed runs."""
     from transformers import AutoTokenizer
@@ -131,6 +155,8 @@ def run_side(args) -> None:
             run()
             result["first_call"][f"{name}/{batch}"] = time.perf_counter() - start
             result["seconds"][f"{name}/{batch}"] = best_time(run, args.repeats)
+    if args.profile_dir and args.side == "forgetjax":
+        result["profile"] = profile_decode(args, peers)
     result["peak_bytes"] = jax_peak_bytes() if args.side == "forgetjax" else torch_peak_bytes()
     write_json_atomic(args.side_out, result)
 
@@ -144,6 +170,10 @@ def main() -> None:
     parser.add_argument("--decode-unroll", type=int, nargs="+", default=[1],
                         help="layers unrolled per decode-loop iteration; each value is timed as its own forgetjax peer")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--profile-dir", default=None,
+                        help="after the timed runs, trace one more forgetjax run per batch size into this directory "
+                             "and print where device time went (benchmarks/trace_summary.py)")
+    parser.add_argument("--profile-top", type=int, default=12, help="events listed per device timeline")
     add_round_arguments(parser, 1, "timed runs per batch size and process")
     parser.add_argument("--torch-threads", type=int, nargs="+", default=[1, 2],
                         help="torch intra-op thread counts to try; HF is credited with its best (default 1 2: on a "
@@ -181,6 +211,8 @@ def main() -> None:
     print(f"peak memory: forgetjax {gib(ours['peak_bytes'])}, hf_torch {gib(theirs['peak_bytes'])}. ratio: best "
           "forgetjax / best HF; bw floor: weights read once + the KV cache at its mean length, per step, at the "
           "measured copy bandwidth; first call: compile + run of the forgetjax bucket.")
+    for line in ours.get("profile", []):
+        print(line)
 
 
 if __name__ == "__main__":
