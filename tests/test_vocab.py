@@ -347,3 +347,116 @@ def test_a_single_chunk_is_neither_looped_nor_rematerialised():
     chunk would recompute the LM head in the backward pass and hold the same logits again."""
     assert _chunk_loops(384, 4 * 384) == (0, 384, False)
     assert _chunk_loops(384, 0) == (0, 384, False)
+
+
+def nll_reference(hidden, scale, head, targets, weights):
+    """sum(weights * -log p(targets)) over entries with weight > 0, from the full logits (plain autodiff)."""
+    x = hidden * jax.lax.rsqrt(jnp.mean(hidden * hidden, axis=-1, keepdims=True) + EPS) * scale
+    logp = jax.nn.log_softmax(jnp.dot(x, head), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    return jnp.sum(jnp.where(weights > 0, -picked * weights, 0.0))
+
+
+def nll_inputs(seed: int = 5):
+    """Hidden states, norm scale, head [D, V], targets and float weights: zeros, fractions and a negative entry
+    (not counted)."""
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.normal(size=(B, T, HIDDEN)), jnp.float32)
+    scale = jnp.asarray(1 + 0.3 * rng.normal(size=HIDDEN), jnp.float32)
+    head = jnp.asarray(0.5 * rng.normal(size=(HIDDEN, VOCAB)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, VOCAB, (B, T)), jnp.int32)
+    weights = rng.random((B, T)) * (rng.random((B, T)) < 0.7)
+    weights[0, 3] = -1.0
+    return hidden, scale, head, targets, jnp.asarray(weights, jnp.float32)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk", [0, 1, 7, 10_000])
+def test_vocab_nll_and_its_gradients_equal_float64_and_full_logit_autodiff(tied, chunk):
+    """The weighted NLL and argmax against float64 numpy; its gradients (the backward pass scaling the ones formed
+    in the forward pass by a cotangent of 2.5) against autodiff of the full-logits NLL."""
+    from forgetjax.models.vocab import vocab_nll
+
+    hidden, scale, head, targets, weights = nll_inputs()
+    logp = numpy_log_softmax(hidden, scale, head)
+    picked = np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
+    w = np.asarray(weights, np.float64)
+    total, argmax = jax.jit(lambda h, s, k: vocab_nll(h, s, k.T if tied else k, targets, weights, tied=tied,
+                                                      eps=EPS, chunk=chunk))(hidden, scale, head)
+    assert float(total) == pytest.approx(float(np.sum(np.where(w > 0, -picked * w, 0.0))), rel=1e-5)
+    np.testing.assert_array_equal(np.asarray(argmax), logp.argmax(-1))
+
+    def fused(h, s, k):
+        return 2.5 * vocab_nll(h, s, k.T if tied else k, targets, weights, tied=tied, eps=EPS, chunk=chunk)[0]
+
+    grads = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(hidden, scale, head)
+    ref_grads = jax.grad(lambda h, s, k: 2.5 * nll_reference(h, s, k, targets, weights), argnums=(0, 1, 2))(
+        hidden, scale, head)
+    for name, got, expected in zip(("hidden", "norm scale", "head"), grads, ref_grads):
+        assert float(jnp.max(jnp.abs(got))) > 0, name
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(expected))), err_msg=name)
+    assert float(jnp.max(jnp.abs(grads[0][0, 3]))) == 0.0  # the negative weight counts nothing
+
+
+def logits_matmuls(jaxpr, rows: int) -> int:
+    """dot_generals in a jaxpr (and its sub-jaxprs) whose output is a block of logits [rows, VOCAB]."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape == (rows, VOCAB):
+            count += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    count += logits_matmuls(sub.jaxpr, rows)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    count += logits_matmuls(sub, rows)
+    return count
+
+
+def test_vocab_nll_gradient_computes_each_chunks_logits_once():
+    """The gradient of the chunked vocab_stats NLL projects each chunk twice (forward, then the rematerialised
+    chunk in the backward pass); vocab_nll's once. Chunk 7 over B = 3 rows: 2 positions per row, 6-row blocks."""
+    from forgetjax.models.vocab import vocab_nll
+
+    hidden, scale, head, targets, weights = nll_inputs()
+
+    def fused(h, s, k):
+        return vocab_nll(h, s, k, targets, weights, tied=False, eps=EPS, chunk=7)[0]
+
+    def rematerialised(h, s, k):
+        stats = vocab_stats(h, s, k, tied=False, eps=EPS, chunk=7, targets=targets)
+        return jnp.sum(jnp.where(weights > 0, -stats.logprobs * weights, 0.0))
+
+    def matmuls(loss):
+        return logits_matmuls(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(hidden, scale, head).jaxpr, 6)
+
+    assert matmuls(rematerialised) == 2
+    assert matmuls(fused) == 1
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_vocab_nll_in_bfloat16_matches_the_autodiff_of_its_stats_within_bf16_rounding(tied):
+    """bfloat16 hidden states, float32 norm and head (cast inside): the fused gradients equal autodiff through
+    vocab_stats' chunks (the same arithmetic, the cotangent applied after the pull-back) within bf16 rounding."""
+    from forgetjax.models.vocab import vocab_nll
+
+    hidden, scale, head, targets, weights = nll_inputs(6)
+    hidden = hidden.astype(jnp.bfloat16)
+    head = head.T if tied else head
+
+    def fused(h, s, k):
+        return vocab_nll(h, s, k, targets, weights, tied=tied, eps=EPS, chunk=7)[0] / 10.0
+
+    def through_stats(h, s, k):
+        stats = vocab_stats(h, s, k, tied=tied, eps=EPS, chunk=7, targets=targets)
+        return jnp.sum(jnp.where(weights > 0, -stats.logprobs * weights, 0.0)) / 10.0
+
+    (value, grads), (ref_value, ref_grads) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(hidden, scale, head)
+                                              for f in (fused, through_stats))
+    assert float(value) == pytest.approx(float(ref_value), rel=1e-5)
+    assert grads[0].dtype == jnp.bfloat16
+    for name, got, expected in zip(("hidden", "norm scale", "head"), grads, ref_grads):
+        expected = np.asarray(expected, np.float32)
+        np.testing.assert_allclose(np.asarray(got, np.float32), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max(),
+                                   err_msg=name)

@@ -4,8 +4,10 @@ Conventions used by all of ``forgetjax.losses``:
 
 * ``logits`` [B, T, V] are already aligned with ``targets`` [B, T] (``logits[:, t]`` predicts ``targets[:, t]``).
   Training and scoring never build them: methods get per-token log-probs (and the other reductions) from
-  :func:`forgetjax.models.vocab.token_stats`, chunk by chunk, and the losses take those; the logits-level functions
-  here apply the same reduction (:func:`forgetjax.models.vocab.logit_stats`) to logits given whole.
+  :func:`forgetjax.models.vocab.token_stats`, chunk by chunk, and the losses take those (the SFT loss, whose token
+  weights are known beforehand, takes its sum and gradient from :func:`forgetjax.models.vocab.vocab_nll`); the
+  logits-level functions here apply the same reduction (:func:`forgetjax.models.vocab.logit_stats`) to logits given
+  whole.
 * ``mask`` [B, T] (bool or 0/1 float) marks the completion tokens that count.
 * Every loss returns ``(loss_sum, loss_count, metrics)``; the loss is ``loss_sum / loss_count`` over the full batch,
   ``loss_count`` never depends on parameters, and ``metrics`` maps a name to a ``(sum, count)`` pair so that
@@ -20,7 +22,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from forgetjax.models.vocab import logit_stats, token_stats
+from forgetjax.models.vocab import head_nll, logit_stats
 
 Array = jax.Array
 Metrics = dict[str, tuple[Array, Array]]
@@ -99,8 +101,13 @@ def nll_loss(token_logps: Array, correct: Array, mask: Array) -> LossOutput:
     per call; summing the first entries over micro-batches gives the total).
     """
     check_same_shape(token_logps=token_logps, correct=correct, mask=mask)
-    nll_sum, count = masked_sum_count(-jnp.asarray(token_logps, jnp.float32), mask)
-    correct_sum, _ = masked_sum_count(jnp.asarray(correct).astype(jnp.float32), mask)
+    nll_sum, _ = masked_sum_count(-jnp.asarray(token_logps, jnp.float32), mask)
+    return nll_output(nll_sum, correct, mask)
+
+
+def nll_output(nll_sum: Array, correct: Array, mask: Array) -> LossOutput:
+    """:func:`nll_loss`'s output from the masked sum of -log p(target) already taken."""
+    correct_sum, count = masked_sum_count(jnp.asarray(correct).astype(jnp.float32), mask)
     metrics = {
         "nll": (nll_sum, count),
         "accuracy": (correct_sum, count),
@@ -140,7 +147,10 @@ def sequence_logprob(token_logps: Array, mask: Array) -> Array:
 
 def sft_loss(model, batch: Mapping[str, jax.Array]) -> tuple:
     """Masked token-level cross-entropy of the completion tokens of an SFT batch, log-probs computed chunk-wise
-    over the vocabulary (`models.vocab.token_stats`): the loss every SFT-family method trains with."""
-    stats = token_stats(model, batch["input_ids"], batch["attention_mask"], batch["positions"], batch["segment_ids"],
-                        targets=batch["targets"], argmax=True)
-    return nll_loss(stats.logprobs, stats.argmax == batch["targets"], batch["loss_mask"])
+    over the vocabulary with the gradient formed in the same pass (`models.vocab.vocab_nll`): the loss every
+    SFT-family method trains with."""
+    check_same_shape(targets=batch["targets"], loss_mask=batch["loss_mask"])
+    hidden, _, _ = model.forward_hidden(batch["input_ids"], batch["attention_mask"], batch["positions"],
+                                        batch["segment_ids"])
+    nll_sum, argmax = head_nll(model, hidden, batch["targets"], as_float_mask(batch["loss_mask"]))
+    return nll_output(nll_sum, argmax == batch["targets"], batch["loss_mask"])

@@ -10,12 +10,17 @@ positions per row, T split into the fewest such chunks of equal width (padded by
 0 runs one unchunked pass. A single chunk is not rematerialised: recomputing it would hold the same logits again.
 `logit_stats` is the reduction of one block of logits, shared with the logits-level losses.
 
+`vocab_nll` (`head_nll` with a model's head) is the weighted negative log-likelihood of targets, for losses whose
+per-token weights are known beforehand (SFT): its gradient is formed chunk by chunk in the forward pass, so no chunk's
+logits are computed twice.
+
 `token_stats(model, ...)` runs the decoder and `head_stats(model, hidden)` the model's head; both use the model's
 chunk size (`set_logit_chunk`, default `DEFAULT_CHUNK`) unless `chunk` is given. `token_kl(model, reference, ...)`
 is the full-vocabulary KL between two models' next-token distributions, chunked the same way.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -104,30 +109,98 @@ def _project(hidden: jax.Array, norm_scale: jax.Array, head: jax.Array, tied: bo
     return constrain(logits.reshape(*hidden.shape[:2], logits.shape[-1]), ("batch", "length", "act_vocab"))
 
 
+def _chunk_count(rows: int, length: int, chunk: int) -> int:
+    """How many chunks of positions `chunk` tokens per device make of [rows, length] (module docstring)."""
+    if not chunk or length == 0:
+        return 1
+    return -(-length // max(1, chunk * batch_shards(rows) // rows))
+
+
+def _split(x: jax.Array | None, n: int) -> jax.Array | None:
+    """[B, T, ...] -> [n, B, ceil(T / n), ...], T padded with zeros at the end."""
+    if x is None:
+        return None
+    b, t = x.shape[:2]
+    width = -(-t // n)
+    x = jnp.pad(x, [(0, 0), (0, n * width - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, n, width, *x.shape[2:]), 1, 0)
+
+
+def _merge(y: jax.Array, length: int) -> jax.Array:
+    """`_split`'s inverse: [n, B, width, ...] -> [B, length, ...]."""
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape(y.shape[0], -1, *y.shape[3:])[:, :length]
+
+
 def _chunked(block, chunk: int, *xs):
     """`block(*xs)` computed `chunk` tokens per device at a time (module docstring): every x is [B, T, ...] (or None)
     and split along T; the rematerialised chunk results are joined back to [B, T, ...]."""
     b, t = xs[0].shape[:2]
-    if not chunk or t == 0:
-        return block(*xs)
-    n = -(-t // max(1, chunk * batch_shards(b) // b))
+    n = _chunk_count(b, t, chunk)
     if n == 1:
         return block(*xs)
-    width = -(-t // n)
-
-    def split(x):
-        if x is None:
-            return None
-        x = jnp.pad(x, [(0, 0), (0, n * width - t)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(b, n, width, *x.shape[2:]), 1, 0)
-
-    def merge(y):
-        y = jnp.moveaxis(y, 0, 1)
-        return y.reshape(b, n * width, *y.shape[3:])[:, :t]
-
     body = jax.checkpoint(lambda carry, pieces: (carry, block(*pieces)), prevent_cse=False)
-    _, stacked = jax.lax.scan(body, None, tuple(split(x) for x in xs))
-    return jax.tree.map(merge, stacked)
+    _, stacked = jax.lax.scan(body, None, tuple(_split(x, n) for x in xs))
+    return jax.tree.map(lambda y: _merge(y, t), stacked)
+
+
+def vocab_nll(hidden: jax.Array, norm_scale: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *,
+              tied: bool, eps: float, chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """(sum of weights * -log p(targets) over [B, T], argmax ids [B, T] int32) under rms_norm(hidden) @ head, in
+    chunks like `vocab_stats`, for a loss whose per-token weights are known before it is computed (SFT).
+
+    Differentiated, each chunk's gradient is formed as soon as its logits are: weights * (softmax - one-hot),
+    pulled back through the head and the final norm and kept (hidden's [B, T, D], the norm scale's and the head's
+    own sizes), so the backward pass only scales it by the sum's cotangent. Each chunk's logits are computed once,
+    where a rematerialised `vocab_stats` chunk computes them again in the backward pass. Undifferentiated, it is
+    `vocab_stats`' forward. weights [B, T]: entries <= 0 are not counted."""
+    return _vocab_nll(tied, eps, chunk, hidden, norm_scale, head, targets, weights)
+
+
+def _weighted_nll(logprobs: jax.Array, weights: jax.Array) -> jax.Array:
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(jnp.where(weights > 0, -logprobs * weights, 0.0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _vocab_nll(tied, eps, chunk, hidden, norm_scale, head, targets, weights):
+    stats = vocab_stats(hidden, norm_scale, head, tied=tied, eps=eps, chunk=chunk, targets=targets, argmax=True)
+    return _weighted_nll(stats.logprobs, weights), stats.argmax
+
+
+def _vocab_nll_forward(tied, eps, chunk, hidden, norm_scale, head, targets, weights):
+    def chunk_step(carry, pieces):
+        total, d_scale, d_head = carry
+        h, block_targets, block_weights = pieces
+        logits, pullback = jax.vjp(lambda h, s, k: _project(h, s, k, tied, eps), h, norm_scale, head)
+        stats = logit_stats(logits, targets=block_targets, logsumexp=True, argmax=True)
+        block_weights = jnp.where(block_weights > 0, block_weights.astype(jnp.float32), 0.0)
+        probs = jnp.exp(logits - stats.logsumexp[..., None])
+        one_hot = jax.nn.one_hot(block_targets, logits.shape[-1], dtype=jnp.float32)
+        d_h, d_s, d_k = pullback(block_weights[..., None] * (probs - one_hot))
+        carry = (total + _weighted_nll(stats.logprobs, block_weights), d_scale + d_s, d_head + d_k)
+        return carry, (d_h, stats.argmax)
+
+    b, t = hidden.shape[:2]
+    n = _chunk_count(b, t, chunk)
+    start = (jnp.zeros((), jnp.float32), jnp.zeros_like(norm_scale), jnp.zeros_like(head))
+    if n == 1:
+        (total, d_scale, d_head), (d_hidden, argmax) = chunk_step(start, (hidden, targets, weights))
+    else:
+        (total, d_scale, d_head), stacked = jax.lax.scan(
+            chunk_step, start, tuple(_split(x, n) for x in (hidden, targets, weights)))
+        d_hidden, argmax = (_merge(y, t) for y in stacked)
+    return (total, argmax), (d_hidden, d_scale, d_head)
+
+
+def _vocab_nll_backward(tied, eps, chunk, residuals, cotangents):
+    d_hidden, d_scale, d_head = residuals
+    g = cotangents[0]
+    return (d_hidden * g.astype(d_hidden.dtype), d_scale * g.astype(d_scale.dtype), d_head * g.astype(d_head.dtype),
+            None, None)
+
+
+_vocab_nll.defvjp(_vocab_nll_forward, _vocab_nll_backward)
 
 
 def logit_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
@@ -180,6 +253,15 @@ def head_stats(model, hidden: jax.Array, *, chunk: int | None = None, **requests
     head = model.embed_tokens.embedding[...] if tied else model.lm_head.kernel[...]
     return vocab_stats(hidden, model.norm.scale[...], head, tied=tied, eps=model.config.rms_norm_eps,
                        chunk=get_logit_chunk(model) if chunk is None else chunk, **requests)
+
+
+def head_nll(model, hidden: jax.Array, targets: jax.Array, weights: jax.Array, *,
+             chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """`vocab_nll` of hidden states [B, T, D] under `model`'s final norm and LM head (tied or not)."""
+    tied = model.lm_head is None
+    head = model.embed_tokens.embedding[...] if tied else model.lm_head.kernel[...]
+    return vocab_nll(hidden, model.norm.scale[...], head, targets, weights, tied=tied, eps=model.config.rms_norm_eps,
+                     chunk=get_logit_chunk(model) if chunk is None else chunk)
 
 
 def token_stats(model, input_ids: jax.Array, attention_mask: jax.Array | None = None,
