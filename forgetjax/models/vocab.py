@@ -100,11 +100,17 @@ def vocab_stats(hidden: jax.Array, norm_scale: jax.Array, head: jax.Array, *, ti
     return _chunked(block, chunk, hidden, targets, gather_ids)
 
 
+def _head_axes(tied: bool) -> tuple[str, str]:
+    """Logical axes of the LM head: the tied embedding [V, D] or the head kernel [D, V]."""
+    return ("vocab", "embed") if tied else ("embed", "vocab")
+
+
 def _project(hidden: jax.Array, norm_scale: jax.Array, head: jax.Array, tied: bool, eps: float) -> jax.Array:
     """float32 logits [B, c, V] = rms_norm(hidden) @ head of one chunk of final hidden states [B, c, D]."""
     d = hidden.shape[-1]
     x = rms_norm(hidden, norm_scale, eps).reshape(-1, d)
     contract = (((1,), (1,)), ((), ())) if tied else (((1,), (0,)), ((), ()))
+    head = constrain(head, _head_axes(tied))  # and so its gradient, accumulated over chunks, is laid out like it
     logits = jax.lax.dot_general(x, head.astype(hidden.dtype), contract, preferred_element_type=jnp.float32)
     return constrain(logits.reshape(*hidden.shape[:2], logits.shape[-1]), ("batch", "length", "act_vocab"))
 
@@ -210,10 +216,15 @@ def logit_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
+def _head(model) -> tuple[jax.Array, bool]:
+    """`model`'s LM head and whether it is the tied embedding [V, D] (else the head kernel [D, V])."""
+    tied = model.lm_head is None
+    return (model.embed_tokens.embedding[...] if tied else model.lm_head.kernel[...]), tied
+
+
 def _logits(model, hidden: jax.Array) -> jax.Array:
     """float32 logits [B, c, V] of one chunk of `model`'s final hidden states (its final norm and LM head)."""
-    tied = model.lm_head is None
-    head = model.embed_tokens.embedding[...] if tied else model.lm_head.kernel[...]
+    head, tied = _head(model)
     return _project(hidden, model.norm.scale[...], head, tied, model.config.rms_norm_eps)
 
 
@@ -249,8 +260,7 @@ def get_logit_chunk(model) -> int:
 
 def head_stats(model, hidden: jax.Array, *, chunk: int | None = None, **requests) -> VocabStats:
     """`vocab_stats` of hidden states [B, T, D] under `model`'s final norm and LM head (tied or not)."""
-    tied = model.lm_head is None
-    head = model.embed_tokens.embedding[...] if tied else model.lm_head.kernel[...]
+    head, tied = _head(model)
     return vocab_stats(hidden, model.norm.scale[...], head, tied=tied, eps=model.config.rms_norm_eps,
                        chunk=get_logit_chunk(model) if chunk is None else chunk, **requests)
 
@@ -258,8 +268,7 @@ def head_stats(model, hidden: jax.Array, *, chunk: int | None = None, **requests
 def head_nll(model, hidden: jax.Array, targets: jax.Array, weights: jax.Array, *,
              chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
     """`vocab_nll` of hidden states [B, T, D] under `model`'s final norm and LM head (tied or not)."""
-    tied = model.lm_head is None
-    head = model.embed_tokens.embedding[...] if tied else model.lm_head.kernel[...]
+    head, tied = _head(model)
     return vocab_nll(hidden, model.norm.scale[...], head, targets, weights, tied=tied, eps=model.config.rms_norm_eps,
                      chunk=get_logit_chunk(model) if chunk is None else chunk)
 
