@@ -10,7 +10,7 @@ own compiled step with the SFT loss every method trains with; torch runs eager P
 Default: the embedded SmolLM2-135M, batch 8 x 256, float32 (the README's CPU figures). On a GPU, e.g.
 `--model qwen2.5-0.5b --dtype bfloat16 --batch 4 --seq 2048 --remat full --moments-dtype bfloat16`. forgetjax's
 loss is the shipped SFT loss (`forgetjax.losses.token.sft_loss`), which projects the vocabulary `--logit-chunk`
-tokens at a time, forming each chunk's gradient in the same pass (`models.vocab.vocab_nll`), and so never holds the
+tokens at a time, forming each chunk's gradient in the same pass (`models.vocab.vocab_loss`), and so never holds the
 [B, T, V] float32 logits.
 Each peer runs in its own process per round; rounds alternate the order and the best step is kept. Printed:
 tokens/s, the ratio forgetjax / HF, the first call (compile + step), each process's peak device memory (peak RSS

@@ -1,6 +1,8 @@
 """Chunked per-token statistics (`forgetjax.models.vocab`) against the plain log-softmax of the full logits and a
 float64 numpy reference: values and gradients for tied and untied heads, T not a multiple of the chunk, left
 padding, bfloat16 compute, the chunk size reaching the losses, and the compiled memory of a backward pass."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,9 @@ from flax import nnx
 
 from forgetjax.models.config import ModelConfig
 from forgetjax.models.decoder import CausalLM
-from forgetjax.models.vocab import check_logit_chunk, get_logit_chunk, set_logit_chunk, token_stats, vocab_stats
+from forgetjax.losses.token import weighted_nll
+from forgetjax.models.vocab import (check_logit_chunk, get_logit_chunk, set_logit_chunk, token_stats, vocab_loss,
+                                    vocab_stats)
 
 VOCAB, HIDDEN, EPS, K, TOP = 97, 32, 1e-6, 4, 5
 B, T = 3, 13  # chunk 7 -> 2 positions per row, 7 chunks, one padded position
@@ -357,6 +361,12 @@ def nll_reference(hidden, scale, head, targets, weights):
     return jnp.sum(jnp.where(weights > 0, -picked * weights, 0.0))
 
 
+def vocab_nll(hidden, scale, head, targets, weights, *, tied: bool, chunk: int):
+    """The SFT loss through vocab_loss: (sum of weights x -log p(targets), the observed stats)."""
+    return vocab_loss(hidden, scale, head, weighted_nll, (weights,), targets=targets, tied=tied, eps=EPS,
+                      chunk=chunk)
+
+
 def nll_inputs(seed: int = 5, rows: int = B, vocab: int = VOCAB):
     """Hidden states, norm scale, head [D, V], targets and float weights: zeros, fractions and a negative entry
     (not counted)."""
@@ -375,19 +385,19 @@ def nll_inputs(seed: int = 5, rows: int = B, vocab: int = VOCAB):
 def test_vocab_nll_and_its_gradients_equal_float64_and_full_logit_autodiff(tied, chunk):
     """The weighted NLL and argmax against float64 numpy; its gradients (the backward pass scaling the ones formed
     in the forward pass by a cotangent of 2.5) against autodiff of the full-logits NLL."""
-    from forgetjax.models.vocab import vocab_nll
 
     hidden, scale, head, targets, weights = nll_inputs()
     logp = numpy_log_softmax(hidden, scale, head)
     picked = np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
     w = np.asarray(weights, np.float64)
-    total, argmax = jax.jit(lambda h, s, k: vocab_nll(h, s, k.T if tied else k, targets, weights, tied=tied,
-                                                      eps=EPS, chunk=chunk))(hidden, scale, head)
+    total, stats = jax.jit(lambda h, s, k: vocab_nll(h, s, k.T if tied else k, targets, weights, tied=tied,
+                                                     chunk=chunk))(hidden, scale, head)
+    argmax = stats.argmax
     assert float(total) == pytest.approx(float(np.sum(np.where(w > 0, -picked * w, 0.0))), rel=1e-5)
     np.testing.assert_array_equal(np.asarray(argmax), logp.argmax(-1))
 
     def fused(h, s, k):
-        return 2.5 * vocab_nll(h, s, k.T if tied else k, targets, weights, tied=tied, eps=EPS, chunk=chunk)[0]
+        return 2.5 * vocab_nll(h, s, k.T if tied else k, targets, weights, tied=tied, chunk=chunk)[0]
 
     grads = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(hidden, scale, head)
     ref_grads = jax.grad(lambda h, s, k: 2.5 * nll_reference(h, s, k, targets, weights), argnums=(0, 1, 2))(
@@ -416,13 +426,12 @@ def logits_matmuls(jaxpr, rows: int) -> int:
 
 def test_vocab_nll_gradient_computes_each_chunks_logits_once():
     """The gradient of the chunked vocab_stats NLL projects each chunk twice (forward, then the rematerialised
-    chunk in the backward pass); vocab_nll's once. Chunk 7 over B = 3 rows: 2 positions per row, 6-row blocks."""
-    from forgetjax.models.vocab import vocab_nll
+    chunk in the backward pass); vocab_loss's once. Chunk 7 over B = 3 rows: 2 positions per row, 6-row blocks."""
 
     hidden, scale, head, targets, weights = nll_inputs()
 
     def fused(h, s, k):
-        return vocab_nll(h, s, k, targets, weights, tied=False, eps=EPS, chunk=7)[0]
+        return vocab_nll(h, s, k, targets, weights, tied=False, chunk=7)[0]
 
     def rematerialised(h, s, k):
         stats = vocab_stats(h, s, k, tied=False, eps=EPS, chunk=7, targets=targets)
@@ -439,14 +448,13 @@ def test_vocab_nll_gradient_computes_each_chunks_logits_once():
 def test_vocab_nll_in_bfloat16_matches_the_autodiff_of_its_stats_within_bf16_rounding(tied):
     """bfloat16 hidden states, float32 norm and head (cast inside): the fused gradients equal autodiff through
     vocab_stats' chunks (the same arithmetic, the cotangent applied after the pull-back) within bf16 rounding."""
-    from forgetjax.models.vocab import vocab_nll
 
     hidden, scale, head, targets, weights = nll_inputs(6)
     hidden = hidden.astype(jnp.bfloat16)
     head = head.T if tied else head
 
     def fused(h, s, k):
-        return vocab_nll(h, s, k, targets, weights, tied=tied, eps=EPS, chunk=7)[0] / 10.0
+        return vocab_nll(h, s, k, targets, weights, tied=tied, chunk=7)[0] / 10.0
 
     def through_stats(h, s, k):
         stats = vocab_stats(h, s, k, tied=tied, eps=EPS, chunk=7, targets=targets)
@@ -465,11 +473,10 @@ def test_vocab_nll_in_bfloat16_matches_the_autodiff_of_its_stats_within_bf16_rou
 def test_vocab_nll_on_a_mesh_matches_float64_and_lays_the_head_gradient_out_like_the_head():
     """8 rows over data x fsdp = 4 shards, the head [D, V] over fsdp x tensor (V = 96): 6 tokens per device are 2
     positions per row, so T = 13 runs in 7 chunks; the value equals float64, the gradients plain autodiff, and the
-    head's gradient keeps the head's layout, through vocab_nll and through vocab_stats' rematerialised chunks (the
+    head's gradient keeps the head's layout, through vocab_loss and through vocab_stats' rematerialised chunks (the
     chunks' accumulated head gradient was replicated over fsdp before the head was constrained in the projection)."""
     from jax.sharding import NamedSharding
 
-    from forgetjax.models.vocab import vocab_nll
     from forgetjax.sharding import logical_to_spec, make_mesh, shard_batch
 
     hidden, scale, head, targets, weights = nll_inputs(7, rows=8, vocab=96)
@@ -478,7 +485,7 @@ def test_vocab_nll_on_a_mesh_matches_float64_and_lays_the_head_gradient_out_like
     assert all(head_spec), head_spec  # both axes sharded: the layout check below means something
 
     def fused(h, s, k, targets, weights):
-        return vocab_nll(h, s, k, targets, weights, tied=False, eps=EPS, chunk=6)[0]
+        return vocab_nll(h, s, k, targets, weights, tied=False, chunk=6)[0]
 
     def through_stats(h, s, k, targets, weights):
         stats = vocab_stats(h, s, k, tied=False, eps=EPS, chunk=6, targets=targets)
@@ -502,3 +509,156 @@ def test_vocab_nll_on_a_mesh_matches_float64_and_lays_the_head_gradient_out_like
         assert head_grad.sharding.is_equivalent_to(NamedSharding(mesh, head_spec), 2), head_grad.sharding
     np.testing.assert_allclose(np.asarray(stats_head_grad), np.asarray(ref_grads[2]), rtol=1e-5,
                                atol=1e-5 * float(jnp.max(jnp.abs(ref_grads[2]))))
+
+
+def curved_token_loss(logprobs, gathered, weights, coefficients):
+    """A token-local loss, non-linear in log p(target) and in the gathered log-probs, with constant inputs, not 0
+    where its inputs are (so positions padded onto a chunk would count)."""
+    curved = weights * (logprobs**2 + 0.5 * jnp.exp(logprobs)) + 0.1 * logprobs
+    return curved + jnp.sum(coefficients * gathered * jnp.tanh(gathered), axis=-1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_vocab_loss_of_targets_and_gathered_ids_matches_float64_and_full_logit_autodiff(tied, chunk):
+    """A non-linear token-local loss of log p(targets) and log p(gather_ids): its value (undifferentiated and
+    differentiated) and the observed stats against float64 numpy, its gradients (cotangent 1.7) against autodiff
+    through the full logits; the stats carry no gradient."""
+    hidden, scale, head, targets, weights = nll_inputs(8)
+    _, _, _, gather, _ = batch(9)
+    coefficients = jnp.asarray(np.random.default_rng(10).normal(size=(B, T, K)), jnp.float32)
+    head_arg = head.T if tied else head
+
+    def fused(h, s, k):
+        return vocab_loss(h, s, k, curved_token_loss, (weights, coefficients), targets=targets, gather_ids=gather,
+                          tied=tied, eps=EPS, chunk=chunk, entropy=True)
+
+    total, stats = jax.jit(fused)(hidden, scale, head_arg)
+    logp = numpy_log_softmax(hidden, scale, head)
+    expected = expected_stats(logp, np.asarray(targets), gather, VOCAB)
+    c, w = np.asarray(coefficients, np.float64), np.asarray(weights, np.float64)
+    lp, g = expected["logprobs"], expected["gathered"]
+    expected_total = np.sum(w * (lp**2 + 0.5 * np.exp(lp)) + 0.1 * lp + np.sum(c * g * np.tanh(g), -1))
+    assert float(total) == pytest.approx(float(expected_total), rel=1e-5)
+    for name in ("logprobs", "entropy", "gathered"):
+        np.testing.assert_allclose(np.asarray(getattr(stats, name)), expected[name], rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+    np.testing.assert_array_equal(np.asarray(stats.argmax), expected["argmax"])
+
+    def full_logits(h, s, k):
+        x = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + EPS) * s
+        log_softmax = jax.nn.log_softmax(jnp.dot(x, k), axis=-1)
+        picked = jnp.take_along_axis(log_softmax, targets[..., None], -1)[..., 0]
+        return 1.7 * jnp.sum(curved_token_loss(picked, jnp.take_along_axis(log_softmax, gather, -1), weights,
+                                               coefficients))
+
+    value, grads = jax.jit(jax.value_and_grad(lambda h, s, k: 1.7 * fused(h, s, k)[0], argnums=(0, 1, 2)))(
+        hidden, scale, head_arg)
+    assert float(value) == pytest.approx(1.7 * float(expected_total), rel=1e-5)  # the differentiated pass's value
+    ref_grads = jax.grad(full_logits, argnums=(0, 1, 2))(hidden, scale, head)
+    for name, got, ref in zip(("hidden", "norm scale", "head"), grads, ref_grads):
+        got = got.T if (tied and name == "head") else got
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(ref))), err_msg=name)
+    observed = jax.grad(lambda h: jnp.sum(fused(h, scale, head_arg)[1].logprobs))(hidden)
+    assert float(jnp.max(jnp.abs(observed))) == 0.0
+
+
+def method_batch(seed: int = 3):
+    """A GRPO batch over `batch()`'s rows: old and reference log-probs, one advantage per row."""
+    ids, mask, targets, _, loss_mask = batch()
+    rng = np.random.default_rng(seed)
+    return {"input_ids": ids, "attention_mask": mask, "positions": np.maximum(np.cumsum(mask, 1) - 1, 0),
+            "segment_ids": mask.astype(np.int32), "targets": targets, "loss_mask": loss_mask.astype(np.float32),
+            "old_logp": np.asarray(-rng.random((B, T)) * 5, np.float32),
+            "ref_logp": np.asarray(-rng.random((B, T)) * 5, np.float32),
+            "advantages": np.asarray([1.0, -0.5, 0.25], np.float32)}
+
+
+def full_logit_logprobs(model, arrays):
+    """log p(targets) [B, T] from the model's full logits (plain autodiff)."""
+    logp = jax.nn.log_softmax(model(arrays["input_ids"], arrays["attention_mask"], arrays["positions"],
+                                    arrays["segment_ids"]), axis=-1)
+    return jnp.take_along_axis(logp, arrays["targets"][..., None], -1)[..., 0]
+
+
+def assert_same_gradients(grads, ref_grads) -> None:
+    flat, ref_flat = dict(grads.flat_state()), dict(ref_grads.flat_state())
+    assert set(flat) == set(ref_flat)
+    for path, expected in ref_flat.items():
+        expected = np.asarray(expected[...])
+        assert np.abs(expected).max() > 0, path
+        np.testing.assert_allclose(np.asarray(flat[path][...]), expected, rtol=1e-5,
+                                   atol=1e-5 * np.abs(expected).max(), err_msg=str(path))
+
+
+@pytest.mark.parametrize("variant,beta", [("grpo", 0.0), ("grpo", 0.2), ("drgrpo", 0.2), ("frpo", 0.2)])
+def test_grpo_method_loss_and_parameter_gradients_equal_policy_loss_of_the_full_logits(variant, beta):
+    """GRPO and Dr.GRPO (one pass over the vocabulary, head_loss) and FRPO (chunked log-probs, then the loss): the
+    method's loss and every parameter's gradient against policy_loss of the full logits' log-probs, autodiff."""
+    from forgetjax.losses.policy_gradient import policy_loss
+    from forgetjax.methods.grpo import GRPO, GRPOArgs
+
+    model = make_model(tied=False)
+    set_logit_chunk(model, 4)
+    arrays = method_batch()
+    logp = np.asarray(full_logit_logprobs(model, arrays))
+    rng = np.random.default_rng(4)  # ratios about 1, so both clip bounds bind somewhere, and a KL of about 0.1
+    arrays["old_logp"] = np.asarray(logp + rng.normal(scale=0.4, size=logp.shape), np.float32)
+    arrays["ref_logp"] = np.asarray(logp + rng.normal(scale=0.5, size=logp.shape), np.float32)
+    ratio = np.exp(logp - arrays["old_logp"])[arrays["loss_mask"] > 0]
+    assert (ratio > 1.3).any() and (ratio < 0.8).any() and ((ratio > 0.8) & (ratio < 1.2)).any()
+    args = GRPOArgs(group_size=3, max_new_tokens=T, beta=beta, clip_low=0.2, clip_high=0.3)
+    method = GRPO(args, None, variant)
+    graphdef, state = nnx.split(model)
+    kwargs = dict(variant=variant, beta=beta, clip_low=0.2, clip_high=0.3, generation_budget=T, group_size=3)
+
+    def through_method(state):
+        total, count, _ = method.loss(nnx.merge(graphdef, state), arrays, jax.random.key(0))
+        return total / count
+
+    def full_logits(state):
+        total, count, _ = policy_loss(full_logit_logprobs(nnx.merge(graphdef, state), arrays), arrays["old_logp"],
+                                      arrays["ref_logp"], arrays["advantages"], arrays["loss_mask"], **kwargs)
+        return total / count
+
+    value, grads = jax.jit(jax.value_and_grad(through_method))(state)
+    ref_value, ref_grads = jax.value_and_grad(full_logits)(state)
+    assert float(value) == pytest.approx(float(ref_value), rel=1e-5)
+    assert_same_gradients(grads, ref_grads)
+
+
+def test_kd_token_loss_through_the_vocabulary_pass_equals_ce_plus_sparse_kd_of_the_full_logits():
+    """SF-SFT's loss with top-k KD (kd_token_loss through head_loss): value and parameter gradients against
+    CE + kd_weight x sparse_kd_loss of the full logits, autodiff."""
+    from forgetjax.losses.token import cross_entropy_loss
+    from forgetjax.methods.distill import kd_token_loss, sparse_kd_loss
+    from forgetjax.models.vocab import head_loss
+
+    model = make_model(tied=True)
+    set_logit_chunk(model, 5)
+    arrays = method_batch()
+    _, _, _, gather, _ = batch(11)
+    teacher = np.asarray(jax.nn.log_softmax(np.random.default_rng(12).normal(size=(B, T, K)) * 2, axis=-1),
+                         np.float32)
+    weights = arrays["loss_mask"]
+    graphdef, state = nnx.split(model)
+    token_loss = functools.partial(kd_token_loss, kd_weight=0.7, beta=0.3, temperature=1.5)
+
+    def fused(state):
+        m = nnx.merge(graphdef, state)
+        hidden, _, _ = m.forward_hidden(arrays["input_ids"], arrays["attention_mask"], arrays["positions"],
+                                        arrays["segment_ids"])
+        return head_loss(m, hidden, token_loss, (weights, teacher), targets=arrays["targets"],
+                         gather_ids=gather)[0]
+
+    def full_logits(state):
+        m = nnx.merge(graphdef, state)
+        logits = m(arrays["input_ids"], arrays["attention_mask"], arrays["positions"], arrays["segment_ids"])
+        ce = cross_entropy_loss(logits, arrays["targets"], weights)[0]
+        return ce + 0.7 * sparse_kd_loss(logits, gather, teacher, weights, beta=0.3, temperature=1.5)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(fused))(state)
+    ref_value, ref_grads = jax.value_and_grad(full_logits)(state)
+    assert float(value) == pytest.approx(float(ref_value), rel=1e-5)
+    assert_same_gradients(grads, ref_grads)

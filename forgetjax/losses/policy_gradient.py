@@ -55,16 +55,44 @@ def k3_kl(logp: Array, ref_logp: Array) -> Array:
 def clipped_surrogate(
     logp: Array, old_logp: Array, advantages: Array, clip_low: float = 0.2, clip_high: float = 0.2
 ) -> tuple[Array, Array]:
-    """PPO per-token objective (to maximise) min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), r = exp(logp - old_logp).
+    """PPO per-token objective (to maximise) min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), r = exp(logp - old_logp),
+    with one advantage per row [B] or per token [B, T].
 
     Returns ``(objective [B, T], clipped [B, T] bool)``; ``clipped`` marks tokens where the clipped branch binds
     (zero gradient): r > 1 + clip_high with A > 0, or r < 1 - clip_low with A < 0.
     """
     ratio = jnp.exp(jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32))
-    adv = jnp.asarray(advantages, jnp.float32)[:, None]
+    adv = jnp.asarray(advantages, jnp.float32)
+    adv = adv[:, None] if adv.ndim == 1 else adv
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     return jnp.minimum(unclipped, clipped), clipped < unclipped
+
+
+def token_scale(mask: Array, variant: AdvantageMode, generation_budget: int | None = None) -> Array:
+    """Each counted token's weight [B, T] in the GRPO / Dr.GRPO loss: its mask weight over its row's denominator
+    (the row's counted tokens T_i for ``grpo``, ``generation_budget`` for ``drgrpo``), 0 elsewhere."""
+    weights = as_float_mask(mask)
+    if variant == "grpo":
+        denominator = jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
+    else:
+        denominator = float(generation_budget)
+    return jnp.where(weights > 0, weights / denominator, 0.0)
+
+
+def clipped_token_loss(logp: Array, gathered: Array | None, old_logp: Array, ref_logp: Array | None,
+                       advantages: Array, scale: Array, *, beta: float = 0.0, clip_low: float = 0.2,
+                       clip_high: float = 0.2) -> Array:
+    """Per-token GRPO / Dr.GRPO loss [B, T], scale x (-min(r A, clip(r) A) + beta k3(logp, ref_logp)): its sum is
+    :func:`policy_loss` for those variants, and it is token-local (advantages [B, T] repeat each row's advantage;
+    scale from :func:`token_scale`), so it is a loss for :func:`forgetjax.models.vocab.head_loss` (``gathered`` is
+    unused there)."""
+    objective, _ = clipped_surrogate(logp, jax.lax.stop_gradient(old_logp), jax.lax.stop_gradient(advantages),
+                                     clip_low, clip_high)
+    loss = -objective
+    if beta > 0:
+        loss = loss + beta * k3_kl(logp, jax.lax.stop_gradient(ref_logp))
+    return jnp.where(scale > 0, loss * scale, 0.0)
 
 
 def _row_sums(values: Array, weights: Array) -> Array:
@@ -218,11 +246,12 @@ def policy_loss(
             _row_means(ratio_term, weights), advantages, valid, group_size, frpo_lambda, frpo_jackknife
         )
         pg_sum = jnp.sum(group_counts * group_loss)
-        kl_sum = beta * jnp.sum(jnp.where(valid, _row_means(kl_per_token, weights), 0.0))
+        total = pg_sum + beta * jnp.sum(jnp.where(valid, _row_means(kl_per_token, weights), 0.0))
     else:
-        denominator = jnp.maximum(token_counts, 1.0) if variant == "grpo" else float(generation_budget)
-        pg_sum = jnp.sum(jnp.where(valid, _row_sums(-objective, weights) / denominator, 0.0))
-        kl_sum = beta * jnp.sum(jnp.where(valid, _row_sums(kl_per_token, weights) / denominator, 0.0))
+        scale = token_scale(mask, variant, generation_budget)
+        total = jnp.sum(clipped_token_loss(logp, None, old_logp, ref_logp, advantages[:, None], scale, beta=beta,
+                                           clip_low=clip_low, clip_high=clip_high))
+        pg_sum = jnp.sum(jnp.where(scale > 0, -objective * scale, 0.0))
 
     row_adv = jnp.where(valid, advantages, 0.0)
     metrics: Metrics = {
@@ -237,4 +266,4 @@ def policy_loss(
     }
     if kl is not None:
         metrics["kl"] = (jnp.sum(_row_sums(kl, weights)), tokens)
-    return pg_sum + kl_sum, sequences, metrics
+    return total, sequences, metrics

@@ -4,10 +4,10 @@ Conventions used by all of ``forgetjax.losses``:
 
 * ``logits`` [B, T, V] are already aligned with ``targets`` [B, T] (``logits[:, t]`` predicts ``targets[:, t]``).
   Training and scoring never build them: methods get per-token log-probs (and the other reductions) from
-  :func:`forgetjax.models.vocab.token_stats`, chunk by chunk, and the losses take those (the SFT loss, whose token
-  weights are known beforehand, takes its sum and gradient from :func:`forgetjax.models.vocab.vocab_nll`); the
-  logits-level functions here apply the same reduction (:func:`forgetjax.models.vocab.logit_stats`) to logits given
-  whole.
+  :func:`forgetjax.models.vocab.token_stats`, chunk by chunk, and the losses take those (token-local losses, such
+  as the SFT loss, take their sum and gradient from :func:`forgetjax.models.vocab.head_loss` instead, which forms
+  the gradient in the same pass); the logits-level functions here apply the same reduction
+  (:func:`forgetjax.models.vocab.logit_stats`) to logits given whole.
 * ``mask`` [B, T] (bool or 0/1 float) marks the completion tokens that count.
 * Every loss returns ``(loss_sum, loss_count, metrics)``; the loss is ``loss_sum / loss_count`` over the full batch,
   ``loss_count`` never depends on parameters, and ``metrics`` maps a name to a ``(sum, count)`` pair so that
@@ -22,7 +22,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from forgetjax.models.vocab import head_nll, logit_stats
+from forgetjax.models.vocab import head_loss, logit_stats
 
 Array = jax.Array
 Metrics = dict[str, tuple[Array, Array]]
@@ -145,12 +145,19 @@ def sequence_logprob(token_logps: Array, mask: Array) -> Array:
     return jnp.sum(jnp.where(weights > 0, jnp.asarray(token_logps, jnp.float32) * weights, 0.0), axis=-1)
 
 
+def weighted_nll(logprobs: Array, gathered: Array | None, weights: Array) -> Array:
+    """Per-token -log p(target) x weight, 0 where the weight is not positive: the SFT loss as a token-local loss of
+    :func:`forgetjax.models.vocab.head_loss` (``gathered`` is unused)."""
+    return jnp.where(weights > 0, -jnp.asarray(logprobs, jnp.float32) * weights, 0.0)
+
+
 def sft_loss(model, batch: Mapping[str, jax.Array]) -> tuple:
     """Masked token-level cross-entropy of the completion tokens of an SFT batch, log-probs computed chunk-wise
-    over the vocabulary with the gradient formed in the same pass (`models.vocab.vocab_nll`): the loss every
+    over the vocabulary with the gradient formed in the same pass (`models.vocab.head_loss`): the loss every
     SFT-family method trains with."""
     check_same_shape(targets=batch["targets"], loss_mask=batch["loss_mask"])
     hidden, _, _ = model.forward_hidden(batch["input_ids"], batch["attention_mask"], batch["positions"],
                                         batch["segment_ids"])
-    nll_sum, argmax = head_nll(model, hidden, batch["targets"], as_float_mask(batch["loss_mask"]))
-    return nll_output(nll_sum, argmax == batch["targets"], batch["loss_mask"])
+    nll_sum, stats = head_loss(model, hidden, weighted_nll, (as_float_mask(batch["loss_mask"]),),
+                               targets=batch["targets"])
+    return nll_output(nll_sum, stats.argmax == batch["targets"], batch["loss_mask"])

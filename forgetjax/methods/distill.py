@@ -52,7 +52,8 @@ from forgetjax.envs import load_training_problems
 from forgetjax.errors import UserError
 from forgetjax.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from forgetjax.losses.distill import generalized_jsd
-from forgetjax.losses.token import LossOutput, check_rank, masked_sum_count, nll_loss
+from forgetjax.losses.token import (LossOutput, as_float_mask, check_rank, masked_sum_count, nll_loss, sft_loss,
+                                    weighted_nll)
 from forgetjax.methods.registry import register
 from forgetjax.methods.sft import (
     Prepared,
@@ -73,7 +74,7 @@ from forgetjax.methods.teacher_data import (
     settings_difference,
     teacher_topk,
 )
-from forgetjax.models.vocab import logit_stats, token_stats
+from forgetjax.models.vocab import head_loss, logit_stats
 
 SELF_TEACHER = "self"
 TEACHER_STAGE_VERSION = 1  # bump when the generation code changes what a teacher stage holds
@@ -102,12 +103,27 @@ def topk_kd_loss(student_logprobs: jax.Array, teacher_logprobs: jax.Array, mask:
                          "(and K)")
     if not 0.0 <= beta <= 1.0 or not temperature > 0:
         raise ValueError(f"kd beta must be in [0, 1] and temperature > 0, got {beta}, {temperature}")
+    kd_sum, count = masked_sum_count(topk_kd_terms(student_logprobs, teacher_logprobs, beta, temperature), mask)
+    mass_sum, _ = masked_sum_count(jnp.sum(jnp.exp(teacher_logprobs.astype(jnp.float32)), axis=-1), mask)
+    return kd_sum, count, {"kd": (kd_sum, count), "kd_teacher_mass": (mass_sum, count)}
+
+
+def topk_kd_terms(student_logprobs: jax.Array, teacher_logprobs: jax.Array, beta: float,
+                  temperature: float) -> jax.Array:
+    """Per-token generalised JSD [B, T] of :func:`topk_kd_loss` (teacher log-probs not differentiated)."""
     student_log_q = jax.nn.log_softmax(student_logprobs.astype(jnp.float32) / temperature, axis=-1)
     teacher_logprobs = jax.lax.stop_gradient(teacher_logprobs.astype(jnp.float32))
     teacher_log_p = jax.nn.log_softmax(teacher_logprobs / temperature, axis=-1)
-    kd_sum, count = masked_sum_count(generalized_jsd(teacher_log_p, student_log_q, beta), mask)
-    mass_sum, _ = masked_sum_count(jnp.sum(jnp.exp(teacher_logprobs), axis=-1), mask)
-    return kd_sum, count, {"kd": (kd_sum, count), "kd_teacher_mass": (mass_sum, count)}
+    return generalized_jsd(teacher_log_p, student_log_q, beta)
+
+
+def kd_token_loss(logprobs: jax.Array, gathered: jax.Array, weights: jax.Array, teacher_logprobs: jax.Array, *,
+                  kd_weight: float, beta: float, temperature: float) -> jax.Array:
+    """Per-token SF-SFT loss with KD [B, T], weights x (-log p(target) + kd_weight x JSD on the teacher's top-k):
+    token-local, so a loss for :func:`forgetjax.models.vocab.head_loss` (gathered: the student's log-probs at the
+    teacher's ids)."""
+    kd = jnp.where(weights > 0, topk_kd_terms(gathered, teacher_logprobs, beta, temperature) * weights, 0.0)
+    return weighted_nll(logprobs, None, weights) + kd_weight * kd
 
 
 def sparse_kd_loss(student_logits: jax.Array, teacher_ids: jax.Array, teacher_logprobs: jax.Array,
@@ -288,17 +304,20 @@ class TeacherDistillSFT(SFTMethod):
 
     def loss(self, model, batch: dict, rng: jax.Array):
         args: DistillArgs = self.args
-        kd = args.kd_weight > 0
-        stats = token_stats(model, batch["input_ids"], batch["attention_mask"], batch["positions"],
-                            batch["segment_ids"], targets=batch["targets"], argmax=True,
-                            gather_ids=batch["kd_ids"] if kd else None)
-        ce_sum, count, metrics = nll_loss(stats.logprobs, stats.argmax == batch["targets"], batch["loss_mask"])
-        if not kd:
-            return ce_sum, count, metrics
-        kd_sum, _, kd_metrics = topk_kd_loss(stats.gathered, batch["kd_logprobs"], batch["loss_mask"],
-                                             beta=args.kd_beta, temperature=args.kd_temperature)
+        if args.kd_weight <= 0:
+            return sft_loss(model, batch)
+        hidden, _, _ = model.forward_hidden(batch["input_ids"], batch["attention_mask"], batch["positions"],
+                                            batch["segment_ids"])
+        token_loss = functools.partial(kd_token_loss, kd_weight=args.kd_weight, beta=args.kd_beta,
+                                       temperature=args.kd_temperature)
+        weights = as_float_mask(batch["loss_mask"])
+        loss_sum, stats = head_loss(model, hidden, token_loss, (weights, batch["kd_logprobs"]),
+                                    targets=batch["targets"], gather_ids=batch["kd_ids"])
+        _, count, metrics = nll_loss(stats.logprobs, stats.argmax == batch["targets"], batch["loss_mask"])
+        _, _, kd_metrics = topk_kd_loss(stats.gathered, batch["kd_logprobs"], batch["loss_mask"], beta=args.kd_beta,
+                                        temperature=args.kd_temperature)
         metrics.update(kd_metrics)
-        return ce_sum + args.kd_weight * kd_sum, count, metrics
+        return loss_sum, count, metrics
 
     def _load_teacher(self, trainer):
         args: DistillArgs = self.args

@@ -4,6 +4,8 @@ Each step samples ``group_size`` completions per prompt from the current policy 
 old-policy log-probs), scores them with the domain's verifier, turns rewards into group advantages and applies the
 clipped-ratio loss of :func:`forgetjax.losses.policy_gradient.policy_loss` (variant fixed by the method name), with a
 k3 KL penalty to the frozen starting model when ``beta > 0`` (``beta = 0`` skips the reference model entirely).
+GRPO's and Dr.GRPO's losses are token-local, so they take their sum and gradient from one pass over the vocabulary
+(:func:`forgetjax.models.vocab.head_loss`); FRPO's couples a group's tokens and differentiates chunked log-probs.
 Rollouts, rewards and the row layout are in :mod:`forgetjax.methods.rollout`.
 
 Logged per step: reward mean/median/std, pass rate, group pass rate, response length, clip fraction, ratio, KL
@@ -14,12 +16,14 @@ trainer's step_seconds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from forgetjax.envs import load_training_problems
-from forgetjax.losses.policy_gradient import policy_loss
+from forgetjax.losses.policy_gradient import clipped_token_loss, policy_loss, token_scale
 from forgetjax.losses.token import masked_sum_count
 from forgetjax.training.method import Method
 from forgetjax.methods.registry import register
@@ -28,7 +32,7 @@ from forgetjax.methods.rollout import (
     RolloutArgs,
     reference_from_trainer,
 )
-from forgetjax.models.vocab import token_stats
+from forgetjax.models.vocab import head_loss, token_stats
 from forgetjax.tasks.prompts import user_message
 
 Variant = Literal["grpo", "drgrpo", "frpo"]
@@ -91,15 +95,28 @@ class GRPO(Method):
 
     def loss(self, model, batch, rng):
         args = self.args
-        stats = token_stats(model, batch["input_ids"], batch["attention_mask"], batch["positions"],
-                            batch["segment_ids"], targets=batch["targets"], entropy=True)
-        loss_sum, count, metrics = policy_loss(
-            stats.logprobs, batch["old_logp"], batch.get("ref_logp"), batch["advantages"], batch["loss_mask"],
-            variant=self.variant, beta=args.beta, clip_low=args.clip_low, clip_high=args.clip_high,
-            generation_budget=args.max_new_tokens, frpo_lambda=args.frpo_lambda,
-            frpo_jackknife=args.frpo_jackknife, group_size=args.group_size)
+        policy_args = dict(variant=self.variant, beta=args.beta, clip_low=args.clip_low, clip_high=args.clip_high,
+                           generation_budget=args.max_new_tokens, frpo_lambda=args.frpo_lambda,
+                           frpo_jackknife=args.frpo_jackknife, group_size=args.group_size)
+        old_logp, ref_logp, advantages, mask = (batch["old_logp"], batch.get("ref_logp"), batch["advantages"],
+                                                batch["loss_mask"])
+        if self.variant == "frpo":  # a group's loss couples its tokens: log-probs first, then the loss
+            stats = token_stats(model, batch["input_ids"], batch["attention_mask"], batch["positions"],
+                                batch["segment_ids"], targets=batch["targets"], entropy=True)
+            loss_sum, count, metrics = policy_loss(stats.logprobs, old_logp, ref_logp, advantages, mask,
+                                                   **policy_args)
+        else:  # token-local: the loss and its gradient in one pass over the vocabulary
+            hidden, _, _ = model.forward_hidden(batch["input_ids"], batch["attention_mask"], batch["positions"],
+                                                batch["segment_ids"])
+            token_loss = functools.partial(clipped_token_loss, beta=args.beta, clip_low=args.clip_low,
+                                           clip_high=args.clip_high)
+            scale = token_scale(mask, self.variant, args.max_new_tokens)
+            row_advantages = jnp.broadcast_to(advantages[:, None], mask.shape)
+            loss_sum, stats = head_loss(model, hidden, token_loss, (old_logp, ref_logp, row_advantages, scale),
+                                        targets=batch["targets"], entropy=True)
+            _, count, metrics = policy_loss(stats.logprobs, old_logp, ref_logp, advantages, mask, **policy_args)
         metrics = dict(metrics)
-        metrics["entropy"] = masked_sum_count(jax.lax.stop_gradient(stats.entropy), batch["loss_mask"])
+        metrics["entropy"] = masked_sum_count(jax.lax.stop_gradient(stats.entropy), mask)
         return loss_sum, count, metrics
 
 

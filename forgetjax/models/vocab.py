@@ -10,8 +10,8 @@ positions per row, T split into the fewest such chunks of equal width (padded by
 0 runs one unchunked pass. A single chunk is not rematerialised: recomputing it would hold the same logits again.
 `logit_stats` is the reduction of one block of logits, shared with the logits-level losses.
 
-`vocab_nll` (`head_nll` with a model's head) is the weighted negative log-likelihood of targets, for losses whose
-per-token weights are known beforehand (SFT): its gradient is formed chunk by chunk in the forward pass, so no chunk's
+`vocab_loss` (`head_loss` with a model's head) is the sum of a token-local loss of those statistics (SFT's weighted
+NLL, top-k KD, GRPO's clipped surrogate): its gradient is formed chunk by chunk in the forward pass, so no chunk's
 logits are computed twice.
 
 `token_stats(model, ...)` runs the decoder and `head_stats(model, hidden)` the model's head; both use the model's
@@ -150,63 +150,76 @@ def _chunked(block, chunk: int, *xs):
     return jax.tree.map(lambda y: _merge(y, t), stacked)
 
 
-def vocab_nll(hidden: jax.Array, norm_scale: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *,
-              tied: bool, eps: float, chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
-    """(sum of weights * -log p(targets) over [B, T], argmax ids [B, T] int32) under rms_norm(hidden) @ head, in
-    chunks like `vocab_stats`, for a loss whose per-token weights are known before it is computed (SFT).
+def vocab_loss(hidden: jax.Array, norm_scale: jax.Array, head: jax.Array, token_loss, token_inputs: tuple = (), *,
+               targets: jax.Array, gather_ids: jax.Array | None = None, tied: bool, eps: float,
+               chunk: int = DEFAULT_CHUNK, entropy: bool = False) -> tuple[jax.Array, VocabStats]:
+    """(sum over [B, T] of token_loss(logprobs, gathered, *token_inputs), the observed `VocabStats`) under
+    rms_norm(hidden) @ head, in chunks like `vocab_stats`, for a loss that is token-local: position t's loss depends
+    only on position t's log p(targets) [B, T], log p(gather_ids) [B, T, K] (None without gather_ids) and the
+    entries t of `token_inputs` (arrays [B, T, ...], constants: not differentiated). token_loss maps chunks [B, c]
+    of these to per-token losses [B, c].
 
-    Differentiated, each chunk's gradient is formed as soon as its logits are: weights * (softmax - one-hot),
-    pulled back through the head and the final norm and kept (hidden's [B, T, D], the norm scale's and the head's
-    own sizes), so the backward pass only scales it by the sum's cotangent. Each chunk's logits are computed once,
-    where a rematerialised `vocab_stats` chunk computes them again in the backward pass. Undifferentiated, it is
-    `vocab_stats`' forward. weights [B, T]: entries <= 0 are not counted."""
-    return _vocab_nll(tied, eps, chunk, hidden, norm_scale, head, targets, weights)
-
-
-def _weighted_nll(logprobs: jax.Array, weights: jax.Array) -> jax.Array:
-    weights = weights.astype(jnp.float32)
-    return jnp.sum(jnp.where(weights > 0, -logprobs * weights, 0.0))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _vocab_nll(tied, eps, chunk, hidden, norm_scale, head, targets, weights):
-    stats = vocab_stats(hidden, norm_scale, head, tied=tied, eps=eps, chunk=chunk, targets=targets, argmax=True)
-    return _weighted_nll(stats.logprobs, weights), stats.argmax
+    Differentiated, each chunk's gradient is formed as soon as its logits are: the per-token loss gradient pulled
+    back through the log-softmax, the head and the final norm, and kept (hidden's [B, T, D], the norm scale's and
+    the head's own sizes), so the backward pass only scales it by the sum's cotangent and no chunk's logits are
+    computed twice (a rematerialised `vocab_stats` chunk computes them again). The stats (logprobs, argmax,
+    gathered, entropy when asked) are observations: they carry no gradient. Undifferentiated, it is `vocab_stats`
+    followed by the sum."""
+    loss, stats = _vocab_loss(tied, eps, chunk, token_loss, entropy, hidden, norm_scale, head, targets, gather_ids,
+                              tuple(token_inputs))
+    return loss, jax.tree.map(jax.lax.stop_gradient, stats)
 
 
-def _vocab_nll_forward(tied, eps, chunk, hidden, norm_scale, head, targets, weights):
+def _stats_requests(targets, gather_ids, entropy: bool) -> dict:
+    return {"targets": targets, "gather_ids": gather_ids, "argmax": True, "entropy": entropy}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _vocab_loss(tied, eps, chunk, token_loss, entropy, hidden, norm_scale, head, targets, gather_ids, inputs):
+    stats = vocab_stats(hidden, norm_scale, head, tied=tied, eps=eps, chunk=chunk,
+                        **_stats_requests(targets, gather_ids, entropy))
+    return jnp.sum(token_loss(stats.logprobs, stats.gathered, *inputs)), stats
+
+
+def _vocab_loss_forward(tied, eps, chunk, token_loss, entropy, hidden, norm_scale, head, targets, gather_ids,
+                        inputs):
     def chunk_step(carry, pieces):
         total, d_scale, d_head = carry
-        h, block_targets, block_weights = pieces
-        logits, pullback = jax.vjp(lambda h, s, k: _project(h, s, k, tied, eps), h, norm_scale, head)
-        stats = logit_stats(logits, targets=block_targets, logsumexp=True, argmax=True)
-        block_weights = jnp.where(block_weights > 0, block_weights.astype(jnp.float32), 0.0)
-        probs = jnp.exp(logits - stats.logsumexp[..., None])
-        one_hot = jax.nn.one_hot(block_targets, logits.shape[-1], dtype=jnp.float32)
-        d_h, d_s, d_k = pullback(block_weights[..., None] * (probs - one_hot))
-        carry = (total + _weighted_nll(stats.logprobs, block_weights), d_scale + d_s, d_head + d_k)
-        return carry, (d_h, stats.argmax)
+        h, block_targets, block_ids, counted, block_inputs = pieces
+        logits, pull_project = jax.vjp(lambda h, s, k: _project(h, s, k, tied, eps), h, norm_scale, head)
+
+        def observe(block_logits):
+            stats = logit_stats(block_logits, **_stats_requests(block_targets, block_ids, entropy))
+            return (stats.logprobs, stats.gathered), stats
+
+        (logprobs, gathered), pull_stats, stats = jax.vjp(observe, logits, has_aux=True)
+        losses, pull_loss = jax.vjp(lambda lp, g: token_loss(lp, g, *block_inputs), logprobs, gathered)
+        (d_logits,) = pull_stats(pull_loss(counted))  # positions padded onto the last chunk count nothing
+        d_h, d_s, d_k = pull_project(d_logits)
+        total = total + jnp.sum(jnp.where(counted > 0, losses, 0.0))
+        return (total, d_scale + d_s, d_head + d_k), (d_h, stats)
 
     b, t = hidden.shape[:2]
     n = _chunk_count(b, t, chunk)
     start = (jnp.zeros((), jnp.float32), jnp.zeros_like(norm_scale), jnp.zeros_like(head))
+    pieces = (hidden, targets, gather_ids, jnp.ones((b, t), jnp.float32), inputs)
     if n == 1:
-        (total, d_scale, d_head), (d_hidden, argmax) = chunk_step(start, (hidden, targets, weights))
+        (total, d_scale, d_head), (d_hidden, stats) = chunk_step(start, pieces)
     else:
-        (total, d_scale, d_head), stacked = jax.lax.scan(
-            chunk_step, start, tuple(_split(x, n) for x in (hidden, targets, weights)))
-        d_hidden, argmax = (_merge(y, t) for y in stacked)
-    return (total, argmax), (d_hidden, d_scale, d_head)
+        (total, d_scale, d_head), stacked = jax.lax.scan(chunk_step, start, jax.tree.map(lambda x: _split(x, n),
+                                                                                          pieces))
+        d_hidden, stats = jax.tree.map(lambda y: _merge(y, t), stacked)
+    return (total, stats), (d_hidden, d_scale, d_head)
 
 
-def _vocab_nll_backward(tied, eps, chunk, residuals, cotangents):
+def _vocab_loss_backward(tied, eps, chunk, token_loss, entropy, residuals, cotangents):
     d_hidden, d_scale, d_head = residuals
     g = cotangents[0]
     return (d_hidden * g.astype(d_hidden.dtype), d_scale * g.astype(d_scale.dtype), d_head * g.astype(d_head.dtype),
-            None, None)
+            None, None, None)
 
 
-_vocab_nll.defvjp(_vocab_nll_forward, _vocab_nll_backward)
+_vocab_loss.defvjp(_vocab_loss_forward, _vocab_loss_backward)
 
 
 def logit_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
@@ -265,12 +278,14 @@ def head_stats(model, hidden: jax.Array, *, chunk: int | None = None, **requests
                        chunk=get_logit_chunk(model) if chunk is None else chunk, **requests)
 
 
-def head_nll(model, hidden: jax.Array, targets: jax.Array, weights: jax.Array, *,
-             chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """`vocab_nll` of hidden states [B, T, D] under `model`'s final norm and LM head (tied or not)."""
+def head_loss(model, hidden: jax.Array, token_loss, token_inputs: tuple = (), *, targets: jax.Array,
+              gather_ids: jax.Array | None = None, entropy: bool = False,
+              chunk: int | None = None) -> tuple[jax.Array, VocabStats]:
+    """`vocab_loss` of hidden states [B, T, D] under `model`'s final norm and LM head (tied or not)."""
     head, tied = _head(model)
-    return vocab_nll(hidden, model.norm.scale[...], head, targets, weights, tied=tied, eps=model.config.rms_norm_eps,
-                     chunk=get_logit_chunk(model) if chunk is None else chunk)
+    return vocab_loss(hidden, model.norm.scale[...], head, token_loss, token_inputs, targets=targets,
+                      gather_ids=gather_ids, tied=tied, eps=model.config.rms_norm_eps, entropy=entropy,
+                      chunk=get_logit_chunk(model) if chunk is None else chunk)
 
 
 def token_stats(model, input_ids: jax.Array, attention_mask: jax.Array | None = None,
