@@ -2,7 +2,8 @@
 # The accelerator table in the README, in one prepared run: correctness checks first, then forgetjax vs HF at
 # Qwen2.5 shapes with random weights (bf16 compute; train steps keep float32 master weights), then a 7B
 # full-parameter SFT step on one device with remat and bf16 Adam moments beside its `forgetjax plan` estimate.
-# PART=3 times decode alone and prints where its device time went (benchmarks/trace_summary.py).
+# PART=3 times decode alone (XLA and ragged Pallas decode attention) and prints where its device time went
+# (benchmarks/trace_summary.py).
 # Usage: [PART=1|2|3|all] bash benchmarks/accelerator_suite.sh [LOG]   (PYTHON=... to choose the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ if [ "$PART" = all ] || [ "$PART" = 1 ]; then
   step 130 benchmarks/train_step.py --model qwen2.5-0.5b --dtype bfloat16 --batch 4 --seq 2048 --rounds 1 \
     --repeats 3 --synthetic --remat "${REMAT_05B:-none}"
   step 175 benchmarks/sampler.py --model qwen2.5-1.5b --dtype bfloat16 --prompt-tokens 128 --new-tokens 256 \
-    --batch-sizes 1 32 256 --rounds 1 --repeats 1 --decode-unroll 1 4
+    --batch-sizes 1 32 256 --rounds 1 --repeats 1 --decode-unroll 4 --decode-attention xla ragged
 fi
 if [ "$PART" = all ] || [ "$PART" = 2 ]; then
   step 150 benchmarks/train_step.py --model qwen2.5-7b --dtype bfloat16 --batch 4 --seq 2048 --rounds 1 --repeats 2 \
@@ -37,7 +38,8 @@ if [ "$PART" = all ] || [ "$PART" = 2 ]; then
     --repeats 3 --synthetic --remat "${REMAT_15B:-none}"
 fi
 if [ "$PART" = 3 ]; then  # decode only, with a trace of one run per batch size summarised into the log
-  step 300 benchmarks/sampler.py --model qwen2.5-1.5b --dtype bfloat16 --prompt-tokens 128 --new-tokens 256 \
-    --batch-sizes 1 32 256 --rounds 1 --repeats 1 --decode-unroll 4 --profile-dir "$WORK/profiles"
+  step 420 benchmarks/sampler.py --model qwen2.5-1.5b --dtype bfloat16 --prompt-tokens 128 --new-tokens 256 \
+    --batch-sizes 1 32 256 --rounds 1 --repeats 1 --decode-unroll 4 --decode-attention xla ragged \
+    --profile-dir "$WORK/profiles"
 fi
 echo "=== $(date +%T) done" | tee -a "$LOG"

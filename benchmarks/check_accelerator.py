@@ -3,8 +3,10 @@ failure):
 - the fused attention kernel the dispatcher picks (cuDNN on GPU, splash on TPU) against the XLA reference path, in
   bf16, forward and input gradients, for unpadded, left-padded, right-padded and packed rows with GQA;
 - forgetjax's bf16 forward on padded rows against HF's float32 logits, no worse than HF's own bf16 forward;
-- greedy decode: the sampler's tokens against HF greedy `generate` in float32 (XLA attention), and the sampler's
-  per-token log-probs against a teacher-forced forward pass of the generated sequence.
+- the ragged decode-attention kernel (Pallas, compiled for the device) against the XLA cached attention, in bf16,
+  over a left-padded, partly written cache;
+- greedy decode: the sampler's tokens against HF greedy `generate` in float32 (XLA and ragged decode attention), and
+  the sampler's per-token log-probs against a teacher-forced forward pass of the generated sequence.
 """
 from __future__ import annotations
 
@@ -61,6 +63,29 @@ def attention_kernels(failures: list) -> None:
               f"max rel err out {err:.2e}, grads {grad_err:.2e} (tolerance 2e-2 / 5e-2)", failures)
 
 
+def ragged_decode_kernel(failures: list) -> None:
+    """One decode step at Qwen2.5-1.5B's head shapes over a 384-slot cache, rows left-padded by 0-255 slots and
+    written up to slot 300; the unwritten slots hold large values, which the XLA path masks and the kernel skips."""
+    import jax
+    import jax.numpy as jnp
+
+    from forgetjax.models import attention as attn
+
+    b, s, hq, hkv, d, filled = 8, 384, 12, 2, 128, 300
+    keys = jax.random.split(jax.random.key(1), 5)
+    q = jax.random.normal(keys[0], (b, 1, hq, d), jnp.bfloat16)
+    k_new, v_new = (jax.random.normal(key, (b, 1, hkv, d), jnp.bfloat16) for key in keys[1:3])
+    starts = np.linspace(0, 255, b).astype(int)
+    valid = (np.arange(s)[None] >= starts[:, None]) & (np.arange(s)[None] < filled)
+    scale = jnp.where(jnp.asarray(valid)[:, None, :, None], 1.0, 100.0).astype(jnp.bfloat16)
+    k_cache, v_cache = (jax.random.normal(key, (b, hkv, s, d), jnp.bfloat16) * scale for key in keys[3:5])
+    args = (q, k_new, v_new, jnp.ones((b, 1), jnp.int32), k_cache, v_cache, jnp.asarray(valid))
+    outs = {impl: np.asarray(jax.jit(lambda *a, impl=impl: attn.cached_attention(
+        *a, filled=filled, implementation=impl))(*args), np.float32) for impl in ("ragged", "xla")}
+    err = np.abs(outs["ragged"] - outs["xla"]).max() / np.abs(outs["xla"]).max()
+    check("ragged decode attention vs xla (bf16)", err < 2e-2, f"max rel err {err:.2e} (tolerance 2e-2)", failures)
+
+
 def forward_parity(hf_dir, failures: list) -> None:
     """bf16 logits of both peers against HF's float32 logits on padded rows: forgetjax's mean and 99.9th-percentile
     errors at real tokens must be no worse than 1.5x HF's own bf16 errors (a bf16 model can be far off at rare
@@ -108,16 +133,19 @@ def greedy_parity(hf_dir, failures: list) -> None:
     torch_model = load_torch(hf_dir, "float32")
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (17, 40)]
-    out = Sampler(model, None).generate_tokens(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=(-1,)))
-    agree = True
-    for i, prompt in enumerate(prompts):
+    expected = []
+    for prompt in prompts:
         ids = torch.tensor([prompt], dtype=torch.long, device=torch_model.device)
         with torch.no_grad():
             hf = torch_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
                 max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0))
-        agree &= hf[0, len(prompt):].cpu().tolist() == out.tokens[i].tolist()
-    check("greedy decode vs HF generate (float32)", agree, "identical tokens" if agree else "tokens differ",
-          failures)
+        expected.append(hf[0, len(prompt):].cpu().tolist())
+    for decode_attention in ("ragged", "xla"):  # xla last: its completions are checked against teacher forcing
+        model.decode_attention = decode_attention
+        out = Sampler(model, None).generate_tokens(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=(-1,)))
+        agree = all(ref == out.tokens[i].tolist() for i, ref in enumerate(expected))
+        check(f"greedy decode vs HF generate (float32, {decode_attention} decode attention)", agree,
+              "identical tokens" if agree else "tokens differ", failures)
     sequence = np.asarray([prompts[1] + out.tokens[1].tolist()], np.int32)
     logits = np.asarray(jax.jit(lambda m, x: m(x))(model, sequence), np.float64)[0]
     logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
@@ -140,6 +168,7 @@ def main() -> None:
     failures: list[str] = []
     hf_dir = hf_dir_for(args.model, args.work_dir)
     attention_kernels(failures)
+    ragged_decode_kernel(failures)
     forward_parity(hf_dir, failures)
     greedy_parity(hf_dir, failures)
     sys.exit(1 if failures else 0)

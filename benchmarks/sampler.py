@@ -129,10 +129,11 @@ def run_side(args) -> None:
         sampler = Sampler(model, tokenizer)
         peers = {}
         for unroll in args.decode_unroll:
-            def make(batch, unroll=unroll):
-                model.decode_unroll = unroll
-                return forgetjax_runner(sampler, prompt_ids, batch, args.new_tokens)
-            peers[f"forgetjax_u{unroll}"] = make
+            for attention in args.decode_attention:
+                def make(batch, unroll=unroll, attention=attention):
+                    model.decode_unroll, model.decode_attention = unroll, attention
+                    return forgetjax_runner(sampler, prompt_ids, batch, args.new_tokens)
+                peers[f"forgetjax_u{unroll}" + ("" if attention == "xla" else f"_{attention}")] = make
         itemsize = jax.numpy.dtype(args.dtype).itemsize
         bandwidth = jax_copy_bandwidth()
         context = len(prompt_ids) + args.new_tokens / 2
@@ -169,6 +170,9 @@ def main() -> None:
                         help="random prompt of this many tokens (default: the chat prompt, or 128 without a tokenizer)")
     parser.add_argument("--decode-unroll", type=int, nargs="+", default=[1],
                         help="layers unrolled per decode-loop iteration; each value is timed as its own forgetjax peer")
+    parser.add_argument("--decode-attention", nargs="+", default=["xla"], choices=("xla", "ragged"),
+                        help="decode-step attention over the cache (`CausalLM.decode_attention`): xla reads every "
+                             "slot, ragged (jax's Pallas decode kernel) only the written ones; each is its own peer")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--profile-dir", default=None,
                         help="after the timed runs, trace one more forgetjax run per batch size into this directory "

@@ -140,6 +140,79 @@ def test_cached_attention_equals_attention_over_the_concatenated_sequence():
     np.testing.assert_allclose(got[new_real], expected[new_real], rtol=1e-5, atol=1e-5)
 
 
+def _decode_case(b, s, hq, hkv, d, starts, filled, seed):
+    """One new token per row over a cache whose rows hold real slots [start_r, filled); every other slot holds
+    large garbage, so reading an unwritten or padding slot changes the output."""
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(keys[0], (b, 1, hq, d))
+    k_new, v_new = jax.random.normal(keys[1], (b, 1, hkv, d)), jax.random.normal(keys[2], (b, 1, hkv, d))
+    valid = np.zeros((b, s), bool)
+    for row, start in enumerate(starts):
+        valid[row, start:filled] = True
+    garbage = np.where(valid[:, :, None, None], 1.0, 50.0)
+    k_cache = np.asarray(jax.random.normal(keys[3], (b, s, hkv, d))) * garbage
+    v_cache = np.asarray(jax.random.normal(keys[4], (b, s, hkv, d))) * garbage
+    allowed = np.concatenate([valid[:, None], np.ones((b, 1, 1), bool)], axis=-1)
+    expected = reference(q, np.concatenate([k_cache, k_new], 1), np.concatenate([v_cache, v_new], 1), allowed)
+    cache = tuple(jnp.asarray(c.transpose(0, 2, 1, 3), jnp.float32) for c in (k_cache, v_cache))
+    return (q, k_new, v_new, jnp.ones((b, 1), jnp.int32)) + cache + (jnp.asarray(valid),), expected
+
+
+@pytest.mark.parametrize("hq, hkv, s, starts, filled", [
+    (6, 2, 384, (0, 37, 200, 255), 256),   # three of the kernel's 128-slot programs skipped or partly masked
+    (3, 3, 64, (5, 0, 63), 64),           # a full short cache (one program of 64 slots), a row with one slot
+    (4, 1, 256, (9, 120), 129),           # multi-query; filled one past a program boundary
+])
+def test_ragged_decode_attention_reads_only_the_written_slots(hq, hkv, s, starts, filled):
+    """The Pallas ragged kernel (interpreted on CPU) against the float64 reference over the real slots + the new
+    token, and against the XLA path; garbage in padding and unwritten slots would show in either."""
+    args, expected = _decode_case(len(starts), s, hq, hkv, 16, starts, filled, seed=len(starts))
+    ragged = jax.jit(lambda *a: attn.cached_attention(*a, filled=filled, implementation="ragged"))(*args)
+    xla = attn.cached_attention(*args)
+    b = len(starts)
+    np.testing.assert_allclose(np.asarray(ragged).reshape(b, hq, 16), expected[:, 0], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ragged), np.asarray(xla), rtol=2e-5, atol=2e-5)
+
+
+def test_ragged_decode_attention_in_bfloat16():
+    """bf16 q and cache: within bf16 rounding (the kernel's output and probabilities are rounded to bf16 once, as
+    the XLA path rounds its probabilities) of the float64 reference of the same bf16 inputs."""
+    args, _ = _decode_case(2, 256, 6, 2, 16, (3, 100), 180, seed=11)
+    args = tuple(a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a for a in args)
+    q, k_new, v_new, _, k_cache, v_cache, valid = args
+    allowed = np.concatenate([np.asarray(valid)[:, None], np.ones((2, 1, 1), bool)], axis=-1)
+    as64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)  # noqa: E731
+    expected = reference(as64(q), np.concatenate([as64(k_cache).transpose(0, 2, 1, 3), as64(k_new)], 1),
+                         np.concatenate([as64(v_cache).transpose(0, 2, 1, 3), as64(v_new)], 1), allowed)
+    got = attn.cached_attention(*args, filled=180, implementation="ragged")
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float64).reshape(2, 6, 16), expected[:, 0], rtol=0.03, atol=0.03)
+
+
+def test_ragged_decode_attention_under_a_mesh_runs_per_shard():
+    from forgetjax.sharding import make_mesh
+
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 simulated devices")
+    mesh = make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
+    args, expected = _decode_case(4, 128, 4, 2, 16, (0, 10, 60, 99), 100, seed=5)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda *a: attn.cached_attention(*a, filled=100, implementation="ragged"))(*args)
+    np.testing.assert_allclose(np.asarray(out).reshape(4, 4, 16), expected[:, 0], rtol=2e-5, atol=2e-5)
+
+
+def test_ragged_decode_attention_refuses_what_it_cannot_do():
+    args, _ = _decode_case(1, 40, 2, 1, 16, (0,), 10, seed=0)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        attn.cached_attention(*args, filled=10, implementation="ragged")
+    with pytest.raises(ValueError, match="needs `filled`"):
+        attn.cached_attention(*args, implementation="ragged")
+    with pytest.raises(ValueError, match="choose one of"):
+        attn.cached_attention(*args, implementation="paged")
+    assert [attn.ragged_cache_length(n) for n in (10, 40, 64, 128, 129, 384, 400)] == [16, 64, 64, 128, 256, 384,
+                                                                                       512]
+
+
 def test_dispatch_picks_xla_on_cpu_and_refuses_impossible_requests():
     assert attn.choose_implementation("auto", dtype=jnp.bfloat16, head_dim=64, length=256) == "xla"
     with pytest.raises(ValueError, match="cuDNN attention needs a GPU"):

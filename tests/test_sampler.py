@@ -47,10 +47,14 @@ def _teacher_forced_logprobs(model, prompt, completion):
     return np.array([logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(completion)])
 
 
-@pytest.mark.parametrize("shape", ["gqa2_untied", "gqa1_tied"])
-def test_greedy_matches_hf_generate_on_left_padded_batch(tmp_path, shape):
+@pytest.mark.parametrize("shape, decode_attention", [("gqa2_untied", "xla"), ("gqa1_tied", "xla"),
+                                                     ("gqa2_untied", "ragged")])
+def test_greedy_matches_hf_generate_on_left_padded_batch(tmp_path, shape, decode_attention):
+    """Greedy tokens equal HF's and their log-probs a teacher-forced pass, with decode steps attending through XLA
+    or through the Pallas ragged kernel (interpreted on CPU; the cache is sized to its blocks)."""
     hf = make_hf_model(tmp_path, "qwen2", **QWEN2_SHAPES[shape])
     model, _ = forgetjax.load(tmp_path)
+    model.decode_attention = decode_attention
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(3, 151, size=n)) for n in (7, 2, 12, 5)]
     sampler = Sampler(model, None)

@@ -7,7 +7,9 @@ right-padded row is the segments `[0 .. 0 1 .. 1]` or `[1 .. 1 0 .. 0]`. Real to
 sees only padding (its outputs are ignored, but no row is ever fully masked, so no backend produces NaNs).
 
 `attention` serves training, teacher-forced scoring and prefill (queries and keys are the same tokens);
-`cached_attention` serves a step over a KV cache (queries are new tokens, keys are the cache plus the new tokens).
+`cached_attention` serves a step over a KV cache (queries are new tokens, keys are the cache plus the new tokens): in
+XLA, reading every cache slot, or for one-token decode steps with jax's Pallas ragged decode-attention kernel
+("ragged": Triton on GPU, the Pallas interpreter on CPU; refused on TPU), which reads only the slots written so far.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import numpy as np
 
 Implementation = Literal["auto", "xla", "cudnn", "splash"]
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+DECODE_IMPLEMENTATIONS = ("xla", "ragged")
+RAGGED_BLOCK = 128  # cache slots per program of the ragged decode kernel (a power of two, as Triton needs)
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -196,15 +200,48 @@ def _splash_attention(q, k, v, segments, interpret: bool | None = None):
                          check_vma=False)(q, k, v, segments)
 
 
+def ragged_cache_length(length: int) -> int:
+    """A cache length the ragged decode kernel can split: a multiple of RAGGED_BLOCK, or of a power of two >= 16
+    for short caches."""
+    block = ragged_block(length, exact=False)
+    return -(-length // block) * block
+
+
+def ragged_block(length: int, exact: bool = True) -> int:
+    """Slots per kernel program for a cache of `length` slots (RAGGED_BLOCK, or the power of two >= 16 at or above
+    a shorter length); with `exact`, refuses a length it does not divide."""
+    block = RAGGED_BLOCK if length > RAGGED_BLOCK else max(16, 1 << (length - 1).bit_length())
+    if exact and length % block:
+        raise ValueError(f"ragged decode attention needs a cache length that is a multiple of {block}, got "
+                         f"{length} (size the cache with ragged_cache_length)")
+    return block
+
+
 def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_segments: jax.Array,
-                     k_cache: jax.Array, v_cache: jax.Array, cache_valid: jax.Array) -> jax.Array:
+                     k_cache: jax.Array, v_cache: jax.Array, cache_valid: jax.Array, filled: jax.Array | None = None,
+                     implementation: str = "xla") -> jax.Array:
     """Attention of T new tokens over a KV cache and themselves, without writing the cache.
 
     q: [B, T, Hq, D]; k_new, v_new: [B, T, Hkv, D]; new_segments: [B, T] (0 = padding); k_cache, v_cache:
     [B, Hkv, S, D] (the KV cache's layout) with cache_valid [B, S] marking slots that hold earlier real tokens
-    (every such slot precedes the new tokens). The two score blocks share one float32 softmax; each cache slot is
-    read once, in place: the cache is the first operand of its two contractions (with it second, XLA:CPU's decode
-    step ran 1.6x slower on SmolLM2-135M)."""
+    (every such slot precedes the new tokens). Returns [B, T, Hq * D].
+
+    implementation "xla" reads every slot; "ragged" (one-token steps; other steps take the XLA path) reads only
+    slots below `filled` (the cache's next write index) and needs each row's valid slots to be contiguous and to end
+    at `filled` - 1, as left-padded prompts followed by decoded tokens are."""
+    if implementation not in DECODE_IMPLEMENTATIONS:
+        raise ValueError(f"decode attention {implementation!r}; choose one of {DECODE_IMPLEMENTATIONS}")
+    if implementation == "ragged" and q.shape[1] == 1:
+        if filled is None:
+            raise ValueError("ragged decode attention needs `filled`, the cache's next write index")
+        return _ragged_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_valid, filled)
+    return _xla_cached_attention(q, k_new, v_new, new_segments, k_cache, v_cache, cache_valid)
+
+
+def _xla_cached_attention(q, k_new, v_new, new_segments, k_cache, v_cache, cache_valid):
+    """The two score blocks (cache, new tokens) share one float32 softmax; each cache slot is read once, in place:
+    the cache is the first operand of its two contractions (with it second, XLA:CPU's decode step ran 1.6x slower on
+    SmolLM2-135M)."""
     b, t, hq, d = q.shape
     hkv = k_new.shape[2]
     qg = q.reshape(b, t, hkv, hq // hkv, d)
@@ -222,3 +259,57 @@ def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_segme
     out = (jnp.einsum("bksd,bkgts->btkgd", v_cache.astype(q.dtype), (p_old / total).astype(q.dtype))
            + jnp.einsum("bkgts,bskd->btkgd", (p_new / total).astype(q.dtype), v_new))
     return out.reshape(b, t, hq * d)
+
+
+def _ragged_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_valid, filled, interpret: bool | None = None):
+    """One new token per row over the slots [start_r, filled) of its cache row and itself.
+
+    jax's Pallas decode kernel (`pallas.ops.gpu.decode_attention.gqa`) splits the cache into programs of
+    `ragged_block` slots and skips every program past `filled`, so a step reads the keys and values written so far,
+    not the whole preallocated cache. It returns its unnormalised output with the softmax's running max and sum,
+    which are merged here with the new token's own score in float32. q is cast to the cache's dtype for the kernel.
+    Under a mesh the kernel runs per shard (rows over data/fsdp, kv heads over tensor) in a shard_map."""
+    from jax.experimental.pallas.ops.gpu import decode_attention as kernels
+
+    hq, d = q.shape[2], q.shape[3]
+    hkv, slots = k_cache.shape[1], k_cache.shape[2]
+    groups = hq // hkv
+    block = ragged_block(slots)
+    scale = d ** -0.5
+    if interpret is None:
+        if jax.default_backend() == "tpu":
+            raise ValueError("ragged decode attention is jax's GPU (Triton) kernel; on TPU use decode_attention='xla'")
+        interpret = jax.default_backend() != "gpu"  # the Pallas interpreter: CPU tests
+    filled = jnp.asarray(filled, jnp.int32)
+    start = filled - jnp.sum(cache_valid, axis=-1, dtype=jnp.int32)  # [B]: each row's first valid slot
+
+    def run(q, k_new, v_new, k_cache, v_cache, start, filled):
+        rows = q.shape[0]
+        out, (total, top) = kernels.gqa(
+            q[:, 0].astype(k_cache.dtype), jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2), start,
+            jnp.broadcast_to(filled, start.shape), sm_scale=scale, block_k=block, k_splits=slots // block,
+            interpret=interpret, return_residuals=True, normalize_output=False)  # out [B, Hq, D]; total, top [B, Hq]
+        own = jnp.einsum("bkgd,bkd->bkg", q[:, 0].reshape(rows, -1, groups, d), k_new[:, 0],
+                         preferred_element_type=jnp.float32).reshape(rows, -1) * scale
+        peak = jnp.maximum(top, own)
+        w_cache, w_own = jnp.exp(top - peak), jnp.exp(own - peak)
+        v_own = jnp.repeat(v_new[:, 0], groups, axis=1).astype(jnp.float32)  # query head h reads kv head h // G
+        merged = (out.astype(jnp.float32) * w_cache[..., None] + w_own[..., None] * v_own) / (
+            total * w_cache + w_own)[..., None]
+        return merged.astype(q.dtype).reshape(rows, 1, -1)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return run(q, k_new, v_new, k_cache, v_cache, start, filled)
+    from jax.sharding import PartitionSpec as P
+
+    from forgetjax.sharding import logical_to_spec
+
+    heads = logical_to_spec(("batch", "length", "q_heads", "head_dim"), q.shape, mesh)
+    kv_heads = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), k_new.shape, mesh)
+    if heads[2] != kv_heads[2]:  # query and kv heads must split alike so each shard keeps whole groups
+        heads, kv_heads = P(heads[0], None, None, None), P(kv_heads[0], None, None, None)
+    cache = P(kv_heads[0], kv_heads[2], None, None)
+    out = P(heads[0], None, heads[2])
+    return jax.shard_map(run, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, cache, cache, P(heads[0]), P()),
+                         out_specs=out, check_vma=False)(q, k_new, v_new, k_cache, v_cache, start, filled)

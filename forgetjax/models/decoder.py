@@ -222,6 +222,7 @@ class CausalLM(nnx.Module):
         self.remat = remat
         self.attention_impl = attention_impl
         self.decode_unroll = 0  # layers unrolled per iteration of the cached (decode) layer loop; 0: by backend
+        self.decode_attention = "xla"  # one-token steps over the cache: "xla" (every slot) or "ragged" (written ones)
         self.lora_scale = 1.0
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, param_dtype, rngs)
         self.layers = DecoderLayers(config, param_dtype, rngs)
@@ -330,13 +331,14 @@ class CausalLM(nnx.Module):
             positions = jnp.maximum(seen + jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
         cos, sin = rope_tables(positions, cfg.inv_frequencies())
         new_segments = attention_mask.astype(jnp.int32)
-        lora_scale = self.lora_scale
+        lora_scale, decode_attention = self.lora_scale, self.decode_attention
 
         def body(x, xs):
             w, k_cache, v_cache = xs
 
             def attend(q, k, v):
-                return cached_attention(q, k, v, new_segments, k_cache, v_cache, cache.mask)
+                return cached_attention(q, k, v, new_segments, k_cache, v_cache, cache.mask, cache.index,
+                                        decode_attention)
 
             x, kv = _layer_forward(cfg, w, x, cos, sin, attend, lora_scale)
             return x, ((x if return_hidden else None), kv)
