@@ -149,13 +149,21 @@ def run_side(args) -> None:
         peers = {f"hf_torch_t{t}": (lambda batch, t=t: torch_runner(torch_model, prompt_ids, batch, args.new_tokens,
                                                                     pad_id, t or 1)) for t in threads}
         result["peak"] = torch_matmul_peak() if torch_model.device.type == "cpu" else float("nan")
+    result["failed"] = {}
     for batch in args.batch_sizes:
         for name, make in peers.items():
-            run = make(batch)
-            start = time.perf_counter()
-            run()
+            if name in result["failed"]:
+                continue
+            try:  # a peer that cannot run here (e.g. a kernel this device rejects) leaves the others' figures
+                run = make(batch)
+                start = time.perf_counter()
+                run()
+            except Exception as error:  # noqa: BLE001 - reported in the table's output, not raised
+                result["failed"][name] = f"{type(error).__name__}: {error}"[:500]
+                continue
             result["first_call"][f"{name}/{batch}"] = time.perf_counter() - start
             result["seconds"][f"{name}/{batch}"] = best_time(run, args.repeats)
+    peers = {name: make for name, make in peers.items() if name not in result["failed"]}
     if args.profile_dir and args.side == "forgetjax":
         result["profile"] = profile_decode(args, peers)
     result["peak_bytes"] = jax_peak_bytes() if args.side == "forgetjax" else torch_peak_bytes()
@@ -189,6 +197,8 @@ def main() -> None:
     seconds: dict[str, float] = {}
     for results in rounds.values():
         for result in results:
+            for name, error in result.get("failed", {}).items():
+                print(f"peer {name} failed and is left out: {error}")
             for key, value in result["seconds"].items():
                 seconds[key] = min(seconds.get(key, float("inf")), value)
     ours, theirs = rounds["forgetjax"][0], rounds["hf_torch"][0]
