@@ -24,6 +24,7 @@ Implementation = Literal["auto", "xla", "cudnn", "splash"]
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 DECODE_IMPLEMENTATIONS = ("xla", "ragged")
 RAGGED_BLOCK = 128  # cache slots per program of the ragged decode kernel (a power of two, as Triton needs)
+RAGGED_STEP = 64  # slots a program reads per iteration: a step reads the written slots rounded up to this
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -265,8 +266,8 @@ def _ragged_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_valid, fil
     """One new token per row over the slots [start_r, filled) of its cache row and itself.
 
     jax's Pallas decode kernel (`pallas.ops.gpu.decode_attention.gqa`) splits the cache into programs of
-    `ragged_block` slots and skips every program past `filled`, so a step reads the keys and values written so far,
-    not the whole preallocated cache. It returns its unnormalised output with the softmax's running max and sum,
+    `ragged_block` slots, each reading RAGGED_STEP slots per iteration and stopping at `filled`, so a step reads the
+    keys and values written so far (rounded up to RAGGED_STEP), not the whole preallocated cache. It returns its unnormalised output with the softmax's running max and sum,
     which are merged here with the new token's own score in float32. q is cast to the cache's dtype for the kernel.
     Under a mesh the kernel runs per shard (rows over data/fsdp, kv heads over tensor) in a shard_map."""
     from jax.experimental.pallas.ops.gpu import decode_attention as kernels
@@ -287,7 +288,8 @@ def _ragged_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_valid, fil
         rows = q.shape[0]
         out, (total, top) = kernels.gqa(
             q[:, 0].astype(k_cache.dtype), jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2), start,
-            jnp.broadcast_to(filled, start.shape), sm_scale=scale, block_k=block, k_splits=slots // block,
+            jnp.broadcast_to(filled, start.shape), sm_scale=scale, block_k=min(block, RAGGED_STEP),
+            k_splits=slots // block,
             interpret=interpret, return_residuals=True, normalize_output=False)  # out [B, Hq, D]; total, top [B, Hq]
         own = jnp.einsum("bkgd,bkd->bkg", q[:, 0].reshape(rows, -1, groups, d), k_new[:, 0],
                          preferred_element_type=jnp.float32).reshape(rows, -1) * scale
