@@ -267,8 +267,9 @@ def _ragged_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_valid, fil
 
     jax's Pallas decode kernel (`pallas.ops.gpu.decode_attention.gqa`) splits the cache into programs of
     `ragged_block` slots, each reading RAGGED_STEP slots per iteration and stopping at `filled`, so a step reads the
-    keys and values written so far (rounded up to RAGGED_STEP), not the whole preallocated cache. It returns its unnormalised output with the softmax's running max and sum,
-    which are merged here with the new token's own score in float32. q is cast to the cache's dtype for the kernel.
+    keys and values written so far (rounded up to RAGGED_STEP), not the whole preallocated cache. It returns its
+    unnormalised output with the softmax's running max and sum, which are merged here with the new token's own score
+    in float32. q is cast to the cache's dtype for the kernel.
     Under a mesh the kernel runs per shard (rows over data/fsdp, kv heads over tensor) in a shard_map."""
     from jax.experimental.pallas.ops.gpu import decode_attention as kernels
 
