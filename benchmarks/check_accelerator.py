@@ -173,9 +173,11 @@ def main() -> None:
     print(f"backend {jax.default_backend()}: {jax.devices()[0]}")
     failures: list[str] = []
     hf_dir = hf_dir_for(args.model, args.work_dir)
-    checks = (lambda: attention_kernels(failures), lambda: ragged_decode_kernel(failures),
-              lambda: forward_parity(hf_dir, failures), lambda: greedy_parity(hf_dir, failures))
-    for name, run in zip(("attention kernels", "ragged decode kernel", "forward parity", "greedy parity"), checks):
+    checks = {"attention kernels": lambda: attention_kernels(failures),
+              "ragged decode kernel": lambda: ragged_decode_kernel(failures),
+              "forward parity": lambda: forward_parity(hf_dir, failures),
+              "greedy parity": lambda: greedy_parity(hf_dir, failures)}
+    for name, run in checks.items():
         try:  # one check that cannot run (a kernel this device rejects) still leaves the others' results
             run()
         except Exception as error:  # noqa: BLE001 - reported as a failed check

@@ -186,13 +186,7 @@ def _splash_attention(q, k, v, segments, interpret: bool | None = None):
         return run(q, k, v, segments)
     from jax.sharding import PartitionSpec as P
 
-    from forgetjax.sharding import logical_to_spec
-
-    heads = logical_to_spec(("batch", "length", "q_heads", "head_dim"), q.shape, mesh)
-    kv_heads = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), k.shape, mesh)
-    if heads[2] != kv_heads[2]:  # query and kv heads must split alike so each shard keeps whole groups
-        heads = P(heads[0], None, None, None)
-        kv_heads = P(kv_heads[0], None, None, None)
+    heads, kv_heads = _head_specs(q.shape, k.shape, mesh)
     rows = P(heads[0], None)
     if segments is None:
         return jax.shard_map(lambda q, k, v: run(q, k, v, None), mesh=mesh, in_specs=(heads, kv_heads, kv_heads),
@@ -201,21 +195,31 @@ def _splash_attention(q, k, v, segments, interpret: bool | None = None):
                          check_vma=False)(q, k, v, segments)
 
 
+def _head_specs(q_shape, kv_shape, mesh):
+    """Shard specs of q [B, T, Hq, D] and k/v [B, T, Hkv, D] for a kernel run per shard: rows over data/fsdp, heads
+    over tensor when query and kv heads split alike (so each shard keeps whole groups), else heads unsplit."""
+    from jax.sharding import PartitionSpec as P
+
+    from forgetjax.sharding import logical_to_spec
+
+    heads = logical_to_spec(("batch", "length", "q_heads", "head_dim"), q_shape, mesh)
+    kv_heads = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), kv_shape, mesh)
+    if heads[2] != kv_heads[2]:
+        return P(heads[0], None, None, None), P(kv_heads[0], None, None, None)
+    return heads, kv_heads
+
+
 def ragged_cache_length(length: int) -> int:
     """A cache length the ragged decode kernel can split: a multiple of RAGGED_BLOCK, or of a power of two >= 16
     for short caches."""
-    block = ragged_block(length, exact=False)
+    block = ragged_block(length)
     return -(-length // block) * block
 
 
-def ragged_block(length: int, exact: bool = True) -> int:
-    """Slots per kernel program for a cache of `length` slots (RAGGED_BLOCK, or the power of two >= 16 at or above
-    a shorter length); with `exact`, refuses a length it does not divide."""
-    block = RAGGED_BLOCK if length > RAGGED_BLOCK else max(16, 1 << (length - 1).bit_length())
-    if exact and length % block:
-        raise ValueError(f"ragged decode attention needs a cache length that is a multiple of {block}, got "
-                         f"{length} (size the cache with ragged_cache_length)")
-    return block
+def ragged_block(length: int) -> int:
+    """Slots per kernel program for a cache of `length` slots: RAGGED_BLOCK, or the power of two >= 16 at or above
+    a shorter length."""
+    return RAGGED_BLOCK if length > RAGGED_BLOCK else max(16, 1 << (length - 1).bit_length())
 
 
 def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_segments: jax.Array,
@@ -262,7 +266,7 @@ def _xla_cached_attention(q, k_new, v_new, new_segments, k_cache, v_cache, cache
     return out.reshape(b, t, hq * d)
 
 
-def _ragged_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_valid, filled, interpret: bool | None = None):
+def _ragged_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_valid, filled):
     """One new token per row over the slots [start_r, filled) of its cache row and itself.
 
     jax's Pallas decode kernel (`pallas.ops.gpu.decode_attention.gqa`) splits the cache into programs of
@@ -277,11 +281,13 @@ def _ragged_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_valid, fil
     hkv, slots = k_cache.shape[1], k_cache.shape[2]
     groups = hq // hkv
     block = ragged_block(slots)
+    if slots % block:
+        raise ValueError(f"ragged decode attention needs a cache length that is a multiple of {block}, got "
+                         f"{slots} (size the cache with ragged_cache_length)")
+    if jax.default_backend() == "tpu":
+        raise ValueError("ragged decode attention is jax's GPU (Triton) kernel; on TPU use decode_attention='xla'")
+    interpret = jax.default_backend() != "gpu"  # the Pallas interpreter: CPU tests
     scale = d ** -0.5
-    if interpret is None:
-        if jax.default_backend() == "tpu":
-            raise ValueError("ragged decode attention is jax's GPU (Triton) kernel; on TPU use decode_attention='xla'")
-        interpret = jax.default_backend() != "gpu"  # the Pallas interpreter: CPU tests
     filled = jnp.asarray(filled, jnp.int32)
     start = filled - jnp.sum(cache_valid, axis=-1, dtype=jnp.int32)  # [B]: each row's first valid slot
 
@@ -306,12 +312,7 @@ def _ragged_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_valid, fil
         return run(q, k_new, v_new, k_cache, v_cache, start, filled)
     from jax.sharding import PartitionSpec as P
 
-    from forgetjax.sharding import logical_to_spec
-
-    heads = logical_to_spec(("batch", "length", "q_heads", "head_dim"), q.shape, mesh)
-    kv_heads = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), k_new.shape, mesh)
-    if heads[2] != kv_heads[2]:  # query and kv heads must split alike so each shard keeps whole groups
-        heads, kv_heads = P(heads[0], None, None, None), P(kv_heads[0], None, None, None)
+    heads, kv_heads = _head_specs(q.shape, k_new.shape, mesh)
     cache = P(kv_heads[0], kv_heads[2], None, None)
     out = P(heads[0], None, heads[2])
     return jax.shard_map(run, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, cache, cache, P(heads[0]), P()),

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from forgetjax.models.attention import IMPLEMENTATIONS, attention, cached_attention, segments_from
+from forgetjax.models.attention import (IMPLEMENTATIONS, attention, cached_attention, ragged_cache_length,
+                                       segments_from)
 from forgetjax.models.config import ModelConfig
 from forgetjax.sharding import constrain
 
@@ -311,6 +312,11 @@ class CausalLM(nnx.Module):
         x0 = self.embed(input_ids) if embeds is None else embeds
         x, (layer_outputs, kv) = jax.lax.scan(body, x0, self.layer_weights())
         return x, kv, layer_outputs
+
+    def cache_length(self, tokens: int) -> int:
+        """KV-cache slots for `tokens` prompt + new tokens: whole ragged-kernel programs under decode_attention
+        "ragged", else exactly `tokens`."""
+        return ragged_cache_length(tokens) if self.decode_attention == "ragged" else tokens
 
     def _decode_unroll(self) -> int:
         """4 layers per loop iteration on GPUs (7-16% faster greedy decode at Qwen2.5-1.5B on an H200, batch 1 to

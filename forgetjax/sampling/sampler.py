@@ -18,7 +18,6 @@ import numpy as np
 from flax import nnx
 
 from forgetjax.distributed import to_host
-from forgetjax.models.attention import ragged_cache_length
 from forgetjax.models.decoder import CausalLM, KVCache
 from forgetjax.sharding import constrain
 
@@ -108,9 +107,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, temperature, top_p,
               max_new_tokens: int, top_k: int, cache_dtype):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_ids.shape
-    slots = prompt_len + max_new_tokens
-    cache = KVCache.init(model.config, batch, ragged_cache_length(slots) if model.decode_attention == "ragged"
-                         else slots, cache_dtype)
+    cache = KVCache.init(model.config, batch, model.cache_length(prompt_len + max_new_tokens), cache_dtype)
     cache = dataclasses.replace(
         cache, k=constrain(cache.k, KVCache.AXES), v=constrain(cache.v, KVCache.AXES))
     hidden, cache, _ = model.prefill(prompt_ids, prompt_mask, cache)
