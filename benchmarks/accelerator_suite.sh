@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator table in the README, in one prepared run: correctness checks first, then forgetjax vs HF at
 # Qwen2.5 shapes with random weights (bf16 compute; train steps keep float32 master weights), then a 7B
-# full-parameter SFT step on one device with remat and bf16 Adam moments beside its `forgetjax plan` estimate.
+# full-parameter SFT step on one device with remat and bf16 Adam moments beside its `forgetjax plan` estimate
+# (where the plan says it exceeds the device, an 80 GB H100, the step prints that and is not run).
 # PART=3 times decode alone (XLA and ragged Pallas decode attention) and prints where its device time went
 # (benchmarks/trace_summary.py).
 # Usage: [PART=1|2|3|all] bash benchmarks/accelerator_suite.sh [LOG]   (PYTHON=... to choose the interpreter)

@@ -33,7 +33,8 @@ def alternate(peers: dict[str, Callable[[], object]], rounds: int, repeats: int 
 def alternate_processes(script: str, argv: list[str], sides: list[str], rounds: int) -> dict[str, list[dict]]:
     """Run `script argv --side S --side-out F` once per side per round, swapping the order every round, and return
     each side's JSON results by round. One process per peer keeps JAX's and torch's thread pools and memory from
-    competing (in one process the idle pool of one framework measurably slows the other on a 2-core machine)."""
+    competing (in one process the idle pool of one framework measurably slows the other on a 2-core machine). A side
+    whose result says "skipped" (it cannot run here) ends the comparison: the results so far are returned."""
     results: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(rounds):
@@ -42,6 +43,8 @@ def alternate_processes(script: str, argv: list[str], sides: list[str], rounds: 
                 subprocess.run([sys.executable, script, *argv, "--side", side, "--side-out", str(side_out)],
                                check=True)
                 results[side].append(json.loads(side_out.read_text()))
+                if "skipped" in results[side][-1]:
+                    return results
     return results
 
 

@@ -154,22 +154,28 @@ def run_side(args) -> None:
     batch = make_batch(rows)
     result = {"source": source, "flops_per_token": 3.0 * config.flops_per_token(args.seq)}
     if args.side == "forgetjax":
-        if direct is not None:
-            model = random_forgetjax(direct, args.dtype, "float32", args.remat)
-        else:
-            model, _ = load_forgetjax(hf_dir, args.dtype, param_dtype="float32", remat=args.remat)
         import jax
 
-        from forgetjax.training.memory import estimate
+        from forgetjax.training.memory import device_memory_bytes, estimate
 
-        run, result["first_loss"], result["first_call"], result["compiled_bytes"] = forgetjax_runner(
-            model, batch, args.lr, args.moments_dtype, args.logit_chunk)
+        result["backend"] = describe_backend()
         result["plan_bytes"] = estimate(
             config, 1, 1, 1, global_batch=args.batch, seq_len=args.seq, param_bytes=4,
             compute_bytes=np.dtype(args.dtype).itemsize if args.dtype != "bfloat16" else 2, remat=args.remat,
             moments_bytes=2 if args.moments_dtype == "bfloat16" else 4, logit_chunk=args.logit_chunk,
-            backend=jax.default_backend(), attention_impl=model.attention_impl).total
-        result["backend"] = describe_backend()
+            backend=jax.default_backend()).total
+        limit = device_memory_bytes()
+        if result["plan_bytes"] > limit and not args.run_anyway:
+            result["skipped"] = (f"`forgetjax plan` estimates {gib(result['plan_bytes'])}, more than the "
+                                 f"{gib(limit)} this device allows; not run (--run-anyway to try)")
+            write_json_atomic(args.side_out, result)
+            return
+        if direct is not None:
+            model = random_forgetjax(direct, args.dtype, "float32", args.remat)
+        else:
+            model, _ = load_forgetjax(hf_dir, args.dtype, param_dtype="float32", remat=args.remat)
+        run, result["first_loss"], result["first_call"], result["compiled_bytes"] = forgetjax_runner(
+            model, batch, args.lr, args.moments_dtype, args.logit_chunk)
         result["seconds"] = best_time(run, args.repeats)
         result["peak_bytes"] = jax_peak_bytes()
         result["peak"] = accelerator_matmul_peak(args.dtype)
@@ -197,13 +203,20 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="random token ids instead of GSM8K text")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FORGETJAX_DATA_DIR", DEFAULT_DATA)))
     parser.add_argument("--skip-torch", action="store_true", help="time forgetjax only")
+    parser.add_argument("--run-anyway", action="store_true",
+                        help="run forgetjax's step even where its `forgetjax plan` estimate exceeds the device")
     args = parser.parse_args()
     sides = ["forgetjax"] + ([] if args.skip_torch else ["hf_torch"])
     rounds = peer_rounds(__file__, args, run_side, sides, shared_weights=not args.skip_torch)
     if rounds is None:
         return
-    best = {side: min(r["seconds"] for r in results) for side, results in rounds.items()}
     ours = rounds["forgetjax"][0]
+    if "skipped" in ours:
+        print(f"{args.model} SFT train step, batch {args.batch} x seq {args.seq}, compute {args.dtype}, "
+              f"{ours['backend']}; forgetjax remat {args.remat}, moments {args.moments_dtype or 'float32'}: "
+              f"{ours['skipped']}")
+        return
+    best = {side: min(r["seconds"] for r in results) for side, results in rounds.items()}
     flops_per_token, tokens = ours["flops_per_token"], args.batch * args.seq
     print(f"{args.model} SFT train step (fwd + bwd + clip + AdamW, float32 master weights), batch {args.batch} x seq "
           f"{args.seq}, compute {args.dtype}, {ours['source']}, {ours['backend']}; forgetjax remat {args.remat}, "

@@ -215,3 +215,53 @@ def test_plan_says_beforehand_that_a_7b_sft_step_fits_one_h200_only_with_full_re
     dots = estimate(config_from_hf(QWEN_7B), 1, 1, 1, remat="dots", **settings)
     assert dots.total > budget
     assert dots.activations == pytest.approx((28 * (2 * 3584 + 3584 + 2 * 512 + 2 * 18944) * 2 + 263_168) * 8192)
+
+
+def _qwen_7b_params() -> int:
+    """Qwen2.5-7B's parameters written out from its shapes (untied head, q/k/v biases, two norms per layer)."""
+    d, f, kv, layers, vocab = 3584, 18944, 512, 28, 152064
+    per_layer = d * d + d + 2 * (d * kv + kv) + d * d + 3 * d * f + 2 * d
+    return 2 * vocab * d + layers * per_layer + d
+
+
+def test_plan_says_beforehand_that_the_7b_step_does_not_fit_an_80gb_h100(tmp_path, capsys):
+    """The same 7B step on one 80 GB H100: float32 weights and gradients with bf16 moments are 12 bytes a parameter,
+    85 GiB before any activation, so no remat policy fits and the plan says so."""
+    import yaml
+
+    from forgetjax import cli
+
+    assert 12 * _qwen_7b_params() > 80 * 2**30
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "models": [{"scale": "7b", "base": "x", "safe": "x", "hf_config": QWEN_7B}], "scales": ["7b"],
+        "methods": ["gt_sft"],
+        "train": {"dtype": "bfloat16", "param_dtype": "float32", "batch_size": 4, "max_length": 2048,
+                  "optimizer": {"moments_dtype": "bfloat16"}}}))
+    assert cli.main(["plan", str(study), "--topology", "gpu:1:h100"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["7b"]]
+    assert rows and "DOES NOT FIT" in rows[0], rows
+
+
+def test_the_train_step_benchmark_asks_the_plan_before_building_a_step_that_cannot_fit(tmp_path):
+    """benchmarks/train_step.py at 7B on a host split into 64 CPU devices (a few hundred MiB each): the plan's
+    estimate is at least the 12 bytes a parameter counted by hand, more than the device allows, and the step is
+    reported as not run instead of building 28 GiB of float32 weights."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=64", JAX_PLATFORMS="cpu")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--model", "qwen2.5-7b", "--dtype", "bfloat16", "--batch", "4", "--seq",
+         "2048", "--rounds", "1", "--repeats", "1", "--synthetic", "--remat", "full", "--moments-dtype", "bfloat16",
+         "--skip-torch", "--work-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.search(r"`forgetjax plan` estimates ([\d.]+) GiB, more than the ([\d.]+) GiB this device allows; "
+                      r"not run", done.stdout)
+    assert found, done.stdout
+    estimate_gib, limit_gib = map(float, found.groups())
+    assert estimate_gib >= 12 * _qwen_7b_params() / 2**30 > limit_gib
+    assert "tokens/s" not in done.stdout
