@@ -72,14 +72,18 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def params_per_layer(self) -> int:
+        """Parameters of one decoder layer: projections, their biases, two norm scales."""
+        d, f = self.hidden_size, self.intermediate_size
+        layer = d * (self.q_size + 2 * self.kv_size) + self.q_size * d
+        layer += (self.q_size + 2 * self.kv_size) * self.qkv_bias + d * self.o_bias
+        return layer + 3 * d * f + (2 * f + d) * self.mlp_bias + 2 * d
+
     def num_params(self) -> int:
         """Parameter count (embeddings counted once when tied)."""
-        d, f, layer = self.hidden_size, self.intermediate_size, 0
-        layer += d * (self.q_size + 2 * self.kv_size) + self.q_size * d
-        layer += (self.q_size + 2 * self.kv_size) * self.qkv_bias + d * self.o_bias
-        layer += 3 * d * f + (2 * f + d) * self.mlp_bias + 2 * d
+        d = self.hidden_size
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
-        return self.vocab_size * d + self.num_layers * layer + d + head
+        return self.vocab_size * d + self.num_layers * self.params_per_layer() + d + head
 
     # FLOPs: the one accounting every budget and metric uses. Budgets charge real (non-padding) tokens only: a
     # forward pass outside the train step (sampling, reference or teacher scoring) charges each sequence at its own

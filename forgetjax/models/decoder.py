@@ -150,7 +150,8 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 def linear(weights: dict[str, Any], x: jax.Array, lora_scale: float = 1.0) -> jax.Array:
     """x @ kernel (+ bias) (+ lora_scale * x @ A @ B when the weight dict carries LoRA factors)."""
     lead = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])
+    if x.ndim != 2:
+        x = x.reshape(-1, x.shape[-1])
     y = jnp.dot(x, weights["kernel"].astype(x.dtype))
     if weights.get("bias") is not None:
         y = y + weights["bias"].astype(x.dtype)
@@ -158,6 +159,27 @@ def linear(weights: dict[str, Any], x: jax.Array, lora_scale: float = 1.0) -> ja
         delta = jnp.einsum("...i,ir->...r", x, weights["lora_a"].astype(x.dtype))
         y = y + jnp.einsum("...r,ro->...o", delta, weights["lora_b"].astype(x.dtype)) * lora_scale
     return y.reshape(*lead, y.shape[-1])
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, whose backward pass keeps only gate and up (the sigmoid and SiLU are recomputed from gate):
+    autodiff would keep four [tokens, intermediate] arrays per layer instead of two when nothing is rematerialised."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_forward(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_backward(saved, grad):
+    gate, up = saved
+    sig = jax.nn.sigmoid(gate)
+    d_gate = grad * up * sig * (1 + gate * (1 - sig))  # d/dx x*sigmoid(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
+    return d_gate.astype(gate.dtype), (grad * (gate * sig)).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 def rope_tables(positions: jax.Array, inv_freq) -> tuple[jax.Array, jax.Array]:
@@ -179,8 +201,8 @@ def _layer_forward(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, cos, sin, 
                    lora_scale: float = 1.0):
     """One decoder layer; `attend(q, k, v) -> [B, T, Hq * D]` is the attention of this call (plain, or over a KV
     cache). Returns the layer output and this layer's new keys and values [B, T, Hkv, D]."""
-    b, t, _ = x.shape
-    h = rms_norm(x, w["input_layernorm"]["scale"], cfg.rms_norm_eps)
+    b, t, d = x.shape
+    h = rms_norm(x, w["input_layernorm"]["scale"], cfg.rms_norm_eps).reshape(b * t, d)
     attn_w = w["self_attn"]
     q = linear(attn_w["q_proj"], h, lora_scale).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = linear(attn_w["k_proj"], h, lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -188,10 +210,10 @@ def _layer_forward(cfg: ModelConfig, w: dict[str, Any], x: jax.Array, cos, sin, 
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     x = x + linear(attn_w["o_proj"], attend(q, k, v), lora_scale)
     x = constrain(x, ("batch", "length", "act_embed"))
-    h = rms_norm(x, w["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+    h = rms_norm(x, w["post_attention_layernorm"]["scale"], cfg.rms_norm_eps).reshape(b * t, d)
     mlp_w = w["mlp"]
-    gated = jax.nn.silu(linear(mlp_w["gate_proj"], h, lora_scale)) * linear(mlp_w["up_proj"], h, lora_scale)
-    x = x + linear(mlp_w["down_proj"], gated, lora_scale)
+    gated = swiglu(linear(mlp_w["gate_proj"], h, lora_scale), linear(mlp_w["up_proj"], h, lora_scale))
+    x = x + linear(mlp_w["down_proj"], gated, lora_scale).reshape(b, t, d)
     return constrain(x, ("batch", "length", "act_embed")), (k, v)
 
 

@@ -6,10 +6,13 @@ Estimates (bytes per device), each term sharded over fsdp x tensor unless said o
   on); the compute-dtype copy of the weights is made one layer at a time inside the layer scan, so it is not
   counted;
 - activations kept for the backward pass of the local micro-batch, counted from the decoder's own layer
-  (`saved_bytes_per_token`): without remat every matmul input and the SwiGLU branches in the compute dtype plus
-  the two RMSNorms and the SiLU in float32; with remat "dots" the matmul outputs; with remat "full" the layer
-  inputs alone, plus one layer's activations recomputed during the backward pass. Attention keeps no T x T scores
-  between layers (fused kernels, or rematerialised XLA attention); where the XLA path runs (CPU, float32 on GPU,
+  (`saved_bytes_per_token`): without remat the values JAX saves from `models.decoder._layer_forward` (each norm's
+  float32 input, its two statistics and its compute-dtype output, the one normed input its projections share, q
+  and k after RoPE, v, the attention output, SwiGLU's gate and up and its output) and, when the compute dtype is
+  not the parameters', every layer's weights cast to it (`jax.ad_checkpoint.print_saved_residuals` lists both;
+  tested); with remat "dots" the matmul outputs; with remat "full" the layer inputs alone; under either, the layer
+  recomputed during the backward pass adds what no remat would keep less its already counted share. Attention keeps
+  no T x T scores between layers (fused kernels, or rematerialised XLA attention); where the XLA path runs (CPU, float32 on GPU,
   `models.attention.choose_implementation` on the planned backend) one layer's backward pass holds
   `XLA_SCORE_COPIES` float32 score blocks [rows, heads, min(T, XLA_QUERY_BLOCK), T] (`attention`);
 - the float32 logits and their gradient for one chunk of `logit_chunk` tokens per device (`forgetjax.models.vocab`:
@@ -17,7 +20,9 @@ Estimates (bytes per device), each term sharded over fsdp x tensor unless said o
 - a frozen copy of the starting trained parameters (the KL to the start model, GRPO's KL reference; only the LoRA
   factors under LoRA) in the compute dtype, and the sampler's KV cache for rollouts (rows x length).
 Checked against measured peaks on one H200 (benchmarks/results, 2026-12-04): Qwen2.5-0.5B and 1.5B bf16 SFT steps
-(4 x 2048 tokens, no remat, chunks of 1024 / 4096 / all tokens) and a 7B step (remat full, bf16 moments).
+(4 x 2048 tokens, no remat, chunks of 1024 / 4096 / all tokens) and a 7B step (remat full, bf16 moments); those
+layers still saved a copy of the normed input per projection and SwiGLU's intermediates, which, counted the same
+way, reproduce the 1.5B peak within 3%. The smaller set saved since is not yet measured on a GPU.
 
 `train.remat: auto` (the default) takes the cheapest policy whose estimate fits in `MEMORY_FRACTION` of a device's
 memory (`fitted_estimate`): no recomputation, then "dots" (matmul outputs kept), then "full" (each layer recomputed).
@@ -66,7 +71,7 @@ def saved_bytes_per_token(config: ModelConfig, remat: str, compute_bytes: int) -
     """Bytes one layer keeps per token for the backward pass under `remat` (see the module docstring)."""
     d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     if remat == "none":
-        return (4 * d + 2 * q + 2 * kv + 3 * f) * compute_bytes + (2 * d + f) * 4
+        return (4 * d + 2 * q + 2 * kv + 3 * f) * compute_bytes + (2 * d + 4) * 4  # + 2 statistics per norm
     if remat == "dots":
         return (2 * d + q + 2 * kv + 2 * f) * compute_bytes
     if remat == "full":
@@ -93,10 +98,12 @@ def estimate(config: ModelConfig, data: int, fsdp: int, tensor: int, *, global_b
     optimizer = 2 * trainable * moments_bytes / shards
     local_batch = max(global_batch // (data * fsdp), 1)
     tokens = local_batch * seq_len
-    kept = config.num_layers * saved_bytes_per_token(config, remat, compute_bytes)
-    if remat != "none":
-        kept += saved_bytes_per_token(config, "none", compute_bytes)  # the layer recomputed in the backward pass
+    saved = saved_bytes_per_token(config, remat, compute_bytes)
+    # the layer recomputed in the backward pass holds what no remat would keep, its saved share already counted
+    kept = config.num_layers * saved + saved_bytes_per_token(config, "none", compute_bytes) - saved
     activations = kept * tokens / tensor
+    if remat == "none" and compute_bytes != param_bytes:
+        activations += config.num_layers * config.params_per_layer() * compute_bytes / shards  # cast weights kept
     logit_rows = min(logit_chunk, tokens) if logit_chunk else tokens
     logits = 2 * logit_rows * config.vocab_size * 4 / tensor
     reference_bytes = trainable * compute_bytes / shards if reference else 0.0  # a copy of the trained parameters
