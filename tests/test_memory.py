@@ -25,9 +25,9 @@ QWEN_15B = {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 896
 def hand_step_bytes(remat: str, tokens: int, n_params: int) -> float:
     """Qwen2.5-1.5B, f32 params/grads/moments, bf16 compute, no LoRA, logits chunk 1024, one device: the bytes of one
     step written out from the decoder's layer (d 1536, f 8960, q 1536, kv 256, 28 layers). Without remat the layer
-    keeps, per token, the two norms' f32 inputs, statistics and bf16 outputs, the normed input shared by the projections (twice),
-    q and k after RoPE, v, the attention output, gate, up and the SwiGLU output in bf16; and the bf16 cast of every
-    layer's weights (q/k/v with biases, o, gate/up/down, two norm scales)."""
+    keeps, per token, the two norms' f32 inputs, statistics and bf16 outputs, the normed input shared by the
+    projections (twice), q and k after RoPE, v, the attention output, gate, up and the SwiGLU output in bf16; and the
+    bf16 cast of every layer's weights (q/k/v with biases, o, gate/up/down, two norm scales)."""
     d, f, q, kv, layers, vocab = 1536, 8960, 1536, 256, 28, 151936
     every_input = (2 * d + 2 * d + 2 * q + 2 * kv + 3 * f) * 2 + (2 * d + 2 * 2) * 4  # norms' inputs and statistics
     cast_weights = layers * (d * (q + 2 * kv) + (q + 2 * kv) + q * d + 3 * d * f + 2 * d) * 2

@@ -80,8 +80,9 @@ def test_remat_and_bf16_compute(tmp_path):
     assert max_relative_error(actual, expected, mask) <= 5e-2
 
 
-@pytest.mark.parametrize("arch, overrides", [("qwen2", QWEN2_SHAPES["gqa2_untied"]), ("qwen2", QWEN2_SHAPES["gqa1_tied"]),
-                                             ("llama", dict(mlp_bias=True, attention_bias=True))])
+@pytest.mark.parametrize("arch, overrides", [
+    ("qwen2", QWEN2_SHAPES["gqa2_untied"]), ("qwen2", QWEN2_SHAPES["gqa1_tied"]),
+    ("llama", dict(mlp_bias=True, attention_bias=True))])
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_sft_loss_gradients_match_hf_autograd(tmp_path, arch, overrides, remat):
     """Every parameter's gradient of the shipped SFT loss (masked mean token NLL over left-padded rows) equals HF

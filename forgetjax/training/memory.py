@@ -3,8 +3,8 @@
 Estimates (bytes per device), each term sharded over fsdp x tensor unless said otherwise:
 - parameters, gradients (both in the param dtype; twice under micro_batches > 1: the accumulated sum beside one
   micro-batch's gradients) and AdamW's two moments in `moments_bytes` (only LoRA factors are trained when LoRA is
-  on); the compute-dtype copy of the weights is made one layer at a time inside the layer scan, so it is not
-  counted;
+  on); the compute-dtype copy of the weights is made one layer at a time inside the layer scan (all layers' copies
+  are kept only without remat, counted with the activations);
 - activations kept for the backward pass of the local micro-batch, counted from the decoder's own layer
   (`saved_bytes_per_token`): without remat the values JAX saves from `models.decoder._layer_forward` (each norm's
   float32 input, its two statistics and its compute-dtype output, the one normed input its projections share, q
@@ -12,8 +12,8 @@ Estimates (bytes per device), each term sharded over fsdp x tensor unless said o
   not the parameters', every layer's weights cast to it (`jax.ad_checkpoint.print_saved_residuals` lists both;
   tested); with remat "dots" the matmul outputs; with remat "full" the layer inputs alone; under either, the layer
   recomputed during the backward pass adds what no remat would keep less its already counted share. Attention keeps
-  no T x T scores between layers (fused kernels, or rematerialised XLA attention); where the XLA path runs (CPU, float32 on GPU,
-  `models.attention.choose_implementation` on the planned backend) one layer's backward pass holds
+  no T x T scores between layers (fused kernels, or rematerialised XLA attention); where the XLA path runs (CPU,
+  float32 on GPU, `models.attention.choose_implementation` on the planned backend) one layer's backward pass holds
   `XLA_SCORE_COPIES` float32 score blocks [rows, heads, min(T, XLA_QUERY_BLOCK), T] (`attention`);
 - the float32 logits and their gradient for one chunk of `logit_chunk` tokens per device (`forgetjax.models.vocab`:
   every loss projects the vocabulary chunk by chunk; 0 = the whole batch at once);
