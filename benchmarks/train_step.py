@@ -156,13 +156,13 @@ def run_side(args) -> None:
     if args.side == "forgetjax":
         import jax
 
-        from forgetjax.training.memory import device_memory_bytes, estimate
+        from forgetjax.training.memory import DTYPE_BYTES, device_memory_bytes, estimate
 
         result["backend"] = describe_backend()
         result["plan_bytes"] = estimate(
             config, 1, 1, 1, global_batch=args.batch, seq_len=args.seq, param_bytes=4,
-            compute_bytes=np.dtype(args.dtype).itemsize if args.dtype != "bfloat16" else 2, remat=args.remat,
-            moments_bytes=2 if args.moments_dtype == "bfloat16" else 4, logit_chunk=args.logit_chunk,
+            compute_bytes=DTYPE_BYTES[args.dtype], remat=args.remat,
+            moments_bytes=DTYPE_BYTES[args.moments_dtype or "float32"], logit_chunk=args.logit_chunk,
             backend=jax.default_backend()).total
         limit = device_memory_bytes()
         if result["plan_bytes"] > limit and not args.run_anyway:

@@ -150,8 +150,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 def linear(weights: dict[str, Any], x: jax.Array, lora_scale: float = 1.0) -> jax.Array:
     """x @ kernel (+ bias) (+ lora_scale * x @ A @ B when the weight dict carries LoRA factors)."""
     lead = x.shape[:-1]
-    if x.ndim != 2:
-        x = x.reshape(-1, x.shape[-1])
+    x = x.reshape(-1, x.shape[-1])  # no-op on the layer's already flattened inputs
     y = jnp.dot(x, weights["kernel"].astype(x.dtype))
     if weights.get("bias") is not None:
         y = y + weights["bias"].astype(x.dtype)
