@@ -7,8 +7,8 @@ Estimates (bytes per device), each term sharded over fsdp x tensor unless said o
   are kept only without remat, counted with the activations);
 - activations kept for the backward pass of the local micro-batch, counted from the decoder's own layer
   (`saved_bytes_per_token`): without remat the values JAX saves from `models.decoder._layer_forward` (each norm's
-  float32 input, its two statistics and its compute-dtype output, the one normed input its projections share, q
-  and k after RoPE, v, the attention output, SwiGLU's gate and up and its output) and, when the compute dtype is
+  input and float32 reciprocal RMS, the one normed input its projections share, q and k after RoPE, v, the
+  attention output, SwiGLU's gate and up and its output) and, when the compute dtype is
   not the parameters', every layer's weights cast to it (`jax.ad_checkpoint.print_saved_residuals` lists both;
   tested); with remat "dots" the matmul outputs; with remat "full" the layer inputs alone; under either, the layer
   recomputed during the backward pass adds what no remat would keep less its already counted share. Attention keeps
@@ -21,8 +21,9 @@ Estimates (bytes per device), each term sharded over fsdp x tensor unless said o
   factors under LoRA) in the compute dtype, and the sampler's KV cache for rollouts (rows x length).
 Checked against measured peaks on one H200 (benchmarks/results, 2026-12-04): Qwen2.5-0.5B and 1.5B bf16 SFT steps
 (4 x 2048 tokens, no remat, chunks of 1024 / 4096 / all tokens) and a 7B step (remat full, bf16 moments); those
-layers still saved a copy of the normed input per projection and SwiGLU's intermediates, which, counted the same
-way, reproduce the 1.5B peak within 3%. The smaller set saved since is not yet measured on a GPU.
+layers still saved a copy of the normed input per projection, SwiGLU's intermediates and autodiff's RMSNorm residuals,
+which, counted the same way, reproduce the 1.5B peak within 3%. The smaller set saved since is not yet measured on a
+GPU.
 
 `train.remat: auto` (the default) takes the cheapest policy whose estimate fits in `MEMORY_FRACTION` of a device's
 memory (`fitted_estimate`): no recomputation, then "dots" (matmul outputs kept), then "full" (each layer recomputed).
@@ -71,7 +72,7 @@ def saved_bytes_per_token(config: ModelConfig, remat: str, compute_bytes: int) -
     """Bytes one layer keeps per token for the backward pass under `remat` (see the module docstring)."""
     d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     if remat == "none":
-        return (4 * d + 2 * q + 2 * kv + 3 * f) * compute_bytes + (2 * d + 4) * 4  # + 2 statistics per norm
+        return (4 * d + 2 * q + 2 * kv + 3 * f) * compute_bytes + 2 * 4  # + each norm's float32 reciprocal RMS
     if remat == "dots":
         return (2 * d + q + 2 * kv + 2 * f) * compute_bytes
     if remat == "full":
