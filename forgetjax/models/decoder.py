@@ -145,7 +145,7 @@ class DecoderLayers(nnx.Module):
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, cast back to the input dtype before the scale (as HF does). Its backward pass
     keeps x and the float32 reciprocal RMS [..., 1] and recomputes the rest: autodiff would keep a float32 copy of x,
-    two statistics and the normed x besides, 8 more bytes per feature and token."""
+    two statistics and the normed x (4 more bytes per feature and token, and the scale cast to the compute dtype)."""
     return _rms_norm_forward(x, scale, eps)[0]
 
 
