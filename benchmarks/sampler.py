@@ -178,9 +178,10 @@ def main() -> None:
                         help="random prompt of this many tokens (default: the chat prompt, or 128 without a tokenizer)")
     parser.add_argument("--decode-unroll", type=int, nargs="+", default=[1],
                         help="layers unrolled per decode-loop iteration; each value is timed as its own forgetjax peer")
-    parser.add_argument("--decode-attention", nargs="+", default=["xla"], choices=("xla", "ragged"),
+    parser.add_argument("--decode-attention", nargs="+", default=["xla"], choices=("xla", "ragged", "paged"),
                         help="decode-step attention over the cache (`CausalLM.decode_attention`): xla reads every "
-                             "slot, ragged (jax's Pallas decode kernel) only the written ones; each is its own peer")
+                             "slot, ragged (jax's Pallas decode kernel, GPU) and paged (jax's paged-attention kernel "
+                             "over a PagedKVCache, TPU) only the written ones; each is its own peer")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--profile-dir", default=None,
                         help="after the timed runs, trace one more forgetjax run per batch size into this directory "

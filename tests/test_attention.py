@@ -208,9 +208,112 @@ def test_ragged_decode_attention_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="needs `filled`"):
         attn.cached_attention(*args, implementation="ragged")
     with pytest.raises(ValueError, match="choose one of"):
+        attn.cached_attention(*args, implementation="splash")
+    with pytest.raises(ValueError, match="PagedKVCache"):
         attn.cached_attention(*args, implementation="paged")
     assert [attn.ragged_cache_length(n) for n in (10, 40, 64, 128, 129, 384, 400)] == [16, 64, 64, 128, 256, 384,
                                                                                        512]
+
+
+def _bf16_exact(key, shape, scale=1.0):
+    """Normal values that bfloat16 represents exactly: the paged kernel rounds keys and values to bfloat16 as it
+    loads them, so with these (and any cache dtype) float32 tolerances apply."""
+    return (scale * jax.random.normal(key, shape)).astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _paged_case(b, s, hq, hkv, d, layers, lengths, seed, dtype=jnp.float32):
+    """A paged cache [Hkv, layers, B, S, D] whose rows hold `lengths[b]` real tokens from slot 0 in every layer;
+    every other slot holds large garbage, so reading an unwritten slot (or another layer's or row's) shows."""
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(keys[0], (b, 1, hq, d))
+    k_new, v_new = _bf16_exact(keys[1], (b, 1, hkv, d)), _bf16_exact(keys[2], (b, 1, hkv, d))
+    written = np.arange(s)[None, :] < np.asarray(lengths)[:, None]  # [B, S]
+    garbage = np.where(written[None, None, :, :, None], 1.0, 64.0)
+    pages = [np.asarray(_bf16_exact(key, (hkv, layers, b, s, d))) * garbage for key in keys[3:]]
+    return q, k_new, v_new, [jnp.asarray(p, dtype) for p in pages], written
+
+
+def _paged_expected(q, k_new, v_new, pages, written, layer):
+    """The float64 reference over a row's written slots of `layer` and the new token."""
+    k_rows, v_rows = (np.asarray(p, np.float64)[:, layer].transpose(1, 2, 0, 3) for p in pages)  # [B, S, Hkv, D]
+    allowed = np.concatenate([written[:, None], np.ones((len(written), 1, 1), bool)], axis=-1)
+    return reference(q, np.concatenate([k_rows, np.asarray(k_new)], 1), np.concatenate([v_rows, np.asarray(v_new)], 1),
+                     allowed)
+
+
+@pytest.mark.parametrize("hq, hkv, s, layers, lengths, layer", [
+    (6, 2, 512, 3, (0, 37, 255, 256, 511), 1),  # two 256-slot blocks; rows ending at and just past a block
+    (3, 3, 64, 2, (5, 63, 1), 0),               # one short block of one 64-slot page; a full row
+    (4, 1, 32, 2, (9, 20), 1),                  # multi-query, pages of 32 slots
+])
+def test_paged_decode_attention_writes_the_new_token_and_reads_only_each_rows_slots(hq, hkv, s, layers, lengths,
+                                                                                       layer):
+    """jax's TPU paged kernel (TPU interpreter on CPU) against the float64 reference over the row's written slots +
+    the new token; the new key and value land at slot lengths[b] of that layer and nothing else changes."""
+    d = 16
+    q, k_new, v_new, pages, written = _paged_case(len(lengths), s, hq, hkv, d, layers, lengths, seed=s + layer)
+    out, k_pages, v_pages = jax.jit(attn.paged_decode_attention)(q, k_new, v_new, *pages, jnp.asarray(lengths),
+                                                                 layer)
+    expected = _paged_expected(q, k_new, v_new, pages, written, layer)
+    np.testing.assert_allclose(np.asarray(out).reshape(len(lengths), hq, d), expected[:, 0], rtol=2e-5, atol=2e-5)
+    for before, after, new in ((pages[0], k_pages, k_new), (pages[1], v_pages, v_new)):
+        want = np.array(before)
+        for row, n in enumerate(lengths):
+            want[:, layer, row, n] = np.asarray(new)[row, 0]
+        np.testing.assert_array_equal(np.asarray(after), want)
+
+
+def test_paged_decode_attention_in_bfloat16():
+    """A bf16 cache and q: within bf16 rounding of the float64 reference of the same bf16 inputs (the kernel
+    rounds its output to the cache's dtype once), and the XLA path over the same slots agrees as closely."""
+    lengths, d = (3, 100, 300), 16
+    q, k_new, v_new, pages, written = _paged_case(3, 512, 6, 2, d, 2, lengths, seed=11, dtype=jnp.bfloat16)
+    q, k_new, v_new = (a.astype(jnp.bfloat16) for a in (q, k_new, v_new))
+    out, _, _ = attn.paged_decode_attention(q, k_new, v_new, *pages, jnp.asarray(lengths), 1)
+    assert out.dtype == jnp.bfloat16
+    as64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # noqa: E731
+    expected = _paged_expected(as64(q), as64(k_new), as64(v_new), [as64(p) for p in pages], written, 1)
+    np.testing.assert_allclose(np.asarray(out, np.float64).reshape(3, 6, d), expected[:, 0], rtol=0.03, atol=0.03)
+
+
+def test_paged_decode_attention_under_a_mesh_runs_per_shard():
+    from forgetjax.sharding import make_mesh
+
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 simulated devices")
+    mesh = make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
+    lengths = (0, 10, 60, 99)
+    q, k_new, v_new, pages, written = _paged_case(4, 128, 4, 2, 16, 2, lengths, seed=5)
+    with jax.set_mesh(mesh):
+        out, k_pages, _ = jax.jit(attn.paged_decode_attention)(q, k_new, v_new, *pages, jnp.asarray(lengths), 1)
+    expected = _paged_expected(q, k_new, v_new, pages, written, 1)
+    np.testing.assert_allclose(np.asarray(out).reshape(4, 4, 16), expected[:, 0], rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(k_pages)[:, 1, np.arange(4), list(lengths)],
+                                  np.asarray(k_new)[:, 0].transpose(1, 0, 2))
+
+
+def test_paged_decode_attention_refuses_what_it_cannot_do(monkeypatch):
+    q, k_new, v_new, pages, _ = _paged_case(1, 48, 2, 1, 16, 1, (3,), seed=0)
+    with pytest.raises(ValueError, match="sized by paged_geometry"):
+        attn.paged_decode_attention(q, k_new, v_new, *pages, jnp.asarray([3]), 0)
+    assert [attn.paged_geometry(n) for n in (10, 40, 64, 200, 256, 257, 600)] == [
+        (16, 16, 1), (64, 64, 1), (64, 64, 1), (256, 64, 4), (256, 64, 4), (512, 64, 4), (768, 64, 4)]
+    monkeypatch.setattr(attn.jax, "default_backend", lambda: "gpu")
+    q, k_new, v_new, pages, _ = _paged_case(1, 64, 2, 1, 16, 1, (3,), seed=0)
+    with pytest.raises(ValueError, match="on GPU use 'ragged' or 'xla'"):
+        attn.paged_decode_attention(q, k_new, v_new, *pages, jnp.asarray([3]), 0)
+
+
+@pytest.mark.parametrize("name, backend, refusal", [
+    ("xla", "tpu", None), ("xla", "gpu", None), ("ragged", "gpu", None), ("ragged", "cpu", None),
+    ("paged", "tpu", None), ("paged", "cpu", None), ("ragged", "tpu", "on TPU use 'paged' or 'xla'"),
+    ("paged", "gpu", "on GPU use 'ragged' or 'xla'"), ("splash", "tpu", "choose one of")])
+def test_decode_attention_is_checked_against_the_backend(name, backend, refusal):
+    if refusal is None:
+        assert attn.check_decode_attention(name, backend) == name
+    else:
+        with pytest.raises(ValueError, match=refusal):
+            attn.check_decode_attention(name, backend)
 
 
 def test_dispatch_picks_xla_on_cpu_and_refuses_impossible_requests():

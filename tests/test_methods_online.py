@@ -84,8 +84,9 @@ def toy_domain(problems: Path) -> DomainConfig:
     return DomainConfig(name="math", source=str(problems), split="train", template="{question}")
 
 
-def make_trainer(model_dir, method, out_dir, *, steps=1, batch_size=8, micro_batches=1, lr=1e-3):
-    model, _ = forgetjax.load(model_dir)
+def make_trainer(model_dir, method, out_dir, *, steps=1, batch_size=8, micro_batches=1, lr=1e-3, model=None):
+    if model is None:
+        model, _ = forgetjax.load(model_dir)
     cfg = TrainConfig(batch_size=batch_size, micro_batches=micro_batches, max_length=64,
                       budget=BudgetConfig("steps", steps), checkpoint=CheckpointConfig(every=100, keep=2),
                       log=LogConfig(progress=False, tensorboard=False, peak_flops=1e11),
@@ -98,10 +99,8 @@ def context_for(trainer, step=0):
                        mesh=trainer.mesh)
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """Every Completions the sampler returns, in call order."""
-    calls = []
+def recorded_generate(calls: list):
+    """Sampler.generate_tokens, appending (prompts, Completions) of every call to `calls`."""
     original = Sampler.generate_tokens
 
     def record(self, prompts, params):
@@ -109,7 +108,14 @@ def recorded(monkeypatch):
         calls.append((list(map(list, prompts)), out))
         return out
 
-    monkeypatch.setattr(Sampler, "generate_tokens", record)
+    return record
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every Completions the sampler returns, in call order."""
+    calls = []
+    monkeypatch.setattr(Sampler, "generate_tokens", recorded_generate(calls))
     return calls
 
 
@@ -285,6 +291,56 @@ def test_first_update_gradient_is_reinforce_with_group_baseline(tiny, tmp_path, 
     inverse = np.argsort(micro_batch_row_order(2 * group, 2))
     old = batch.arrays["old_logp"][inverse]
     np.testing.assert_allclose(old.sum(axis=1), np.asarray(sequence_logps), rtol=1e-4, atol=1e-4)
+
+
+def test_train_decode_attention_reaches_the_rollouts(tiny, tmp_path, monkeypatch):
+    """`train.decode_attention: paged` is set on the model before the Trainer takes its graph, so GRPO's rollouts
+    decode through the TPU paged kernel (interpreted on CPU); their old log-probs stay the policy's (2e-3 per
+    sequence for the kernel's bfloat16 keys and values; measured 2.2e-4). On a GPU the setting is refused, naming
+    the field, before any model loads."""
+    import forgetjax.methods.run as run_module
+    from forgetjax.config import ConfigError
+    from forgetjax.methods.run import RunConfig, run_training
+    from forgetjax.models import decoder
+
+    model_dir, problems = tiny
+    taken = []
+
+    class Taken(Exception):
+        pass
+
+    def take(cfg, model, *args, **kwargs):
+        taken.append(model)
+        raise Taken
+
+    cfg = RunConfig(train=TrainConfig(model=str(model_dir), decode_attention="paged", out_dir=str(tmp_path / "run")),
+                    method="on_rl_grpo", domain=toy_domain(problems))
+    monkeypatch.setattr(run_module, "Trainer", take)
+    with pytest.raises(Taken):
+        run_training(cfg, mesh=make_mesh(1, 1, 1, devices=[jax.devices()[0]]))
+    assert taken[0].decode_attention == "paged"
+    monkeypatch.undo()
+    recorded = []
+    monkeypatch.setattr(Sampler, "generate_tokens", recorded_generate(recorded))
+
+    traced = []
+    paged = decoder.paged_decode_attention
+    monkeypatch.setattr(decoder, "paged_decode_attention", lambda *a, **k: traced.append(1) or paged(*a, **k))
+    method = build_method("on_rl_grpo", {"group_size": 4, "max_new_tokens": 6, "beta": 0.0}, toy_domain(problems))
+    method.reward_pool = ParityRewards()
+    model, _ = forgetjax.load(model_dir)
+    model.decode_attention = "paged"
+    trainer = make_trainer(model_dir, method, tmp_path / "direct", batch_size=8, model=model)
+    batch = method.batch_source(trainer).next_batch(context_for(trainer))
+    assert traced
+    (prompts, completions), = recorded
+    rows = [(prompts[i // 4], completions.tokens[i, :completions.lengths[i]].tolist()) for i in range(8)]
+    old = batch.arrays["old_logp"].sum(axis=1)[np.argsort(micro_batch_row_order(8, 1))]
+    np.testing.assert_allclose(old, np.asarray(sequence_logprobs(trainer.current_model(), rows)), atol=2e-3)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ConfigError, match="train.decode_attention: paged decode attention is jax's TPU kernel"):
+        run_training(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------

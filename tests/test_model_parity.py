@@ -5,7 +5,8 @@ import pytest
 from flax import nnx
 
 import forgetjax
-from forgetjax.models.decoder import KVCache
+from forgetjax.models.config import ModelConfig
+from forgetjax.models.decoder import KVCache, PagedKVCache
 from tiny_models import QWEN2_SHAPES, hf_logits, left_padded_batch, make_hf_model, max_relative_error
 
 TOL = 1e-5
@@ -65,6 +66,50 @@ def test_kv_cache_prefill_and_decode_match_full_forward(tmp_path):
     actual = np.concatenate(pieces, axis=1)
     assert int(cache.index) == prompt_len + new
     assert max_relative_error(actual, expected, mask) <= TOL
+
+
+def test_paged_kv_cache_prefill_and_decode_match_hf(tmp_path):
+    """decode_attention "paged": a left-padded prefill moved to the front of each row, then one-token steps
+    (padding steps included, which write nothing) through the TPU paged kernel (interpreted on CPU), against HF's
+    logits. Weights at std 0.3 make attention sharp enough for a RoPE shift of one position to show (relative
+    error 0.79); the kernel rounds keys and values to bfloat16 as it loads them, so 3e-2 (measured 1.1e-2)."""
+    hf = make_hf_model(tmp_path, "qwen2", initializer_range=0.3, **QWEN2_SHAPES["gqa2_untied"])
+    model, _ = forgetjax.load(tmp_path)
+    ids, mask = left_padded_batch(np.random.default_rng(4), [12, 7, 3], vocab=151)
+    expected = hf_logits(hf, ids, mask)
+    prompt_len = 5  # row 2's prompt is all padding; its first decode steps are padding too
+    prefill = nnx.jit(lambda model, ids, mask, cache: model.prefill(ids, mask, cache)[:2])
+    step = nnx.jit(lambda model, ids, mask, cache: model(ids, mask, cache=cache))
+    for kind, tolerance in (("xla", TOL), ("paged", 3e-2)):
+        model.decode_attention = kind
+        cache = model.new_cache(3, ids.shape[1])
+        hidden, cache = prefill(model, ids[:, :prompt_len], mask[:, :prompt_len], cache)
+        pieces = [np.asarray(model.unembed(hidden))]
+        for t in range(prompt_len, ids.shape[1]):
+            logits, cache = step(model, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+            pieces.append(np.asarray(logits))
+        assert max_relative_error(np.concatenate(pieces, axis=1), expected, mask) <= tolerance, kind
+    np.testing.assert_array_equal(np.asarray(cache.lengths), mask.sum(axis=1))
+
+
+def test_paged_kv_cache_writes_each_rows_real_tokens_in_order_from_its_length():
+    cfg = ModelConfig(model_type="qwen2", vocab_size=11, hidden_size=8, intermediate_size=8, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=4, rope_theta=10000.0, rms_norm_eps=1e-6)
+    cache = PagedKVCache.init(cfg, batch=3, max_len=10)
+    assert cache.k.shape == (1, 2, 3, 16, 4)
+    rng = np.random.default_rng(0)
+    mask = np.array([[0, 0, 1, 1, 1], [1, 0, 1, 0, 1], [0, 0, 0, 0, 0]], bool)
+    lengths = np.array([4, 0, 2], np.int32)
+    cache = PagedKVCache(k=cache.k, v=cache.v, lengths=jnp.asarray(lengths))
+    k = rng.normal(size=(2, 3, 5, 1, 4)).astype(np.float32)
+    new = cache.written(jnp.asarray(k), jnp.asarray(-k), jnp.asarray(mask))
+    expected = np.zeros((1, 2, 3, 16, 4), np.float32)
+    for row in range(3):
+        for offset, t in enumerate(np.flatnonzero(mask[row])):
+            expected[0, :, row, lengths[row] + offset] = k[:, row, t, 0]
+    np.testing.assert_array_equal(np.asarray(new.k), expected)
+    np.testing.assert_array_equal(np.asarray(new.v), -expected)
+    np.testing.assert_array_equal(np.asarray(new.lengths), lengths + mask.sum(axis=1))
 
 
 def test_remat_and_bf16_compute(tmp_path):

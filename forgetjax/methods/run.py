@@ -59,10 +59,15 @@ def _train_and_save(cfg: RunConfig, source: str, model, tokenizer, mesh) -> Trai
     import jax.numpy as jnp
 
     import forgetjax
-    from forgetjax.config import dump_yaml
+    from forgetjax.config import ConfigError, dump_yaml
     from forgetjax.distributed import is_writer
     from forgetjax.methods.registry import build_method
+    from forgetjax.models.attention import check_decode_attention
 
+    try:
+        check_decode_attention(cfg.train.decode_attention)
+    except ValueError as err:
+        raise ConfigError(f"train.decode_attention: {err}") from None
     method = build_method(cfg.method, cfg.method_args, cfg.domain, source=source)
     out_dir = Path(cfg.train.out_dir)
     if is_writer():
@@ -75,6 +80,7 @@ def _train_and_save(cfg: RunConfig, source: str, model, tokenizer, mesh) -> Trai
                                           param_dtype=jnp.dtype(cfg.train.param_dtype or cfg.train.dtype),
                                           remat="none" if cfg.train.remat == "auto" else cfg.train.remat,
                                           mesh=mesh)  # the Trainer sets the policy "auto" chooses
+    model.decode_attention = cfg.train.decode_attention  # before the Trainer takes the model's graph
     trainer = Trainer(cfg.train, model, tokenizer, method, mesh=mesh)
     result = trainer.fit()
     from forgetjax.training.lora import merge_lora

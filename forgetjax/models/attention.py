@@ -10,9 +10,12 @@ sees only padding (its outputs are ignored, but no row is ever fully masked, so 
 `cached_attention` serves a step over a KV cache (queries are new tokens, keys are the cache plus the new tokens): in
 XLA, reading every cache slot, or for one-token decode steps with jax's Pallas ragged decode-attention kernel
 ("ragged": Triton on GPU, the Pallas interpreter on CPU; refused on TPU), which reads only the slots written so far.
+`paged_decode_attention` serves one-token steps over a `PagedKVCache` with jax's TPU paged-attention kernel ("paged":
+Mosaic on TPU, the TPU interpreter on CPU; refused on GPU), which also reads only the written slots.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Literal
 
@@ -22,7 +25,7 @@ import numpy as np
 
 Implementation = Literal["auto", "xla", "cudnn", "splash"]
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
-DECODE_IMPLEMENTATIONS = ("xla", "ragged")
+DECODE_IMPLEMENTATIONS = ("xla", "ragged", "paged")
 RAGGED_BLOCK = 128  # cache slots per program of the ragged decode kernel (a power of two, as Triton needs)
 RAGGED_STEP = 64  # slots a program reads per iteration: a step reads the written slots rounded up to this
 
@@ -222,6 +225,19 @@ def ragged_block(length: int) -> int:
     return RAGGED_BLOCK if length > RAGGED_BLOCK else max(16, 1 << (length - 1).bit_length())
 
 
+def check_decode_attention(name: str, backend: str | None = None) -> str:
+    """`name` if this backend (jax's by default) can run it: "xla" anywhere, "ragged" (a Triton kernel) off TPU,
+    "paged" (a TPU kernel) off GPU; on CPU both kernels run in the Pallas interpreters (tests). ValueError else."""
+    backend = backend or jax.default_backend()
+    if name not in DECODE_IMPLEMENTATIONS:
+        raise ValueError(f"decode attention {name!r}; choose one of {DECODE_IMPLEMENTATIONS}")
+    if name == "ragged" and backend == "tpu":
+        raise ValueError("ragged decode attention is jax's GPU (Triton) kernel; on TPU use 'paged' or 'xla'")
+    if name == "paged" and backend == "gpu":
+        raise ValueError("paged decode attention is jax's TPU kernel; on GPU use 'ragged' or 'xla'")
+    return name
+
+
 def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_segments: jax.Array,
                      k_cache: jax.Array, v_cache: jax.Array, cache_valid: jax.Array, filled: jax.Array | None = None,
                      implementation: str = "xla") -> jax.Array:
@@ -236,6 +252,8 @@ def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_segme
     at `filled` - 1, as left-padded prompts followed by decoded tokens are."""
     if implementation not in DECODE_IMPLEMENTATIONS:
         raise ValueError(f"decode attention {implementation!r}; choose one of {DECODE_IMPLEMENTATIONS}")
+    if implementation == "paged":
+        raise ValueError("paged decode attention runs over a PagedKVCache (paged_decode_attention), not this cache")
     if implementation == "ragged" and q.shape[1] == 1:
         if filled is None:
             raise ValueError("ragged decode attention needs `filled`, the cache's next write index")
@@ -284,8 +302,7 @@ def _ragged_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_valid, fil
     if slots % block:
         raise ValueError(f"ragged decode attention needs a cache length that is a multiple of {block}, got "
                          f"{slots} (size the cache with ragged_cache_length)")
-    if jax.default_backend() == "tpu":
-        raise ValueError("ragged decode attention is jax's GPU (Triton) kernel; on TPU use decode_attention='xla'")
+    check_decode_attention("ragged")
     interpret = jax.default_backend() != "gpu"  # the Pallas interpreter: CPU tests
     scale = d ** -0.5
     filled = jnp.asarray(filled, jnp.int32)
@@ -317,3 +334,75 @@ def _ragged_decode_attention(q, k_new, v_new, k_cache, v_cache, cache_valid, fil
     out = P(heads[0], None, heads[2])
     return jax.shard_map(run, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, cache, cache, P(heads[0]), P()),
                          out_specs=out, check_vma=False)(q, k_new, v_new, k_cache, v_cache, start, filled)
+
+
+PAGE_SIZE = 64  # cache slots per page of the paged decode kernel
+PAGED_BLOCK = 256  # slots the paged kernel reads per step of its loop (whole pages): a step reads the written slots
+# rounded up to this
+
+
+def paged_geometry(length: int) -> tuple[int, int, int]:
+    """(slots, page size, pages per kernel block) of a paged cache holding `length` tokens: whole blocks of
+    PAGED_BLOCK slots in pages of PAGE_SIZE, or one block of the power of two >= 16 at or above a shorter length."""
+    if length > PAGED_BLOCK:
+        slots = -(-length // PAGED_BLOCK) * PAGED_BLOCK
+        return slots, PAGE_SIZE, PAGED_BLOCK // PAGE_SIZE
+    slots = max(16, 1 << (length - 1).bit_length())
+    page = min(PAGE_SIZE, slots)
+    return slots, page, slots // page
+
+
+def paged_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
+                           v_pages: jax.Array, lengths: jax.Array, layer: jax.Array,
+                           interpret: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One new token per row: writes its key and value at slot `lengths[b]` of row b in layer `layer`, then attends
+    over that row's slots [0, lengths[b]] with jax's TPU paged-attention kernel
+    (`pallas.ops.tpu.paged_attention`), which reads pages only up to each row's length.
+
+    q: [B, 1, Hq, D]; k_new, v_new: [B, 1, Hkv, D]; k_pages, v_pages: [Hkv, layers, B, S, D] (a `PagedKVCache`'s
+    layout: every layer's rows are runs of whole pages of one pool, so the kernel reads the carried cache in place,
+    no layer slice is copied); lengths: [B] tokens already in each row (from slot 0). Returns ([B, 1, Hq * D], the
+    updated k_pages, v_pages). The kernel computes in float32 but rounds keys and values to bfloat16 as it loads
+    them: a float32 cache gains nothing over a bfloat16 one here. Off TPU it runs in the TPU interpreter (CPU tests).
+    Under a mesh the write and the kernel run per shard (rows over data/fsdp, kv heads over tensor) in a
+    shard_map."""
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+    d = q.shape[3]
+    slots = k_pages.shape[3]
+    _, page, pages_per_block = paged_geometry(slots)
+    if paged_geometry(slots)[0] != slots:
+        raise ValueError(f"paged decode attention needs a cache sized by paged_geometry, got {slots} slots")
+    check_decode_attention("paged")
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    scale = d ** -0.5
+
+    def run(q, k_new, v_new, k_pages, v_pages, lengths, layer):
+        hkv, layers, rows = k_pages.shape[:3]
+        row = jnp.arange(rows)
+        k_pages = k_pages.at[:, layer, row, lengths].set(jnp.swapaxes(k_new[:, 0], 0, 1).astype(k_pages.dtype))
+        v_pages = v_pages.at[:, layer, row, lengths].set(jnp.swapaxes(v_new[:, 0], 0, 1).astype(v_pages.dtype))
+        pages = slots // page
+        page_indices = ((layer * rows + row) * pages)[:, None] + jnp.arange(pages, dtype=jnp.int32)[None]
+        pool = (k_pages.reshape(hkv, layers * rows * pages, page, d), v_pages.reshape(hkv, layers * rows * pages,
+                                                                                     page, d))
+        query = q[:, 0] * jnp.asarray(scale, q.dtype)
+        with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
+            out = paged_attention(query, *pool, (lengths + 1).astype(jnp.int32), page_indices.astype(jnp.int32),
+                                  pages_per_compute_block=pages_per_block)
+        return out.astype(q.dtype).reshape(rows, 1, -1), k_pages, v_pages
+
+    layer = jnp.asarray(layer, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return run(q, k_new, v_new, k_pages, v_pages, lengths, layer)
+    from jax.sharding import PartitionSpec as P
+
+    heads, kv_heads = _head_specs(q.shape, k_new.shape, mesh)
+    cache = P(kv_heads[2], None, kv_heads[0], None, None)
+    return jax.shard_map(run, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, cache, cache, P(heads[0]), P()),
+                         out_specs=(P(heads[0], None, heads[2]), cache, cache), check_vma=False)(
+        q, k_new, v_new, k_pages, v_pages, lengths, layer)

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from forgetjax.models.attention import (IMPLEMENTATIONS, attention, cached_attention, ragged_cache_length,
-                                       segments_from)
+from forgetjax.models.attention import (DECODE_IMPLEMENTATIONS, IMPLEMENTATIONS, attention, cached_attention,
+                                       paged_decode_attention, paged_geometry, ragged_cache_length, segments_from)
 from forgetjax.models.config import ModelConfig
 from forgetjax.sharding import constrain
 
@@ -65,6 +65,47 @@ class KVCache:
         return KVCache(k=put(self.k, k), v=put(self.v, v),
                        mask=jax.lax.dynamic_update_slice(self.mask, mask, (0, index)),
                        index=jnp.asarray(index + k.shape[2], jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKVCache:
+    """Preallocated key/value cache in the layout of jax's TPU paged-attention kernel (decode_attention "paged").
+
+    k, v: [kv_heads, layers, batch, max_len, head_dim]: seen as [kv_heads, pages, page size, head_dim], every
+    (layer, row) is a run of whole pages of one pool, which the kernel reads in place. Each row holds its tokens
+    from slot 0 (a left-padded prompt is moved to the front as it is written) and `lengths` [batch] counts them, so
+    rows grow independently: a decode step writes row b's token at slot lengths[b]."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    AXES = ("kv_heads", "layers", "batch", "length", "head_dim")  # logical axis names of k and v
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "PagedKVCache":
+        slots = paged_geometry(max_len)[0]
+        shape = (config.num_kv_heads, config.num_layers, batch, slots, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def written(self, k: jax.Array, v: jax.Array, mask: jax.Array) -> "PagedKVCache":
+        """This cache with T new tokens' keys and values (each [layers, batch, T, kv_heads, head_dim], as the layer
+        loop yields them): row b's real tokens (mask [batch, T]) go, in order, to the slots from lengths[b] on."""
+        mask = mask.astype(bool)
+        slots = jnp.where(mask, self.lengths[:, None] + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, self.max_len)
+        rows = jnp.arange(mask.shape[0])[:, None]
+
+        def put(cache, new):  # slot max_len (padding) is out of range: dropped
+            return cache.at[:, :, rows, slots].set(jnp.transpose(new, (3, 0, 1, 2, 4)).astype(cache.dtype),
+                                                   mode="drop")
+
+        return PagedKVCache(k=put(self.k, k), v=put(self.v, v),
+                            lengths=self.lengths + jnp.sum(mask, axis=-1, dtype=jnp.int32))
 
 
 def _init_normal(rngs: nnx.Rngs, shape, dtype, std: float):
@@ -266,7 +307,9 @@ class CausalLM(nnx.Module):
         self.remat = remat
         self.attention_impl = attention_impl
         self.decode_unroll = 0  # layers unrolled per iteration of the cached (decode) layer loop; 0: by backend
-        self.decode_attention = "xla"  # one-token steps over the cache: "xla" (every slot) or "ragged" (written ones)
+        # one-token steps over the cache: "xla" (every slot), "ragged" (written ones; GPU) or "paged" (written ones,
+        # over a PagedKVCache; TPU)
+        self.decode_attention = "xla"
         self.lora_scale = 1.0
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, param_dtype, rngs)
         self.layers = DecoderLayers(config, param_dtype, rngs)
@@ -323,9 +366,10 @@ class CausalLM(nnx.Module):
                                 embeds=constrain(embeds.astype(self.dtype), ("batch", "length", "act_embed")))
         return x
 
-    def prefill(self, input_ids, attention_mask, cache: KVCache, return_hidden: bool = False):
+    def prefill(self, input_ids, attention_mask, cache: KVCache | PagedKVCache, return_hidden: bool = False):
         """Fill an empty cache with a (left-padded) prompt: the same fused attention as a plain forward, the keys
-        and values written into slots [0, T). Returns (hidden, cache, layer outputs)."""
+        and values written into slots [0, T) of a KVCache (each row's real tokens from slot 0 of a PagedKVCache).
+        Returns (hidden, cache, layer outputs)."""
         attention_mask = attention_mask.astype(bool)
         x, (k, v), layer_outputs = self._forward(input_ids, attention_mask, None, None, return_hidden,
                                                  collect_kv=True)
@@ -357,9 +401,20 @@ class CausalLM(nnx.Module):
         return x, kv, layer_outputs
 
     def cache_length(self, tokens: int) -> int:
-        """KV-cache slots for `tokens` prompt + new tokens: whole ragged-kernel programs under decode_attention
-        "ragged", else exactly `tokens`."""
-        return ragged_cache_length(tokens) if self.decode_attention == "ragged" else tokens
+        """KV-cache slots for `tokens` prompt + new tokens: whole kernel programs (blocks) under decode_attention
+        "ragged" ("paged"), else exactly `tokens`."""
+        if self.decode_attention == "ragged":
+            return ragged_cache_length(tokens)
+        if self.decode_attention == "paged":
+            return paged_geometry(tokens)[0]
+        return tokens
+
+    def new_cache(self, batch: int, tokens: int, dtype=None) -> KVCache | PagedKVCache:
+        """An empty cache for `tokens` prompt + new tokens per row, of the kind `decode_attention` reads."""
+        if self.decode_attention not in DECODE_IMPLEMENTATIONS:
+            raise ValueError(f"decode_attention={self.decode_attention!r}; choose one of {DECODE_IMPLEMENTATIONS}")
+        kind = PagedKVCache if self.decode_attention == "paged" else KVCache
+        return kind.init(self.config, batch, self.cache_length(tokens), dtype or self.dtype)
 
     def _decode_unroll(self) -> int:
         """4 layers per loop iteration on GPUs (7-16% faster greedy decode at Qwen2.5-1.5B on an H200, batch 1 to
@@ -372,6 +427,10 @@ class CausalLM(nnx.Module):
         """New tokens over a filled cache. The layer scan reads each layer's cache slice once (as scan input, never
         carried or written inside the loop); the new keys/values come out as scan outputs [L, B, T, Hkv, D] and one
         in-place update writes them at slot `cache.index` for every layer."""
+        if isinstance(cache, PagedKVCache):
+            return self._forward_paged(input_ids, attention_mask, positions, cache, return_hidden)
+        if self.decode_attention == "paged":
+            raise ValueError("decode_attention 'paged' reads a PagedKVCache (CausalLM.new_cache), not a KVCache")
         cfg = self.config
         b, t = input_ids.shape
         attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -395,3 +454,36 @@ class CausalLM(nnx.Module):
         x, (layer_outputs, (k_new, v_new)) = jax.lax.scan(
             body, self.embed(input_ids), (self.layer_weights(), cache.k, cache.v), unroll=self._decode_unroll())
         return x, cache.written(k_new, v_new, attention_mask), layer_outputs
+
+    def _forward_paged(self, input_ids, attention_mask, positions, cache: PagedKVCache, return_hidden: bool):
+        """One new token per row over a PagedKVCache. The cache is carried through the layer scan: each layer writes
+        its new key and value into its pages and the paged kernel reads them in place (`paged_decode_attention`). A
+        padding token (mask False) does not count: its key and value sit past the row's length until the row's next
+        real token overwrites them, and its output is meaningless."""
+        cfg = self.config
+        b, t = input_ids.shape
+        if t != 1:
+            raise ValueError(f"a PagedKVCache takes one new token per row after its prefill, got {t}")
+        real = jnp.ones((b,), bool) if attention_mask is None else attention_mask.astype(bool)[:, 0]
+        if positions is None:
+            positions = cache.lengths[:, None]
+        cos, sin = rope_tables(positions, cfg.inv_frequencies())
+        lora_scale = self.lora_scale
+
+        def body(carry, xs):
+            x, k_pages, v_pages = carry
+            w, layer = xs
+            written = {}
+
+            def attend(q, k, v):
+                out, written["k"], written["v"] = paged_decode_attention(q, k, v, k_pages, v_pages, cache.lengths,
+                                                                         layer)
+                return out
+
+            x, _ = _layer_forward(cfg, w, x, cos, sin, attend, lora_scale)
+            return (x, written["k"], written["v"]), (x if return_hidden else None)
+
+        (x, k_pages, v_pages), layer_outputs = jax.lax.scan(
+            body, (self.embed(input_ids), cache.k, cache.v),
+            (self.layer_weights(), jnp.arange(cfg.num_layers, dtype=jnp.int32)), unroll=self._decode_unroll())
+        return x, PagedKVCache(k=k_pages, v=v_pages, lengths=cache.lengths + real), layer_outputs

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from forgetjax.distributed import to_host
-from forgetjax.models.decoder import CausalLM, KVCache
+from forgetjax.models.decoder import CausalLM
 from forgetjax.sharding import constrain
 
 LENGTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -107,9 +107,8 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, temperature, top_p,
               max_new_tokens: int, top_k: int, cache_dtype):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_ids.shape
-    cache = KVCache.init(model.config, batch, model.cache_length(prompt_len + max_new_tokens), cache_dtype)
-    cache = dataclasses.replace(
-        cache, k=constrain(cache.k, KVCache.AXES), v=constrain(cache.v, KVCache.AXES))
+    cache = model.new_cache(batch, prompt_len + max_new_tokens, cache_dtype)
+    cache = dataclasses.replace(cache, k=constrain(cache.k, cache.AXES), v=constrain(cache.v, cache.AXES))
     hidden, cache, _ = model.prefill(prompt_ids, prompt_mask, cache)
     last_logits = model.unembed(hidden[:, -1:])[:, 0]  # only the last position's logits are needed
 

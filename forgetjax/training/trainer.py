@@ -74,6 +74,9 @@ class TrainConfig:
     param_dtype: Literal["float32", "bfloat16"] | None = None
     remat: Literal["auto", "none", "dots", "full"] = "auto"  # auto: the cheapest that fits (training/memory.py)
     logit_chunk: int = DEFAULT_CHUNK  # tokens per device whose f32 logits a loss holds at once; 0 = all
+    # one-token decode steps of the run's own rollouts (GRPO, SPIN/SDFT, DPO pairs): xla reads every cache slot;
+    # ragged (GPU) and paged (TPU) read only the written ones (models/attention.py)
+    decode_attention: Literal["xla", "ragged", "paged"] = "xla"
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     lora: LoraConfig | None = None
