@@ -3,9 +3,9 @@ failure):
 - the fused attention kernel the dispatcher picks (cuDNN on GPU, splash on TPU) against the XLA reference path, in
   bf16, forward and input gradients, for unpadded, left-padded, right-padded and packed rows with GQA;
 - forgetjax's bf16 forward on padded rows against HF's float32 logits, no worse than HF's own bf16 forward;
-- the ragged decode-attention kernel (Pallas, compiled for the device) against the XLA cached attention, in bf16,
-  over a left-padded, partly written cache;
-- greedy decode: the sampler's tokens against HF greedy `generate` in float32 (XLA and ragged decode attention), and
+- the device's decode-attention kernel (Pallas, compiled for it: ragged on GPU, paged on TPU) against the XLA cached
+  attention, in bf16, over a partly written cache (left-padded rows for ragged, rows of their own lengths for paged);
+- greedy decode: the sampler's tokens against HF greedy `generate` in float32 (XLA and the device's kernel), and
   the sampler's per-token log-probs against a teacher-forced forward pass of the generated sequence.
 """
 from __future__ import annotations
@@ -86,6 +86,37 @@ def ragged_decode_kernel(failures: list) -> None:
     check("ragged decode attention vs xla (bf16)", err < 2e-2, f"max rel err {err:.2e} (tolerance 2e-2)", failures)
 
 
+def paged_decode_kernel(failures: list) -> None:
+    """One decode step at Qwen2.5-1.5B's head shapes over a 768-slot paged cache whose rows hold 0-700 tokens of
+    layer 1 of 2; the unwritten slots hold large values, which the XLA path masks and the kernel skips."""
+    import jax
+    import jax.numpy as jnp
+
+    from forgetjax.models import attention as attn
+
+    b, s, hq, hkv, d, layers = 8, 768, 12, 2, 128, 2
+    keys = jax.random.split(jax.random.key(2), 5)
+    q = jax.random.normal(keys[0], (b, 1, hq, d), jnp.bfloat16)
+    k_new, v_new = (jax.random.normal(key, (b, 1, hkv, d), jnp.bfloat16) for key in keys[1:3])
+    lengths = np.linspace(0, 700, b).astype(np.int32)
+    valid = np.arange(s)[None] < lengths[:, None]
+    scale = jnp.where(jnp.asarray(valid)[None, None, :, :, None], 1.0, 100.0).astype(jnp.bfloat16)
+    k_pages, v_pages = (jax.random.normal(key, (hkv, layers, b, s, d), jnp.bfloat16) * scale for key in keys[3:5])
+    got = jax.jit(attn.paged_decode_attention)(q, k_new, v_new, k_pages, v_pages, jnp.asarray(lengths), 1)[0]
+    rows = (jnp.swapaxes(k_pages[:, 1], 0, 1), jnp.swapaxes(v_pages[:, 1], 0, 1))  # [B, Hkv, S, D]
+    want = attn.cached_attention(q, k_new, v_new, jnp.ones((b, 1), jnp.int32), *rows, jnp.asarray(valid))
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    check("paged decode attention vs xla (bf16)", err < 2e-2, f"max rel err {err:.2e} (tolerance 2e-2)", failures)
+
+
+def device_decode_kernel() -> str:
+    """The decode-attention kernel this device runs: paged on TPU, ragged elsewhere."""
+    import jax
+
+    return "paged" if jax.default_backend() == "tpu" else "ragged"
+
+
 def forward_parity(hf_dir, failures: list) -> None:
     """bf16 logits of both peers against HF's float32 logits on padded rows: forgetjax's mean and 99.9th-percentile
     errors at real tokens must be no worse than 1.5x HF's own bf16 errors (a bf16 model can be far off at rare
@@ -140,12 +171,12 @@ def greedy_parity(hf_dir, failures: list) -> None:
             hf = torch_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
                 max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0))
         expected.append(hf[0, len(prompt):].cpu().tolist())
-    for decode_attention in ("ragged", "xla"):  # xla last: its completions are checked against teacher forcing
+    for decode_attention in (device_decode_kernel(), "xla"):  # xla last: its completions meet teacher forcing
         model.decode_attention = decode_attention
         try:
             out = Sampler(model, None).generate_tokens(prompts, SamplingParams(max_new_tokens=24,
                                                                                stop_token_ids=(-1,)))
-        except Exception as error:  # noqa: BLE001 - the ragged kernel failing here must not hide the xla check
+        except Exception as error:  # noqa: BLE001 - the kernel failing here must not hide the xla check
             check(f"greedy decode ({decode_attention} decode attention)", False,
                   f"raised {type(error).__name__}: {str(error)[:500]}", failures)
             continue
@@ -174,7 +205,8 @@ def main() -> None:
     failures: list[str] = []
     hf_dir = hf_dir_for(args.model, args.work_dir)
     checks = {"attention kernels": lambda: attention_kernels(failures),
-              "ragged decode kernel": lambda: ragged_decode_kernel(failures),
+              "decode kernel": lambda: (paged_decode_kernel if device_decode_kernel() == "paged"
+                                        else ragged_decode_kernel)(failures),
               "forward parity": lambda: forward_parity(hf_dir, failures),
               "greedy parity": lambda: greedy_parity(hf_dir, failures)}
     for name, run in checks.items():
